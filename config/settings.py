@@ -1,0 +1,251 @@
+"""Typed configuration: a YAML file, overridden by ``SURGEFLOW__SECTION__KEY`` environment variables.
+
+Everything is validated at start-up. Unknown keys are errors (a typo is reported by its path, not
+ignored), and :func:`load_settings` raises :class:`ConfigError` whose message lists every problem.
+
+>>> s = load_settings(env={"SURGEFLOW__FLOW__SHARDS": "8"})
+>>> (s.source.kind, s.flow.shards, s.redis.key_prefix)
+('synthetic', 8, 'sf')
+>>> load_settings(env={"SURGEFLOW__FLOW__SHRADS": "8"})
+Traceback (most recent call last):
+...
+config.settings.ConfigError: invalid configuration:
+  flow.shrads: Extra inputs are not permitted
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_FILE = CONFIG_DIR / "embedded.yaml"
+ENV_PREFIX = "SURGEFLOW__"
+_HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:[0-9]{1,5}$")
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names each bad key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(Strict):
+    brokers: list[str] = ["127.0.0.1:9092"]
+    events_topic: str = "events"
+    dead_letter_topic: str = "events.dead_letter"
+    actions_topic: str = "actions"
+    alerts_topic: str = "alerts"
+    # Extra librdkafka settings (TLS / SASL: security.protocol, sasl.mechanism, ...).
+    client_config: dict[str, str] = {}
+    starting_offset: Literal["beginning", "end"] = "beginning"
+    # False: stop at the end of the topic (replay, tests, benchmark); True: follow it live.
+    tail: bool = True
+    batch_size: int = Field(1000, ge=1)
+
+    @field_validator("brokers")
+    @classmethod
+    def _brokers(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one broker is needed")
+        for broker in value:
+            if not _HOST_PORT.match(broker) or not 0 < int(broker.rsplit(":", 1)[1]) < 65536:
+                raise ValueError(f"broker address {broker!r} is not host:port")
+        return value
+
+
+class RedisSettings(Strict):
+    # None: start an embedded Redis server under `embedded_dir`.
+    url: str | None = None
+    embedded_dir: Path = Path(".surgeflow/redis")
+    key_prefix: str = Field("sf", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    ttl_days: float = Field(90, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError(f"redis url {value!r} must start with redis://, rediss:// or unix://")
+        return value
+
+
+class ClickHouseSettings(Strict):
+    # chdb:///path runs ClickHouse in process; http(s)://user@host:8123 talks to a server.
+    dsn: str = "chdb:///.surgeflow/chdb"
+    database: str = Field("surgeflow", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    insert_batch_rows: int = Field(5000, ge=1)
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        if not re.match(r"^(chdb|https?|clickhouse)://", value):
+            raise ValueError(f"clickhouse dsn {value!r} must start with chdb://, http:// or https://")
+        return value
+
+
+class FileSourceSettings(Strict):
+    paths: list[Path] = []
+
+
+class AnomalySettings(Strict):
+    kind: Literal["traffic_spike", "cvr_drop", "click_fraud", "request_flood"]
+    start_s: float = Field(ge=0)
+    duration_s: float = Field(gt=0)
+    magnitude: float = 0.0
+
+
+class SyntheticSettings(Strict):
+    seed: int = 7
+    users: int = Field(2000, ge=1)
+    # Event-time start in epoch ms; None = now minus `backfill_hours` (history, then live).
+    start_ms: int | None = None
+    backfill_hours: float = Field(6.0, ge=0)
+    events_per_s: float = Field(50.0, gt=0)  # event-time rate, before the daily rhythm
+    duration_s: float | None = None  # event-time length; None = endless
+    campaigns: int = Field(6, ge=1)
+    malformed_share: float = Field(0.005, ge=0, le=0.5)
+    duplicate_share: float = Field(0.005, ge=0, le=0.5)
+    max_disorder_ms: int = Field(5000, ge=0)
+    # Wall-clock pacing: event-time seconds per wall second while replaying the past; once the
+    # generator reaches the present it follows the wall clock. 0 = as fast as possible.
+    speed: float = Field(120.0, ge=0)
+    anomalies: list[AnomalySettings] = []
+
+
+class SourceSettings(Strict):
+    kind: Literal["synthetic", "file", "kafka"] = "synthetic"
+    file: FileSourceSettings = FileSourceSettings()
+    synthetic: SyntheticSettings = SyntheticSettings()
+
+
+class OutputSettings(Strict):
+    # Where dead letters, actions and alerts go: Kafka topics, or JSON-lines files (embedded).
+    kind: Literal["files", "kafka"] = "files"
+    dir: Path = Path(".surgeflow/out")
+
+
+class FlowSettings(Strict):
+    # Users are hashed into this many shards: the unit of keyed state. Fixed by configuration,
+    # never by the worker count, so results do not depend on how many workers run.
+    shards: int = Field(16, ge=1, le=4096)
+    workers: int = Field(1, ge=1)
+    allowed_lateness_s: float = Field(60.0, ge=0)
+    max_event_bytes: int = Field(32_768, ge=256)
+    # Reject timestamps this far ahead of the wall clock (device clock bugs); None = no check.
+    max_future_s: float | None = Field(86_400.0, gt=0)
+    # How often a shard flushes feature writes (wall clock; bounds freshness).
+    epoch_interval_s: float = Field(10.0, gt=0)
+
+
+class CountSpec(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    events: list[str] = Field(min_length=1)
+    # "count" counts events; "sum:<property>" sums a numeric property (e.g. sum:revenue).
+    aggregate: str = Field("count", pattern=r"^(count|sum:[a-z_]+)$")
+
+
+class FeatureSettings(Strict):
+    windows_min: list[int] = [60, 1440]
+    counters: list[CountSpec] = [
+        CountSpec(name="views", events=["page_view", "product_viewed"]),
+        CountSpec(name="add_to_cart", events=["add_to_cart"]),
+        CountSpec(name="orders", events=["order_completed"]),
+        CountSpec(name="revenue", events=["order_completed"], aggregate="sum:revenue"),
+    ]
+    session_gap_min: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "FeatureSettings":
+        names = [c.name for c in self.counters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate counter names in {names}")
+        if not self.windows_min or min(self.windows_min) < 1:
+            raise ValueError("windows_min needs at least one window of >= 1 minute")
+        return self
+
+
+class ModelSettings(Strict):
+    horizon_h: float = Field(24.0, gt=0)
+    learning_rate: float = Field(0.05, gt=0)
+
+
+class DetectorSettings(Strict):
+    k: float = Field(4.0, gt=0)
+    window: int = Field(30, ge=3)  # minutes of history for mu and sigma
+    warmup: int = Field(10, ge=2)  # minutes before any alert
+    min_sigma: float = Field(1.0, ge=0)  # floor on sigma, in events per minute
+    direction: Literal["up", "down", "both"] = "both"
+    per_channel: bool = True
+
+
+class TriggerSettings(Strict):
+    session_page_views: int = Field(3, ge=1)
+    channel: str = "push"
+
+
+class Settings(Strict):
+    source: SourceSettings = SourceSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    output: OutputSettings = OutputSettings()
+    flow: FlowSettings = FlowSettings()
+    features: FeatureSettings = FeatureSettings()
+    model: ModelSettings = ModelSettings()
+    detector: DetectorSettings = DetectorSettings()
+    trigger: TriggerSettings = TriggerSettings()
+
+
+def _set_path(doc: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        doc = doc.setdefault(part, {})
+        if not isinstance(doc, dict):
+            raise ConfigError(f"invalid configuration:\n  {'.'.join(path)}: parent is not a mapping")
+    doc[path[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Load YAML (default: the embedded profile), apply environment overrides, validate.
+
+    ``SURGEFLOW__KAFKA__BROKERS='[kafka:9092]'`` sets ``kafka.brokers``; values are parsed as YAML.
+    Keyword ``overrides`` are dotted paths (``flow__shards=4``) for programmatic use.
+    """
+    env = os.environ if env is None else env
+    file = Path(path) if path is not None else Path(env.get("SURGEFLOW_CONFIG", DEFAULT_FILE))
+    try:
+        doc = yaml.safe_load(file.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {file} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"configuration file {file} must hold a mapping")
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            _set_path(doc, name[len(ENV_PREFIX):].lower().split("__"), value)
+    for name, value in overrides.items():
+        parts = name.split("__")
+        target = doc
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    try:
+        return Settings.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None

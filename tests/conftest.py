@@ -1,0 +1,115 @@
+"""Shared fixtures backed by real services (Kafka, Redis, chDB).
+
+Why: tests run against the genuine engines, started here once per session.
+If a service cannot start, the test is skipped locally but FAILS in CI
+(env CI=true), so CI can never go green by silently skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import services  # noqa: E402  (tests/services.py)
+
+KAFKA_FIXTURES = {"kafka", "unique_topic"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kafka: test needs the real Kafka broker (fixture 'kafka')")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tag every test using a Kafka fixture with the 'kafka' marker (for -m selection)."""
+    for item in items:
+        if KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kafka)
+
+
+def _unavailable(service: str, exc: BaseException) -> None:
+    reason = f"{service} unavailable: {exc}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def kafka():
+    """A started single-node Kafka broker (services.KafkaBroker)."""
+    broker = services.KafkaBroker()
+    try:
+        broker.start()
+    except Exception as exc:  # noqa: BLE001 - any start problem means "no Kafka"
+        _unavailable("Kafka", exc)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def unique_topic(kafka):
+    """Factory: ``unique_topic(prefix, partitions=1)`` creates a fresh topic, returns its name."""
+
+    def make(prefix: str = "t", partitions: int = 1) -> str:
+        return kafka.create_topic(f"{prefix}-{uuid.uuid4().hex[:12]}", partitions=partitions)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """The session's EmbeddedRedis (data in a session temp dir)."""
+    try:
+        server = services.start_redis(tmp_path_factory.mktemp("redis"))
+    except Exception as exc:  # noqa: BLE001
+        _unavailable("Redis", exc)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    """URL of the session's real Redis server, e.g. redis://127.0.0.1:PORT/0."""
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    """A redis.Redis (bytes responses) on an empty database: FLUSHALL before each test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def chdb_client(tmp_path_factory):
+    """clickhouse_connect client on embedded chDB.
+
+    chDB can open only ONE data directory per process, so this is the single
+    session-wide directory; isolate tests with ``ch_database`` instead.
+    """
+    try:
+        import clickhouse_connect
+
+        path = tmp_path_factory.mktemp("chdb")
+        client = clickhouse_connect.get_client(dsn=f"chdb:///{path}")
+    except Exception as exc:  # noqa: BLE001
+        _unavailable("chDB", exc)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ch_database(chdb_client):
+    """A fresh database ``t_<hex8>`` on chdb_client, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:8]}"
+    chdb_client.command(f"CREATE DATABASE {name}")
+    yield name
+    chdb_client.command(f"DROP DATABASE IF EXISTS {name}")
