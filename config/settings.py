@@ -77,7 +77,7 @@ class RedisSettings(Strict):
 
 class ClickHouseSettings(Strict):
     # chdb:///path runs ClickHouse in process; http(s)://user@host:8123 talks to a server.
-    dsn: str = "chdb:///.surgeflow/chdb"
+    dsn: str = "chdb://.surgeflow/chdb"
     database: str = Field("surgeflow", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     insert_batch_rows: int = Field(5000, ge=1)
 
@@ -139,7 +139,7 @@ class FlowSettings(Strict):
     max_event_bytes: int = Field(32_768, ge=256)
     # Reject timestamps this far ahead of the wall clock (device clock bugs); None = no check.
     max_future_s: float | None = Field(86_400.0, gt=0)
-    # How often a shard flushes feature writes (wall clock; bounds freshness).
+    # Bytewax epoch length: how often state is snapshotted (wall clock; not event time).
     epoch_interval_s: float = Field(10.0, gt=0)
 
 

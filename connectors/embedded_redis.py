@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 ENV_BINARY = "SURGEFLOW_REDIS_SERVER"
 START_TIMEOUT_S = 10.0
@@ -106,8 +108,13 @@ class EmbeddedRedis:
         parts = [_tail(self.log_file), _tail(self.data_dir / "redis.stdout")]
         return "\n".join(p for p in parts if p) or "(no log output)"
 
+    def _client(self, timeout: float) -> redis.Redis:
+        # no retries: redis-py's default backoff would stall polling and SHUTDOWN
+        return redis.Redis(host=self.host, port=self.port, socket_timeout=timeout,
+                           socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+
     def start(self) -> str:
-        """Start the server and wait until it answers PING; returns its URL."""
+        """Start the server and wait until it answers; returns its URL."""
         if self._proc is not None:
             return self.url
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -131,8 +138,7 @@ class EmbeddedRedis:
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=self.data_dir,
             )
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1,
-                             socket_connect_timeout=1)
+        client = self._client(timeout=1)
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while True:
@@ -141,13 +147,14 @@ class EmbeddedRedis:
                         f"redis-server exited with code {self._proc.returncode}:\n"
                         + self._log_tail())
                 try:
-                    if client.ping():
+                    # the pid check catches a foreign server already owning the port
+                    if client.info("server").get("process_id") == self._proc.pid:
                         return self.url
                 except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"redis-server did not answer PING on {self.host}:{self.port} "
+                        f"redis-server did not answer on {self.host}:{self.port} "
                         f"within {START_TIMEOUT_S:.0f}s:\n" + self._log_tail())
                 time.sleep(0.05)
         except BaseException:
@@ -163,7 +170,7 @@ class EmbeddedRedis:
             return
         if proc.poll() is None:
             try:
-                with redis.Redis(host=self.host, port=self.port, socket_timeout=timeout) as c:
+                with self._client(timeout) as c:
                     c.shutdown(save=True)
             except redis.RedisError:
                 pass

@@ -49,7 +49,7 @@ class Event:
     ip: str
     properties: dict[str, Any] = field(default_factory=dict)
     partition: int = 0  # source partition, for the stream clock
-    arrived_ns: int = 0  # monotonic arrival, for latency measurement only
+    arrival_ms: int = 0  # wall time the record reached the system, for latency figures only
     raw: bytes = b""  # the original record, kept for a dead letter if the event turns out late
 
 

@@ -57,6 +57,7 @@ def window_label(minutes: int) -> str:
 class Chunk:
     """What a shard receives per source batch: its events and the partitions' event-time progress."""
 
+    shard: int
     events: list[Event]
     clocks: dict[int, int]  # source partition -> highest event time in the batch
     partitions: int  # number of source partitions
@@ -85,8 +86,8 @@ class ShardOut:
     """Everything one shard step produces; empty lists when nothing happened."""
 
     shard: int
-    features: list[tuple[str, dict[str, str]]] = field(default_factory=list)
-    actions: list[dict] = field(default_factory=list)
+    features: list[tuple[str, dict[str, str], int]] = field(default_factory=list)  # + arrival
+    actions: list[dict] = field(default_factory=list)  # "_"-prefixed keys are not published
     aggregates: list[tuple] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     # (shard, closed_through_minute, {minute: {series: count}}) for the metric detectors
@@ -100,7 +101,7 @@ class ShardOut:
 
 class UserState:
     __slots__ = ("buckets", "first_seen", "last_seen", "as_of", "session_id", "session_last",
-                 "session_pages", "campaign", "next_due")
+                 "session_pages", "campaign", "next_due", "arrival_ms")
 
     def __init__(self, n_metrics: int):
         self.buckets = MinuteBuckets(n_metrics)
@@ -112,6 +113,7 @@ class UserState:
         self.session_pages = 0
         self.campaign = ""
         self.next_due: int | None = None
+        self.arrival_ms = 0  # latest arrival among unflushed events (latency figures only)
 
 
 class ShardState:
@@ -179,6 +181,8 @@ class ShardState:
             user.as_of = ts
         if e.campaign:
             user.campaign = e.campaign
+        if e.arrival_ms > user.arrival_ms:
+            user.arrival_ms = e.arrival_ms
         if ts - user.session_last > self.config.session_gap_ms:
             user.session_id = idempotency_key("session", e.user, str(ts))
             user.session_pages = 0
@@ -190,7 +194,7 @@ class ShardState:
                 self.model.remember(e.user, ts, self._model_x(user))
             action = self.rule.action(e.user, user.session_id, user.session_pages, user.campaign, ts)
             if action is not None:
-                out.actions.append(action.to_dict())
+                out.actions.append({**action.to_dict(), "_arrival_ms": e.arrival_ms})
         elif e.name == "order_completed":
             self.model.on_order(e.user, ts)
         row = self.minutes.setdefault(minute, {}).get((e.channel, e.campaign, e.name))
@@ -273,7 +277,8 @@ class ShardState:
             values["session_pages"] = str(user.session_pages)
             values["p_purchase_24h"] = f"{self.model.predict_one(x):.6f}"
             values["as_of"] = str(user.as_of)
-            out.features.append((name, values))
+            out.features.append((name, values, user.arrival_ms))
+            user.arrival_ms = 0
             self._schedule(name, user, as_of_min)
             if (not user.buckets and user.next_due is None
                     and self.watermark - user.session_last > self.config.session_gap_ms):
@@ -312,12 +317,17 @@ def _event_bytes(e: Event) -> bytes:
 
 
 class ShardLogic(StatefulBatchLogic):
-    """Bytewax adapter: one ShardState per shard key; snapshots are pickled bytes (immutable)."""
+    """Bytewax adapter around one ShardState. The builder does not get the key, so the state is
+    created from the first chunk (which names its shard). Snapshots are pickled bytes: immutable
+    and cheaper than a deep copy."""
 
-    def __init__(self, shard: int, config: ShardConfig, resume: bytes | None):
-        self.state = pickle.loads(resume) if resume is not None else ShardState(shard, config)
+    def __init__(self, config: ShardConfig, resume: bytes | None):
+        self.config = config
+        self.state: ShardState | None = pickle.loads(resume) if resume is not None else None
 
     def on_batch(self, chunks: list[Chunk]):
+        if self.state is None:
+            self.state = ShardState(chunks[0].shard, self.config)
         out = ShardOut(self.state.shard)
         for chunk in chunks:
             self.state.ingest(chunk, out)
@@ -325,9 +335,13 @@ class ShardLogic(StatefulBatchLogic):
         return ([out] if out or out.events or out.duplicates else []), False
 
     def on_eof(self):
+        if self.state is None:
+            return [], False
         out = ShardOut(self.state.shard)
         self.state.finish(out)
         return ([out] if out else []), False
 
-    def snapshot(self) -> bytes:
+    def snapshot(self) -> bytes | None:
+        if self.state is None:
+            return None
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)

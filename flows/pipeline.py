@@ -1,0 +1,193 @@
+"""The surgeflow dataflow, top-down: follow one event from the source to every output.
+
+    events_in            raw records (Kafka, JSON-lines files or the synthetic generator)
+    decode_and_route     orjson decode + validation; good events grouped by user shard,
+                         bad records become dead letters (original bytes + reason)
+    user_shards          per shard: dedupe by event_id, late check against the watermark,
+                         windowed features, session, trigger rule, propensity model, minute
+                         aggregates; event-time timers fire as the watermark passes them
+      -> features_to_redis        one hash per user, absolute values, pipelined
+      -> aggregates_to_clickhouse minute partial rows per shard (merged at query time)
+      -> actions_to_*             trigger actions: Kafka topic or JSON lines, and ClickHouse
+      -> dead_letters_to_*        decode failures and late events
+    detect_anomalies     complete minutes merged from all shards, mu +/- k*sigma per series
+      -> alerts_to_*              Kafka topic or JSON lines, ClickHouse, the log
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import bytewax.operators as op
+from bytewax.connectors.kafka import KafkaError
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
+from bytewax.outputs import DynamicSink
+
+from alerts.detectors import RollingGaussian
+from alerts.minute_metrics import EventsPerMinuteRule, MinuteMetrics
+from config.settings import Settings
+from flows.events import DeadLetter, Event, decode
+from flows.shard import Chunk, ShardConfig, ShardLogic, ShardOut
+from surgeflow.stats import STATS
+
+log = logging.getLogger("surgeflow.alerts")
+DEAD = "dead"
+
+
+def shard_config(settings: Settings) -> ShardConfig:
+    f = settings.features
+    return ShardConfig(
+        windows_min=tuple(f.windows_min),
+        counters=tuple(
+            (c.name, tuple(c.events), None if c.aggregate == "count" else c.aggregate[4:])
+            for c in f.counters
+        ),
+        lateness_ms=int(settings.flow.allowed_lateness_s * 1000),
+        session_gap_ms=int(f.session_gap_min * 60_000),
+        horizon_ms=int(settings.model.horizon_h * 3_600_000),
+        learning_rate=settings.model.learning_rate,
+        trigger_pages=settings.trigger.session_page_views,
+        trigger_channel=settings.trigger.channel,
+    )
+
+
+class DecodeAndRoute:
+    """Batch step: raw records -> one Chunk per shard (all shards, for the clock) + dead letters."""
+
+    def __init__(self, shards: int, partitions: int, max_bytes: int, max_future_ms: int | None):
+        self.shards = shards
+        self.keys = [f"shard-{i:04d}" for i in range(shards)]
+        self.partitions = partitions
+        self.max_bytes = max_bytes
+        self.max_future_ms = max_future_ms
+
+    def __call__(self, batch: list) -> list:
+        now_ms = int(time.time() * 1000)
+        routed: list[list[Event]] = [[] for _ in range(self.shards)]
+        clocks: dict[int, int] = {}
+        dead: list[DeadLetter] = []
+        for msg in batch:
+            if isinstance(msg, KafkaError):
+                m = msg.msg
+                dead.append(DeadLetter("kafka_error", str(msg.err), m.value or b"", m.key,
+                                       f"{m.topic}:{m.partition}:{m.offset}"))
+                continue
+            value = msg.value
+            where = f"{msg.topic}:{msg.partition}:{msg.offset}"
+            if value is None:
+                dead.append(DeadLetter("empty_message", "record without a value", b"", msg.key, where))
+                continue
+            ev = decode(value, key=msg.key, source=where, max_bytes=self.max_bytes,
+                        max_future_ms=self.max_future_ms, now_ms=now_ms)
+            if type(ev) is DeadLetter:
+                dead.append(ev)
+                continue
+            part = msg.partition or 0
+            ev.partition = part
+            ts = getattr(msg, "timestamp", None)
+            ev.arrival_ms = getattr(msg, "arrival_ms", 0) or (ts[1] if ts else now_ms)
+            routed[zlib.crc32(ev.user.encode()) % self.shards].append(ev)
+            if ev.ts_ms > clocks.get(part, -1):
+                clocks[part] = ev.ts_ms
+        STATS.add("events_in", len(batch))
+        out: list = []
+        if clocks:
+            out = [(key, Chunk(i, evs, clocks, self.partitions))
+                   for i, (key, evs) in enumerate(zip(self.keys, routed))]
+        if dead:
+            STATS.add("events_dead_lettered", len(dead))
+            out.append((DEAD, dead))
+        return out
+
+
+class AlertLogic(op.StatefulBatchLogic):
+    """Single-key step: merges shard minute reports and runs the per-series detectors."""
+
+    def __init__(self, shards: int, settings: Settings, resume):
+        if resume is not None:
+            self.metrics, self.rule = resume
+            return
+        d = settings.detector
+        new = lambda: RollingGaussian(d.k, d.window, d.warmup, d.min_sigma, d.direction)  # noqa: E731
+        self.metrics = MinuteMetrics(shards, new)
+        self.rule = EventsPerMinuteRule(new, d.per_channel)
+
+    def on_batch(self, reports: list) -> tuple[list, bool]:
+        alerts = []
+        for shard, closed_through, counts in reports:
+            for minute, series in self.metrics.report(shard, closed_through, counts):
+                alerts.extend(a.to_dict() for a in self.rule.judge(minute, series))
+        for a in alerts:
+            log.warning("alert %s %s %s value=%.0f mu=%.1f sigma=%.1f z=%.1f", a["status"],
+                        a["rule"], a["series"], a["value"], a["mu"], a["sigma"], a["z"])
+        STATS.add("alerts_fired", sum(a["status"] == "firing" for a in alerts))
+        return ([alerts] if alerts else []), False
+
+    def snapshot(self):
+        return (self.metrics, self.rule)
+
+
+@dataclass
+class Outputs:
+    """Where each kind of result goes; each list may hold several sinks (e.g. Kafka and ClickHouse)."""
+
+    features: DynamicSink
+    aggregates: DynamicSink
+    actions: list[tuple[str, DynamicSink]] = field(default_factory=list)
+    alerts: list[tuple[str, DynamicSink]] = field(default_factory=list)
+    dead_letters: list[tuple[str, DynamicSink]] = field(default_factory=list)
+
+
+def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions: int,
+               flow_id: str = "surgeflow") -> Dataflow:
+    shards = settings.flow.shards
+    max_future = settings.flow.max_future_s
+    cfg = shard_config(settings)
+
+    flow = Dataflow(flow_id)
+    raw = op.input("events_in", flow, source)
+    routed = op.flat_map_batch("decode_and_route", raw, DecodeAndRoute(
+        shards, partitions, settings.flow.max_event_bytes,
+        int(max_future * 1000) if max_future is not None else None))
+    split = op.branch("split_dead_letters", routed, lambda kv: kv[0] != DEAD)
+    bad = op.map("bad_records", split.falses, lambda kv: kv[1])
+
+    outs = op.stateful_batch("user_shards", split.trues, lambda resume: ShardLogic(cfg, resume))
+    results = op.map("shard_results", outs, lambda kv: kv[1])
+
+    features = op.filter_map("feature_values", results, lambda o: o.features or None)
+    op.output("features_to_redis", features, outputs.features)
+    aggregates = op.filter_map("minute_aggregates", results, lambda o: o.aggregates or None)
+    op.output("aggregates_to_clickhouse", aggregates, outputs.aggregates)
+    actions = op.filter_map("actions", results, _counted_actions)
+    for name, sink in outputs.actions:
+        op.output(f"actions_to_{name}", actions, sink)
+    late = op.filter_map("late_events", results, lambda o: o.dead or None)
+    dead = op.merge("dead_letters", bad, late)
+    for name, sink in outputs.dead_letters:
+        op.output(f"dead_letters_to_{name}", dead, sink)
+
+    reports = op.filter_map("minute_reports", results,
+                            lambda o: ("all-series", o.report) if o.report else None)
+    alerts = op.stateful_batch("detect_anomalies", reports,
+                               lambda resume: AlertLogic(shards, settings, resume))
+    alerts = op.map("alert_records", alerts, lambda kv: kv[1])
+    for name, sink in outputs.alerts:
+        op.output(f"alerts_to_{name}", alerts, sink)
+    return flow
+
+
+def _counted_actions(o: ShardOut):
+    if o.events or o.duplicates:
+        STATS.add("events_unique", o.events)
+        STATS.add("duplicates", o.duplicates)
+    if o.dead:
+        STATS.add("events_dead_lettered", len(o.dead))
+        STATS.add("late_events", len(o.dead))
+    if not o.actions:
+        return None
+    STATS.add("actions_emitted", len(o.actions))
+    return o.actions

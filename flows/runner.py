@@ -1,0 +1,125 @@
+"""Wires a configured run: the source and the outputs from settings, then runs the dataflow."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import orjson
+import redis
+from bytewax.testing import cluster_main, run_main
+
+from config.settings import Settings
+from connectors import clickhouse, kafka
+from connectors.files import JsonLinesSink, JsonLinesSource
+from connectors.redis_features import RedisFeatureSink
+from connectors.synthetic import Anomaly, SyntheticSpec
+from connectors.synthetic_source import SyntheticSource
+from features.layout import user_key_pattern
+from flows.events import DeadLetter
+from flows.pipeline import Outputs, build_flow
+
+
+def public(record: dict) -> bytes:
+    """JSON of an action or alert without its internal ("_"-prefixed) fields."""
+    return orjson.dumps({k: v for k, v in record.items() if not k.startswith("_")})
+
+
+def synthetic_spec(settings: Settings, now_ms: int | None = None) -> SyntheticSpec:
+    s = settings.source.synthetic
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    start = s.start_ms if s.start_ms is not None else now_ms - int(s.backfill_hours * 3_600_000)
+    return SyntheticSpec(
+        seed=s.seed, users=s.users, start_ms=start, events_per_s=s.events_per_s,
+        duration_s=s.duration_s, campaigns=s.campaigns, malformed_share=s.malformed_share,
+        duplicate_share=s.duplicate_share, max_disorder_ms=s.max_disorder_ms,
+        anomalies=tuple(Anomaly(a.kind, a.start_s, a.duration_s, a.magnitude) for a in s.anomalies),
+    )
+
+
+def make_source(settings: Settings):
+    """(source, number of source partitions)."""
+    kind = settings.source.kind
+    if kind == "synthetic":
+        return SyntheticSource(synthetic_spec(settings), settings.source.synthetic.speed), 1
+    if kind == "file":
+        paths = settings.source.file.paths
+        if not paths:
+            raise ValueError("source.file.paths is empty")
+        return JsonLinesSource(paths), len(paths)
+    k = settings.kafka
+    partitions = kafka.partition_count(k.brokers, k.events_topic, k.client_config)
+    return kafka.events_source(k.brokers, k.events_topic, tail=k.tail,
+                               from_beginning=k.starting_offset == "beginning",
+                               batch_size=k.batch_size, extra=k.client_config), partitions
+
+
+def make_outputs(settings: Settings, redis_url: str) -> Outputs:
+    ch = settings.clickhouse
+    out = Outputs(
+        features=RedisFeatureSink(redis_url, settings.redis.key_prefix,
+                                  int(settings.redis.ttl_days * 86_400)),
+        aggregates=clickhouse.ClickHouseSink(ch.dsn, ch.database, "events_minute_in"),
+        actions=[("clickhouse", clickhouse.ClickHouseSink(ch.dsn, ch.database, "actions"))],
+        alerts=[("clickhouse", clickhouse.ClickHouseSink(ch.dsn, ch.database, "alerts"))],
+    )
+    encode_dead = DeadLetter.to_json
+    if settings.output.kind == "files":
+        d = settings.output.dir
+        out.actions.append(("file", JsonLinesSink(d / "actions.jsonl", public, "action_latency_ms")))
+        out.alerts.append(("file", JsonLinesSink(d / "alerts.jsonl", public)))
+        out.dead_letters.append(("file", JsonLinesSink(d / "dead_letters.jsonl", encode_dead)))
+    else:
+        k = settings.kafka
+        out.actions.append(("kafka", kafka.KafkaTopicSink(
+            k.brokers, k.actions_topic, public, lambda a: a["user_id"].encode(), k.client_config,
+            observe="action_latency_ms")))
+        out.alerts.append(("kafka", kafka.KafkaTopicSink(
+            k.brokers, k.alerts_topic, public, lambda a: a["series"].encode(), k.client_config)))
+        out.dead_letters.append(("kafka", kafka.KafkaTopicSink(
+            k.brokers, k.dead_letter_topic, encode_dead, lambda d: d.key, k.client_config)))
+    return out
+
+
+@dataclass
+class RunResult:
+    seconds: float
+
+
+def run(settings: Settings, redis_url: str, workers: int | None = None, source=None,
+        partitions: int | None = None) -> RunResult:
+    """Builds and runs the dataflow in this process (1..n worker threads) until its input ends."""
+    clickhouse.ensure_schema(settings.clickhouse.dsn, settings.clickhouse.database)
+    if settings.output.kind == "kafka" or settings.source.kind == "kafka":
+        k = settings.kafka
+        kafka.check_brokers(k.brokers, k.client_config)
+    if settings.output.kind == "kafka":
+        k = settings.kafka
+        kafka.ensure_topics(k.brokers, [k.actions_topic, k.alerts_topic, k.dead_letter_topic],
+                            extra=k.client_config)
+    if source is None:
+        source, partitions = make_source(settings)
+    flow = build_flow(settings, source, make_outputs(settings, redis_url), partitions or 1)
+    epoch = timedelta(seconds=settings.flow.epoch_interval_s)
+    workers = workers or settings.flow.workers
+    started = time.monotonic()
+    if workers == 1:
+        run_main(flow, epoch_interval=epoch)
+    else:
+        cluster_main(flow, [], 0, epoch_interval=epoch, worker_count_per_proc=workers)
+    return RunResult(time.monotonic() - started)
+
+
+def count_feature_users(redis_url: str, prefix: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return sum(1 for _ in client.scan_iter(match=user_key_pattern(prefix), count=5000))
+    finally:
+        client.close()
+
+
+def count_aggregate_rows(settings: Settings) -> int:
+    client, lock = clickhouse.connect(settings.clickhouse.dsn)
+    with lock:
+        return int(client.command(
+            f"SELECT count() FROM {settings.clickhouse.database}.events_minute FINAL"))

@@ -1,0 +1,3 @@
+from surgeflow.cli import app
+
+app()

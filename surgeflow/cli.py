@@ -1,0 +1,225 @@
+"""The ``surgeflow`` command: demo (embedded), run (configured services), produce (load), features."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from config.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="surgeflow: real-time marketing signals from tracking events.")
+console = Console(stderr=True)
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML configuration (default: embedded profile)")
+
+
+def _settings(config: Optional[Path], **overrides) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+class Progress:
+    """A live status line (events/s, users, alerts, actions) while the flow runs."""
+
+    def __init__(self, every_s: float = 1.0):
+        self.every_s = every_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.started = time.monotonic()
+
+    def line(self) -> str:
+        from surgeflow.stats import STATS
+
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        n = STATS.get("events_in")
+        return (f"{elapsed:5.0f}s events {n:,} ({n / elapsed:,.0f}/s) users {len(STATS.users):,} "
+                f"dead {STATS.get('events_dead_lettered'):,} alerts {STATS.get('alerts_fired'):,} "
+                f"actions {STATS.get('actions_emitted'):,}")
+
+    def _loop(self) -> None:
+        tty = sys.stderr.isatty()
+        last = 0.0
+        while not self.done.wait(self.every_s):
+            if tty:
+                console.print(self.line(), end="\r", highlight=False, soft_wrap=True)
+            elif time.monotonic() - last >= 5:
+                last = time.monotonic()
+                console.print(self.line(), highlight=False)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        console.print(self.line(), highlight=False)
+
+
+def _graceful_stop(deadline_s: float | None) -> None:
+    """Ctrl-C (or the demo deadline) ends the sources; the flow drains and the run ends normally."""
+    from connectors.synthetic_source import STOP
+
+    def stop(*_):
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        console.print("\nstopping: draining the flow (Ctrl-C again to abort)")
+        STOP.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if deadline_s:
+        threading.Timer(deadline_s, STOP.set).start()
+
+
+def _summary(settings: Settings, redis_url: str, seconds: float, extra: dict) -> dict:
+    from connectors.clickhouse import normalize_dsn
+    from flows.runner import count_aggregate_rows, count_feature_users
+    from surgeflow.stats import STATS
+
+    return {
+        "events_in": STATS.get("events_in"),
+        "events_dead_lettered": STATS.get("events_dead_lettered"),
+        "duplicates_dropped": STATS.get("duplicates"),
+        "late_events": STATS.get("late_events"),
+        "users_with_features": count_feature_users(redis_url, settings.redis.key_prefix),
+        "aggregate_rows": count_aggregate_rows(settings),
+        "alerts_fired": STATS.get("alerts_fired"),
+        "actions_emitted": STATS.get("actions_emitted"),
+        "seconds": round(seconds, 2),
+        "events_per_s": round(STATS.get("events_in") / seconds, 1) if seconds else None,
+        "redis_url": redis_url,
+        "clickhouse_dsn": normalize_dsn(settings.clickhouse.dsn),
+        **extra,
+    }
+
+
+def _finish(summary: dict) -> None:
+    for key, value in summary.items():
+        console.print(f"  {key:22} {value}", highlight=False)
+    path = os.environ.get("SURGEFLOW_SUMMARY")
+    if path:
+        Path(path).write_text(json.dumps(summary, indent=2))
+        console.print(f"summary written to {path}")
+
+
+@app.command()
+def demo(config: Optional[Path] = ConfigOption,
+         seconds: Optional[float] = typer.Option(None, help="stop after this many seconds "
+                                                 "(default: $SURGEFLOW_DEMO_SECONDS, else until Ctrl-C)")):
+    """Embedded demo: synthetic traffic, a Redis server started here, ClickHouse in process."""
+    from connectors.clickhouse import chdb_dir, normalize_dsn
+    from connectors.embedded_redis import EmbeddedRedis
+    from flows.runner import run
+
+    settings = _settings(config)
+    if seconds is None and os.environ.get("SURGEFLOW_DEMO_SECONDS"):
+        seconds = float(os.environ["SURGEFLOW_DEMO_SECONDS"])
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    redis_dir = settings.redis.embedded_dir.resolve()
+    server = None
+    if settings.redis.url is None:
+        server = EmbeddedRedis(redis_dir)
+        redis_url = server.start()
+    else:
+        redis_url = settings.redis.url
+    settings.output.dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"surgeflow demo\n  Redis       {redis_url} (data in {redis_dir})\n"
+                  f"  ClickHouse  {normalize_dsn(settings.clickhouse.dsn)}\n"
+                  f"  outputs     {settings.output.dir.resolve()}", highlight=False)
+    console.print("Ctrl-C stops" + (f"; stopping after {seconds:g} s" if seconds else ""))
+    _graceful_stop(seconds)
+    try:
+        with Progress():
+            result = run(settings, redis_url)
+        summary = _summary(settings, redis_url, result.seconds, {
+            "redis_data_dir": str(redis_dir),
+            "clickhouse_data_dir": str(chdb_dir(settings.clickhouse.dsn) or ""),
+            "outputs_dir": str(settings.output.dir.resolve()),
+        })
+    finally:
+        if server is not None:
+            server.stop()
+    _finish(summary)
+
+
+@app.command(name="run")
+def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML configuration"),
+            workers: Optional[int] = typer.Option(None, help="worker threads in this process")):
+    """Production run: sources and sinks as configured (Kafka, Redis, ClickHouse)."""
+    from connectors.kafka import KafkaUnavailable, check_brokers
+    from flows.runner import run
+
+    settings = _settings(config)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if settings.redis.url is None:
+        console.print("[red]redis.url must be set for `surgeflow run` (use `demo` for embedded)[/red]")
+        raise typer.Exit(2)
+    try:
+        if settings.source.kind == "kafka" or settings.output.kind == "kafka":
+            check_brokers(settings.kafka.brokers, settings.kafka.client_config)
+    except KafkaUnavailable as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(3) from None
+    _graceful_stop(None)
+    with Progress():
+        result = run(settings, settings.redis.url, workers)
+    _finish(_summary(settings, settings.redis.url, result.seconds, {}))
+
+
+@app.command()
+def produce(config: Optional[Path] = ConfigOption,
+            events: int = typer.Option(100_000, help="how many synthetic records to write"),
+            topic: Optional[str] = typer.Option(None, help="default: kafka.events_topic")):
+    """Load generator: writes synthetic events (with the configured anomalies, bad and duplicate
+    records) to the Kafka events topic, keyed by user."""
+    import itertools
+
+    from connectors.kafka import KafkaUnavailable, ensure_topics, produce as produce_records
+    from connectors.synthetic import generate
+    from flows.runner import synthetic_spec
+
+    settings = _settings(config)
+    k = settings.kafka
+    topic = topic or k.events_topic
+    try:
+        ensure_topics(k.brokers, [topic], extra=k.client_config)
+        records = ((r.key, r.value) for r in itertools.islice(generate(synthetic_spec(settings)), events))
+        started = time.monotonic()
+        sent = produce_records(k.brokers, topic, records, k.client_config,
+                               progress=lambda n: console.print(f"{n:,} sent", end="\r"))
+    except KafkaUnavailable as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(3) from None
+    elapsed = time.monotonic() - started
+    console.print(f"{sent:,} events to {topic} in {elapsed:.1f} s ({sent / elapsed:,.0f}/s)")
+
+
+@app.command()
+def features(user_id: str, redis_url: str = typer.Option(..., envvar="SURGEFLOW_REDIS_URL"),
+             prefix: str = typer.Option("sf")):
+    """Print one user's features as JSON."""
+    import redis
+
+    from features.reader import FeatureReader
+
+    values = FeatureReader(redis.Redis.from_url(redis_url), prefix).get(user_id)
+    print(json.dumps(values, indent=2))
+    if values is None:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
