@@ -44,7 +44,8 @@ from bisect import bisect
 from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import accumulate, count
+from itertools import accumulate
+from operator import itemgetter
 from typing import Iterator
 
 import orjson
@@ -324,8 +325,42 @@ def campaign_ids(spec: SyntheticSpec) -> list[str]:
     return [c.id for c in _campaigns(spec.seed, spec.campaigns)]
 
 
+# --------------------------------------------------------------------------------------------
+# the simulation
+#
+# A planned event is a tuple (t_ms, head, who, key, properties, tail, anomaly) of ready JSON
+# fragments: head b'"type":"track","event":"x",', who b'"user_id":"u1","anonymous_id":"a",',
+# properties b'{...}', tail b',"context":{...}}'. Splicing fragments (every string that needs
+# escaping goes through orjson once) is several times faster than a dict and a dumps per event.
+
+_dumps = orjson.dumps
+_log = math.log
+_H = {
+    name: b'"type":"track","event":%b,' % _dumps(name)
+    for name in sorted(
+        {"page_view", "product_viewed", "search", "add_to_cart", "remove_from_cart",
+         "checkout_started", "order_completed", "payment_failed", "signup", "login",
+         "login_failed", "ad_impression", "ad_click", "push_sent", "push_opened", "sms_sent",
+         "sms_clicked", "email_sent", "email_opened", "coupon_claimed", "coupon_redeemed", "share",
+         "favorite", "feedback", *_UNKNOWN_EVENTS}
+    )
+}
+_H_PAGE = b'"type":"page",'
+_H_IDENTIFY = b'"type":"identify",'
+_PAGES_B = tuple(_dumps(p) for p in _PAGES)
+_QUERIES_B = tuple(_dumps(q) for q in _QUERIES)
+_LOGIN_METHODS = (b"password", b"sms_code", b"wechat", b"apple")
+_PAY_FAIL = (b"card_declined", b"insufficient_funds", b"timeout", b"3ds_failed")
+_PLACEMENTS = (b"feed", b"search", b"banner", b"video")
+_RATINGS = (1, 2, 3, 4, 4, 5, 5, 5)
+_first = itemgetter(0)
+_VALUE = b'{"event_id":"%b%d",%b%b"timestamp":%b,"properties":%b%b'
+
+
 @lru_cache(maxsize=64)
 def _catalog(seed: int) -> tuple:
+    """Products: JSON fragments per currency b'"product_id":"p0001","category":..,"price":..,
+    "currency":..', the id+category fragment, quoted ids, and prices per currency."""
     rng = random.Random(f"{seed}:catalog")
     ids, cats, usd = [], [], []
     for i in range(1, 401):
@@ -336,23 +371,36 @@ def _catalog(seed: int) -> tuple:
         cur: tuple(round(p * fx) if cur == "JPY" else round(p * fx, 2) for p in usd)
         for cur, fx in _FX.items()
     }
-    return tuple(ids), tuple(cats), prices
+    bodies = {
+        cur: tuple(
+            _dumps({"product_id": i, "category": c, "price": p, "currency": cur})[1:-1]
+            for i, c, p in zip(ids, cats, prices[cur])
+        )
+        for cur in _FX
+    }
+    short = tuple(_dumps({"product_id": i, "category": c})[1:-1] for i, c in zip(ids, cats))
+    quoted = tuple(_dumps(i) for i in ids)
+    return prices, bodies, short, quoted
 
 
-def _iso_second(sec: int) -> str:
-    return dt.datetime.fromtimestamp(sec, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-
-
-# --------------------------------------------------------------------------------------------
-# the simulation
+def _iso_second(sec: int) -> bytes:
+    return dt.datetime.fromtimestamp(sec, dt.timezone.utc).strftime('"%Y-%m-%dT%H:%M:%S').encode()
 
 
 class _User:
     __slots__ = ("uid", "anon", "channel", "home", "device", "geo", "consent", "locale", "tz",
-                 "currency", "ip", "ua_web", "ua_app", "slot")
+                 "currency", "ip", "ua_web", "ua_app", "ua_mini", "slot", "who_full", "who_anon",
+                 "who_uid", "key_uid", "key_anon")
 
-    def __init__(self) -> None:
-        self.slot = -1
+    def set_ids(self) -> None:
+        anon = _dumps(self.anon)
+        self.who_anon = b'"anonymous_id":%b,' % anon
+        self.key_anon = self.anon.encode()
+        if self.uid is not None:
+            uid = _dumps(self.uid)
+            self.who_uid = b'"user_id":%b,' % uid
+            self.who_full = b'"user_id":%b,"anonymous_id":%b,' % (uid, anon)
+            self.key_uid = self.uid.encode()
 
 
 def _validate(spec: SyntheticSpec) -> None:
@@ -381,19 +429,23 @@ def _validate(spec: SyntheticSpec) -> None:
 
 
 class _Sim:
-    """Population, campaigns and the episode planner. Planned events are tuples
-    (ts_ms, type, event_name|None, user_id|None, anonymous_id|None, properties, context, iso, anomaly).
-    """
+    """Population, campaigns and the episode planner (one random stream: deterministic)."""
 
     def __init__(self, spec: SyntheticSpec, rng: random.Random):
         self.spec = spec
         self.rng = rng
+        self.rnd = rng.random
         self.camps = _campaigns(spec.seed, spec.campaigns)
         self.by_channel: dict[str, tuple[Campaign, ...]] = {}
         for c in self.camps:
             self.by_channel[c.channel] = self.by_channel.get(c.channel, ()) + (c,)
         self.utm = {(c.id, cr): c.utm(cr) for c in self.camps for cr in c.creatives}
-        self.product_ids, self.product_cats, self.prices = _catalog(spec.seed)
+        self.cid_b = {c.id: b',"campaign_id":%b' % _dumps(c.id) for c in self.camps}
+        self.creative_b = {
+            (c.id, cr): _dumps({"campaign_id": c.id, "creative_id": cr})[1:-1]
+            for c in self.camps for cr in c.creatives
+        }
+        self.prices, self.pbody, self.pshort, self.pquoted = _catalog(spec.seed)
         self.known: list[_User | None] = [None] * spec.users
         self.anon_pool: list[_User | None] = [None] * max(20, spec.users // 4)
         self.next_uid = spec.users + 1
@@ -409,13 +461,14 @@ class _Sim:
 
     def _make_user(self, uid: str | None) -> _User:
         rng = self.rng
-        rnd = rng.random
+        rnd = self.rnd
         u = _User()
+        u.slot = -1
         u.uid = uid
         u.anon = f"anon-{rng.getrandbits(48):012x}"
         u.channel = CHANNELS[bisect(_CHANNEL_CUM, rnd() * _CHANNEL_CUM[-1])]
         loc = _LOCALES[min(len(_LOCALES) - 1, bisect(_LOCALE_CUM, rnd() * _LOCALE_CUM[-1]))]
-        region, city = rng.choice(loc[5])
+        region, city = loc[5][int(rnd() * len(loc[5]))]
         u.locale, u.tz, u.currency = loc[0], loc[1], loc[3]
         u.geo = {"country": loc[2], "region": region, "city": city}
         r = rnd()
@@ -431,24 +484,25 @@ class _Sim:
         else:
             u.home = "app" if rnd() < 0.6 else "web"
         if os_name in ("iOS", "iPadOS"):
-            u.ua_web = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
+            u.ua_web = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+                        "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1")
             u.ua_app = "SurgeShop/5.2.1 (iOS 17.4; iPhone14,2)"
         elif os_name == "Android":
-            u.ua_web = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Mobile Safari/537.36"
+            u.ua_web = ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+                        "Chrome/124.0 Mobile Safari/537.36")
             u.ua_app = "SurgeShop/5.2.1 (Android 14; Pixel 8)"
-        elif os_name == "macOS":
-            u.ua_web = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Safari/605.1.15"
-            u.ua_app = u.ua_web
         else:
-            u.ua_web = f"Mozilla/5.0 ({'Windows NT 10.0; Win64; x64' if os_name == 'Windows' else 'X11; Linux x86_64'}) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
+            system = {"macOS": "Macintosh; Intel Mac OS X 14_4", "Windows": "Windows NT 10.0; Win64; x64"}
+            u.ua_web = (f"Mozilla/5.0 ({system.get(os_name, 'X11; Linux x86_64')}) AppleWebKit/537.36 "
+                        "(KHTML, like Gecko) Chrome/124.0 Safari/537.36")
             u.ua_app = u.ua_web
-        if loc[2] == "CN" and u.home == "mini_program":
-            u.ua_web = u.ua_web + " MicroMessenger/8.0.47 MiniProgramEnv/" + os_name
+        u.ua_mini = u.ua_web + " MicroMessenger/8.0.47 MiniProgramEnv/" + os_name
+        u.set_ids()
         return u
 
     def known_user(self) -> _User:
         users = self.spec.users
-        idx = int(users * self.rng.random() ** 1.5)  # mildly skewed activity: low ids more active
+        idx = int(users * self.rnd() ** 1.5)  # mildly skewed activity: low ids are more active
         u = self.known[idx]
         if u is None:
             n = idx + 1
@@ -457,22 +511,21 @@ class _Sim:
         return u
 
     def anon_user(self) -> _User:
-        rng = self.rng
-        slot = rng.randrange(len(self.anon_pool))
+        slot = int(self.rnd() * len(self.anon_pool))
         u = self.anon_pool[slot]
-        if u is None or rng.random() < 0.3:  # a new cookie
+        if u is None or self.rnd() < 0.3:  # a new cookie
             u = self.anon_pool[slot] = self._make_user(None)
             u.slot = slot
         return u
 
-    def register(self, u: _User) -> str:
+    def register(self, u: _User) -> None:
         """An anonymous visitor signs up: it gets a user id and joins the known population."""
         u.uid = f"u{self.next_uid:05d}"
         self.next_uid += 1
+        u.set_ids()
         if 0 <= u.slot < len(self.anon_pool) and self.anon_pool[u.slot] is u:
             self.anon_pool[u.slot] = None
         self.known.append(u)
-        return u.uid
 
     def cvr_factor(self, t: float) -> float:
         f = 1.0
@@ -481,7 +534,8 @@ class _Sim:
                 f *= mag
         return f
 
-    def ctx(self, u: _User, channel: str, utm: dict | None, device: bool = True) -> dict:
+    def tail(self, u: _User, channel: str, utm: dict | None, device: bool = True) -> bytes:
+        """b',"context":{...}}' for events of this user on this channel."""
         c: dict = {"channel": channel}
         if utm is not None:
             c["campaign"] = utm
@@ -493,22 +547,24 @@ class _Sim:
                 c["device"] = {"id": f"pos-{store:02d}", "type": "pos", "os": "Android"}
             else:
                 ip = u.ip
-                if self.rng.random() < 0.2:  # mobile networks hand out other addresses
-                    ip = ip[: ip.rfind(".") + 1] + str(self.rng.randrange(1, 255))
+                if self.rnd() < 0.2:  # mobile networks hand out other addresses
+                    ip = ip[: ip.rfind(".") + 1] + str(int(self.rnd() * 254) + 1)
                 c["ip"] = ip
-                c["user_agent"] = u.ua_app if channel == "app" else u.ua_web
+                c["user_agent"] = (u.ua_app if channel == "app" else
+                                   u.ua_mini if channel == "mini_program" else u.ua_web)
                 c["device"] = u.device
         c["geo"] = u.geo
         c["consent"] = u.consent
         c["locale"] = u.locale
         c["timezone"] = u.tz
-        return c
+        return b',"context":%b}' % _dumps(c)
 
     # ---- episodes
 
     def episode(self, out: list, t: float, anomaly: str | None) -> None:
-        rng = self.rng
-        rnd = rng.random
+        """Plan one episode starting at t (ms): an organic session, an ad impression chain or a
+        message send, appending planned events (in time order) to ``out``."""
+        rnd = self.rnd
         if rnd() < self.spec.anonymous_share:
             u = self.anon_user()
             origin = "ad" if rnd() < 0.35 else u.home
@@ -524,223 +580,196 @@ class _Sim:
             else:
                 origin = pc if rnd() < 0.55 else u.home
         camps = self.by_channel.get(origin)
-        if origin not in _ORGANIC and not camps:
-            origin, camps = u.home, None
-        if camps is None or origin in _ORGANIC:
-            self.session(out, u, t, origin, None, "", anomaly)
+        if origin in _ORGANIC or not camps:
+            self.session(out, u, t, origin if origin in _ORGANIC else u.home, None, "", anomaly)
         elif origin == "ad":
-            self.ad(out, u, t, rng.choice(camps), anomaly)
+            self.ad(out, u, t, camps[int(rnd() * len(camps))], anomaly)
         else:
-            self.message(out, u, t, rng.choice(camps), anomaly)
+            self.message(out, u, t, camps[int(rnd() * len(camps))], anomaly)
 
     def ad(self, out: list, u: _User, t: float, camp: Campaign, anomaly: str | None) -> None:
-        rng = self.rng
-        rnd = rng.random
-        creative = rng.choice(camp.creatives)
-        ctx = self.ctx(u, "ad", self.utm[camp.id, creative])
-        iso = rnd() < 0.5
-        placement = ("feed", "search", "banner", "video")[rng.randrange(4)]
-        n_imp = 1 + (rnd() < 0.4) + (rnd() < 0.15)
-        for _ in range(n_imp):
-            out.append((int(t), "track", "ad_impression", u.uid, u.anon,
-                        {"campaign_id": camp.id, "creative_id": creative, "placement": placement},
-                        ctx, iso, anomaly))
+        rnd = self.rnd
+        creative = camp.creatives[int(rnd() * len(camp.creatives))]
+        tail = self.tail(u, "ad", self.utm[camp.id, creative])
+        who, key = (u.who_full, u.key_uid) if u.uid is not None else (u.who_anon, u.key_anon)
+        ids = self.creative_b[camp.id, creative]
+        placement = _PLACEMENTS[int(rnd() * 4)]
+        imp = b'{%b,"placement":"%b"}' % (ids, placement)
+        for _ in range(1 + (rnd() < 0.4) + (rnd() < 0.15)):
+            out.append((t, _H["ad_impression"], who, key, imp, tail, anomaly))
             if rnd() < camp.rate:
-                t += 800 + rng.expovariate(1 / 5000)
-                cost = round(rng.uniform(*camp.cpc), 2)
-                out.append((int(t), "track", "ad_click", u.uid, u.anon,
-                            {"campaign_id": camp.id, "creative_id": creative, "cost": cost,
-                             "placement": placement}, ctx, iso, anomaly))
-                t += 500 + rng.expovariate(1 / 2000)
+                t += 800.0 - 5000.0 * _log(1.0 - rnd())
+                lo, hi = camp.cpc
+                cost = round(lo + (hi - lo) * rnd(), 2)
+                out.append((t, _H["ad_click"], who, key,
+                            b'{%b,"cost":%a,"placement":"%b"}' % (ids, cost, placement), tail, anomaly))
+                t += 500.0 - 2000.0 * _log(1.0 - rnd())
                 self.session(out, u, t, u.home, camp, creative, anomaly)
                 return
-            t += 2000 + rng.expovariate(1 / 30000)
+            t += 2000.0 - 30000.0 * _log(1.0 - rnd())
 
     def message(self, out: list, u: _User, t: float, camp: Campaign, anomaly: str | None) -> None:
-        rng = self.rng
-        rnd = rng.random
+        rnd = self.rnd
         if u.uid is None:  # no address for an anonymous visitor
             self.session(out, u, t, u.home, None, "", anomaly)
             return
-        creative = rng.choice(camp.creatives)
+        creative = camp.creatives[int(rnd() * len(camp.creatives))]
         utm = self.utm[camp.id, creative]
         ch = camp.channel
         self.msg_n += 1
-        props = {"campaign_id": camp.id, "creative_id": creative, "message_id": f"msg-{self.spec.seed}-{self.msg_n}"}
-        iso = rnd() < 0.5
-        out.append((int(t), "track", ch + "_sent", u.uid, None, props,
-                    self.ctx(u, ch, utm, device=False), iso, anomaly))
+        props = b'{%b,"message_id":"msg-%d-%d"}' % (self.creative_b[camp.id, creative], self.spec.seed, self.msg_n)
+        out.append((t, _H[ch + "_sent"], u.who_uid, u.key_uid, props, self.tail(u, ch, utm, device=False), anomaly))
         if rnd() >= camp.rate:
             return
         if ch == "push":
-            t += 5000 + rng.expovariate(1 / 180_000)
+            t += 5000.0 - 180_000.0 * _log(1.0 - rnd())
             name, follow, landing = "push_opened", 0.8, "app"
         elif ch == "email":
-            t += 30_000 + rng.expovariate(1 / 600_000)
+            t += 30_000.0 - 600_000.0 * _log(1.0 - rnd())
             name, follow, landing = "email_opened", 0.45, "web"
         else:
-            t += 10_000 + rng.expovariate(1 / 120_000)
+            t += 10_000.0 - 120_000.0 * _log(1.0 - rnd())
             name, follow, landing = "sms_clicked", 1.0, ("mini_program" if u.home == "mini_program" else "web")
-        out.append((int(t), "track", name, u.uid, u.anon, props, self.ctx(u, ch, utm), iso, anomaly))
+        out.append((t, _H[name], u.who_full, u.key_uid, props, self.tail(u, ch, utm), anomaly))
         if rnd() < follow:
-            t += 800 + rng.expovariate(1 / 3000)
+            t += 800.0 - 3000.0 * _log(1.0 - rnd())
             self.session(out, u, t, landing, camp, creative, anomaly)
 
     def session(self, out: list, u: _User, t: float, channel: str, camp: Campaign | None,
                 creative: str, anomaly: str | None) -> None:
-        rng = self.rng
-        rnd = rng.random
-        expo = rng.expovariate
-        append = out.append
-        ctx = self.ctx(u, channel, self.utm[camp.id, creative] if camp is not None else None)
-        iso = rnd() < 0.6
-        cid = camp.id if camp is not None else None
+        """A visit: login?, page / product views (with searches, favourites, shares), maybe a
+        coupon, then the funnel add_to_cart -> checkout_started -> order_completed."""
+        rnd = self.rnd
+        log = _log
+        A = out.append
+        H = _H
+        tail = self.tail(u, channel, self.utm[camp.id, creative] if camp is not None else None)
+        cidp = self.cid_b[camp.id] if camp is not None else b""
         cur = u.currency
+        curb = cur.encode()
         prices = self.prices[cur]
-        pids, pcats = self.product_ids, self.product_cats
-        n_prod = len(pids)
-        anon = u.anon
+        pbody = self.pbody[cur]
+        pshort = self.pshort
+        n_prod = len(prices)
         store = channel == "store"
         uid = u.uid
-        logged_out = uid is not None and channel in ("web", "mini_program") and rnd() < 0.2
-        cur_uid = None if logged_out else uid
-
-        def props(**kw) -> dict:
-            if cid is not None:
-                kw["campaign_id"] = cid
-            return kw
-
-        def gap() -> float:
-            return 1000.0 + expo(1 / 15000)
-
-        def identify(method: str) -> None:
-            nonlocal t
-            append((int(t), "identify", None, cur_uid, anon, props(method=method), ctx, iso, anomaly))
-            t += 300 + expo(1 / 1000)
-
-        # login (known users, sometimes after a failed attempt)
-        if cur_uid is not None and not store and rnd() < 0.25:
-            if rnd() < 0.08:
-                append((int(t), "track", "login_failed", cur_uid, anon,
-                        props(reason=("wrong_password", "expired_code")[rnd() < 0.3]), ctx, iso, anomaly))
-                t += 3000 + expo(1 / 8000)
-            append((int(t), "track", "login", cur_uid, anon,
-                    props(method=("password", "sms_code", "wechat", "apple")[rng.randrange(4)]), ctx, iso, anomaly))
-            t += gap()
+        logged_out = uid is not None and (channel == "web" or channel == "mini_program") and rnd() < 0.2
+        if uid is None or logged_out:
+            who, key = u.who_anon, u.key_anon
+        else:
+            who, key = u.who_full, u.key_uid
+            if not store and rnd() < 0.25:  # explicit login, sometimes after a failed attempt
+                if rnd() < 0.08:
+                    A((t, H["login_failed"], who, key, b'{"reason":"%b"%b}'
+                       % (b"wrong_password" if rnd() < 0.7 else b"expired_code", cidp), tail, anomaly))
+                    t += 3000.0 - 8000.0 * log(1.0 - rnd())
+                A((t, H["login"], who, key, b'{"method":"%b"%b}' % (_LOGIN_METHODS[int(rnd() * 4)], cidp),
+                   tail, anomaly))
+                t += 1000.0 - 15000.0 * log(1.0 - rnd())
 
         # browsing
-        viewed: list[int] = []
-        n_views = 1 + int(expo(1 / (0.8 if store else 3.2)))
+        viewed = []
+        n_views = 1 + int((0.8 if store else 3.2) * -log(1.0 - rnd()))
         for _ in range(n_views):
             if not store and rnd() < 0.15:
-                append((int(t), "track", "search", cur_uid, anon,
-                        props(search_query=_QUERIES[rng.randrange(len(_QUERIES))], results=rng.randrange(121)),
-                        ctx, iso, anomaly))
-                t += 1500 + expo(1 / 4000)
-            g = gap()
+                A((t, H["search"], who, key, b'{"search_query":%b,"results":%d%b}'
+                   % (_QUERIES_B[int(rnd() * len(_QUERIES_B))], int(rnd() * 121), cidp), tail, anomaly))
+                t += 1500.0 - 4000.0 * log(1.0 - rnd())
+            g = 1000.0 - 15000.0 * log(1.0 - rnd())  # time on this page
             r = rnd()
             if r < 0.45 and not store:
-                page = _PAGES[rng.randrange(len(_PAGES))]
-                if r < 0.25:
-                    append((int(t), "page", None, cur_uid, anon, props(page=page, dwell_ms=int(g)), ctx, iso, anomaly))
-                else:
-                    append((int(t), "track", "page_view", cur_uid, anon, props(page=page, dwell_ms=int(g)),
-                            ctx, iso, anomaly))
+                A((t, _H_PAGE if r < 0.25 else H["page_view"], who, key, b'{"page":%b,"dwell_ms":%d%b}'
+                   % (_PAGES_B[int(rnd() * len(_PAGES_B))], g, cidp), tail, anomaly))
             else:
                 p = int(n_prod * rnd() ** 2)  # popular products first
                 viewed.append(p)
-                append((int(t), "track", "product_viewed", cur_uid, anon,
-                        props(product_id=pids[p], category=pcats[p], price=prices[p], currency=cur,
-                              dwell_ms=int(g)), ctx, iso, anomaly))
+                A((t, H["product_viewed"], who, key, b'{%b,"dwell_ms":%d%b}' % (pbody[p], g, cidp), tail, anomaly))
                 r = rnd()
                 if r < 0.06:
-                    t += 500 + expo(1 / 2000)
-                    name = "favorite" if r < 0.04 else ("share" if r < 0.055 else _UNKNOWN_EVENTS[rng.randrange(4)])
-                    append((int(t), "track", name, cur_uid, anon,
-                            props(product_id=pids[p], category=pcats[p]), ctx, iso, anomaly))
+                    name = ("favorite" if r < 0.04 else "share" if r < 0.055 else
+                            _UNKNOWN_EVENTS[int(rnd() * len(_UNKNOWN_EVENTS))])
+                    A((t + 300.0 + g * rnd() * 0.5, H[name], who, key, b'{%b%b}' % (pshort[p], cidp), tail, anomaly))
             t += g
 
-        coupon = None
+        coupon = b""
         if rnd() < 0.04:
-            coupon = f"cpn-{rng.randrange(1, 50):03d}"
-            append((int(t), "track", "coupon_claimed", cur_uid, anon,
-                    props(coupon_id=coupon, discount=(5, 10, 20)[rng.randrange(3)]), ctx, iso, anomaly))
-            t += gap()
+            coupon = b"cpn-%03d" % (int(rnd() * 50) + 1)
+            A((t, H["coupon_claimed"], who, key, b'{"coupon_id":"%b","discount":%d%b}'
+               % (coupon, (5, 10, 20)[int(rnd() * 3)], cidp), tail, anomaly))
+            t += 1000.0 - 15000.0 * log(1.0 - rnd())
 
         # funnel: cart -> checkout -> order
-        cart_p = (0.6 if store else 0.30) * (camp.cart_mult if camp is not None else 1.0)
-        if not viewed or rnd() >= cart_p:
+        if not viewed or rnd() >= (0.6 if store else 0.30) * (camp.cart_mult if camp is not None else 1.0):
             return
-        cart: list[tuple[int, int]] = []
+        cart = []
         value = 0.0
         for _ in range(1 + (rnd() < 0.3)):
-            p = viewed[rng.randrange(len(viewed))]
+            p = viewed[int(rnd() * len(viewed))]
             qty = 1 + (rnd() < 0.2) + (rnd() < 0.05)
             cart.append((p, qty))
             value += prices[p] * qty
-            append((int(t), "track", "add_to_cart", cur_uid, anon,
-                    props(product_id=pids[p], category=pcats[p], price=prices[p], quantity=qty,
-                          currency=cur, cart_value=round(value, 2)), ctx, iso, anomaly))
-            t += 2000 + expo(1 / 10000)
+            A((t, H["add_to_cart"], who, key, b'{%b,"quantity":%d,"cart_value":%a%b}'
+               % (pbody[p], qty, round(value, 2), cidp), tail, anomaly))
+            t += 2000.0 - 10000.0 * log(1.0 - rnd())
         if rnd() < 0.10:
             p, qty = cart.pop()
             value -= prices[p] * qty
-            append((int(t), "track", "remove_from_cart", cur_uid, anon,
-                    props(product_id=pids[p], category=pcats[p], price=prices[p], quantity=qty,
-                          currency=cur, cart_value=round(max(value, 0.0), 2)), ctx, iso, anomaly))
-            t += gap()
+            A((t, H["remove_from_cart"], who, key, b'{%b,"quantity":%d,"cart_value":%a%b}'
+               % (pbody[p], qty, round(max(value, 0.0), 2), cidp), tail, anomaly))
+            t += 1000.0 - 15000.0 * log(1.0 - rnd())
             if not cart:
                 return
         if rnd() >= (0.85 if store else 0.5):
             return
-        if logged_out:
-            cur_uid = uid
-            append((int(t), "track", "login", cur_uid, anon, props(method="password"), ctx, iso, anomaly))
-            t += 500 + expo(1 / 1500)
-            identify("login")
-        elif uid is None and rnd() < 0.35:
-            cur_uid = uid = self.register(u)
-            append((int(t), "track", "signup", cur_uid, anon,
-                    props(method=("email", "phone", "wechat")[rng.randrange(3)]), ctx, iso, anomaly))
-            t += 500 + expo(1 / 1500)
-            identify("signup")
+        if logged_out:  # checkout needs an account: log in, the SDK identifies the visitor
+            who, key = u.who_full, u.key_uid
+            A((t, H["login"], who, key, b'{"method":"password"%b}' % cidp, tail, anomaly))
+            t += 500.0 - 1500.0 * log(1.0 - rnd())
+            A((t, _H_IDENTIFY, who, key, b'{"method":"login"%b}' % cidp, tail, anomaly))
+            t += 300.0 - 1000.0 * log(1.0 - rnd())
+        elif uid is None and rnd() < 0.35:  # a new customer signs up (else: guest checkout)
+            self.register(u)
+            who, key = u.who_full, u.key_uid
+            A((t, H["signup"], who, key, b'{"method":"%b"%b}'
+               % ((b"email", b"phone", b"wechat")[int(rnd() * 3)], cidp), tail, anomaly))
+            t += 500.0 - 1500.0 * log(1.0 - rnd())
+            A((t, _H_IDENTIFY, who, key, b'{"method":"signup"%b}' % cidp, tail, anomaly))
+            t += 300.0 - 1000.0 * log(1.0 - rnd())
         quantity = sum(q for _, q in cart)
         total = round(sum(prices[p] * q for p, q in cart), 2)
         p_order = min(0.98, (0.9 if store else 0.7) * (camp.order_mult if camp is not None else 1.0))
         draw = rnd()
         ordered = draw < p_order * self.cvr_factor(t)
         lost = draw < p_order and not ordered  # this order was lost to a cvr_drop incident
-        append((int(t), "track", "checkout_started", cur_uid, anon,
-                props(cart_value=total, items=len(cart), quantity=quantity, currency=cur), ctx, iso,
-                "cvr_drop" if lost and anomaly is None else anomaly))
-        t += 5000 + expo(1 / 40000)
-        reasons = ("card_declined", "insufficient_funds", "timeout", "3ds_failed")
+        tag = "cvr_drop" if lost and anomaly is None else anomaly
+        A((t, H["checkout_started"], who, key, b'{"cart_value":%a,"items":%d,"quantity":%d,"currency":"%b"%b}'
+           % (total, len(cart), quantity, curb, cidp), tail, tag))
+        t += 5000.0 - 40000.0 * log(1.0 - rnd())
         if not ordered:
-            if rnd() < 0.3 or lost:
-                append((int(t), "track", "payment_failed", cur_uid, anon,
-                        props(reason=reasons[rng.randrange(4)], amount=total, currency=cur), ctx, iso,
-                        "cvr_drop" if lost and anomaly is None else anomaly))
+            if lost or rnd() < 0.3:
+                A((t, H["payment_failed"], who, key, b'{"reason":"%b","amount":%a,"currency":"%b"%b}'
+                   % (_PAY_FAIL[int(rnd() * 4)], total, curb, cidp), tail, tag))
             return
-        if rnd() < 0.08:
-            append((int(t), "track", "payment_failed", cur_uid, anon,
-                    props(reason=reasons[rng.randrange(4)], amount=total, currency=cur), ctx, iso, anomaly))
-            t += 4000 + expo(1 / 15000)
+        if rnd() < 0.08:  # a failed attempt before the payment goes through
+            A((t, H["payment_failed"], who, key, b'{"reason":"%b","amount":%a,"currency":"%b"%b}'
+               % (_PAY_FAIL[int(rnd() * 4)], total, curb, cidp), tail, anomaly))
+            t += 4000.0 - 15000.0 * log(1.0 - rnd())
         self.order_n += 1
-        order_id = f"o-{self.spec.seed}-{self.order_n}"
-        order = props(order_id=order_id, revenue=total, currency=cur, quantity=quantity,
-                      products=[pids[p] for p, _ in cart])
-        redeemed = coupon is not None and rnd() < 0.6
+        order_id = b"o-%d-%d" % (self.spec.seed, self.order_n)
+        redeemed = bool(coupon) and rnd() < 0.6
+        products = b",".join([self.pquoted[p] for p, _ in cart])
+        A((t, H["order_completed"], who, key,
+           b'{"order_id":"%b","revenue":%a,"currency":"%b","quantity":%d,"products":[%b]%b%b}'
+           % (order_id, total, curb, quantity, products,
+              b',"coupon_id":"%b"' % coupon if redeemed else b"", cidp), tail, anomaly))
         if redeemed:
-            order["coupon_id"] = coupon
-        append((int(t), "track", "order_completed", cur_uid, anon, order, ctx, iso, anomaly))
-        if redeemed:
-            t += 200 + expo(1 / 1000)
-            append((int(t), "track", "coupon_redeemed", cur_uid, anon,
-                    props(coupon_id=coupon, order_id=order_id), ctx, iso, anomaly))
+            t += 200.0 - 1000.0 * log(1.0 - rnd())
+            A((t, H["coupon_redeemed"], who, key, b'{"coupon_id":"%b","order_id":"%b"%b}'
+               % (coupon, order_id, cidp), tail, anomaly))
         if rnd() < 0.05:
-            t += 60_000 + expo(1 / 120_000)
-            append((int(t), "track", "feedback", cur_uid, anon,
-                    props(order_id=order_id, rating=rng.choice((1, 2, 3, 4, 4, 5, 5, 5))), ctx, iso, anomaly))
+            t += 60_000.0 - 120_000.0 * log(1.0 - rnd())
+            A((t, H["feedback"], who, key, b'{"order_id":"%b","rating":%d%b}'
+               % (order_id, _RATINGS[int(rnd() * 8)], cidp), tail, anomaly))
 
 
 @lru_cache(maxsize=256)
@@ -749,7 +778,7 @@ def _events_per_episode(seed: int, users: int, n_campaigns: int, anonymous_share
     spec = SyntheticSpec(seed=seed, users=users, campaigns=n_campaigns, anonymous_share=anonymous_share)
     sim = _Sim(spec, random.Random(f"{seed}:calibration"))
     out: list = []
-    episodes = 4000
+    episodes = 3000
     t = float(spec.start_ms)
     for _ in range(episodes):
         sim.episode(out, t, None)
@@ -758,51 +787,58 @@ def _events_per_episode(seed: int, users: int, n_campaigns: int, anonymous_share
 
 
 class _Burst:
-    """An anomaly that emits its own events (click_fraud, request_flood)."""
+    """An anomaly that emits its own events (click_fraud, request_flood): a Poisson stream from
+    one IP inside its window."""
 
-    __slots__ = ("kind", "end", "rate", "ip", "camp", "creative", "ctx", "n", "anon", "iso")
+    __slots__ = ("kind", "next", "end", "rate", "ip", "camp", "ids", "tail", "n", "who", "key")
 
     def __init__(self, spec: SyntheticSpec, a: Anomaly, index: int, sim: _Sim):
         rng = random.Random(f"{spec.seed}:anomaly:{index}")
         self.kind = a.kind
         self.end = spec.start_ms + (a.start_s + a.duration_s) * 1000.0
         self.n = 0
-        self.anon = ""
-        self.iso = rng.random() < 0.5
+        self.who = self.key = b""
         if a.kind == "click_fraud":
-            self.rate = a.effective_magnitude / 60.0
+            self.rate = a.effective_magnitude / 60_000.0  # per ms
             self.ip = f"203.0.113.{66 + index % 180}"
             pool = sim.by_channel.get("ad") or sim.camps
             self.camp = pool[rng.randrange(len(pool))]
-            self.creative = self.camp.creatives[0]
-            self.ctx = {"channel": "ad", "campaign": self.camp.utm(self.creative), "ip": self.ip,
-                        "user_agent": _FRAUD_UA,
-                        "device": {"id": f"d-{rng.getrandbits(40):010x}", "type": "mobile", "os": "Android"},
-                        "geo": {"country": "VN", "region": "Hanoi", "city": "Hanoi"},
-                        "consent": {"profiling": True, "marketing": True},
-                        "locale": "en-US", "timezone": "Asia/Ho_Chi_Minh"}
+            creative = self.camp.creatives[0]
+            self.ids = sim.creative_b[self.camp.id, creative]
+            ctx = {"channel": "ad", "campaign": self.camp.utm(creative), "ip": self.ip,
+                   "user_agent": _FRAUD_UA,
+                   "device": {"id": f"d-{rng.getrandbits(40):010x}", "type": "mobile", "os": "Android"},
+                   "geo": {"country": "VN", "region": "Hanoi", "city": "Hanoi"},
+                   "consent": {"profiling": True, "marketing": True},
+                   "locale": "en-US", "timezone": "Asia/Ho_Chi_Minh"}
         else:
-            self.rate = a.effective_magnitude
+            self.rate = a.effective_magnitude / 1000.0
             self.ip = f"198.51.100.{23 + index % 200}"
             self.camp = None
-            self.creative = ""
-            self.ctx = {"channel": "web", "ip": self.ip, "user_agent": _FLOOD_UAS[index % len(_FLOOD_UAS)],
-                        "geo": {"country": "NL", "region": "Noord-Holland", "city": "Amsterdam"},
-                        "consent": {"profiling": False, "marketing": False},
-                        "locale": "en-US", "timezone": "UTC"}
+            self.ids = b""
+            ctx = {"channel": "web", "ip": self.ip, "user_agent": _FLOOD_UAS[index % len(_FLOOD_UAS)],
+                   "geo": {"country": "NL", "region": "Noord-Holland", "city": "Amsterdam"},
+                   "consent": {"profiling": False, "marketing": False},
+                   "locale": "en-US", "timezone": "UTC"}
+        self.tail = b',"context":%b}' % _dumps(ctx)
+        self.next = spec.start_ms + a.start_s * 1000.0 - _log(1.0 - rng.random()) / self.rate
 
-    def event(self, rng: random.Random, t: int) -> tuple:
+    def event(self, rng: random.Random) -> tuple:
+        """The event at ``self.next``; advances ``self.next``."""
+        t = self.next
+        rnd = rng.random
+        self.next = t - _log(1.0 - rnd()) / self.rate
         self.n += 1
         if self.kind == "click_fraud":  # a fresh cookie for every click
-            anon = f"anon-{rng.getrandbits(48):012x}"
-            cost = round(rng.uniform(*self.camp.cpc), 2)
-            props = {"campaign_id": self.camp.id, "creative_id": self.creative, "cost": cost,
-                     "placement": "feed"}
-            return (t, "track", "ad_click", None, anon, props, self.ctx, self.iso, self.kind)
+            anon = b"anon-%012x" % rng.getrandbits(48)
+            lo, hi = self.camp.cpc
+            props = b'{%b,"cost":%a,"placement":"feed"}' % (self.ids, round(lo + (hi - lo) * rnd(), 2))
+            return (t, _H["ad_click"], b'"anonymous_id":"%b",' % anon, anon, props, self.tail, self.kind)
         if self.n % 25 == 1:  # the scraper drops its cookie now and then
-            self.anon = f"anon-{rng.getrandbits(48):012x}"
-        page = _PAGES[rng.randrange(len(_PAGES))]
-        return (t, "page", None, None, self.anon, {"page": page}, self.ctx, self.iso, self.kind)
+            self.key = b"anon-%012x" % rng.getrandbits(48)
+            self.who = b'"anonymous_id":"%b",' % self.key
+        props = b'{"page":%b}' % _PAGES_B[int(rnd() * len(_PAGES_B))]
+        return (t, _H_PAGE, self.who, self.key, props, self.tail, self.kind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -871,13 +907,20 @@ def _malform(rng: random.Random, reason: str, doc: dict, value: bytes, key: byte
 # --------------------------------------------------------------------------------------------
 # the stream
 
+# SyntheticRecord is frozen; its generated __init__ sets each field through object.__setattr__,
+# which costs more than building the JSON. The slot descriptors set the same fields directly.
+_new_record = object.__new__
+_set_ts, _set_key, _set_value, _set_kind, _set_anomaly = (
+    SyntheticRecord.__dict__[f].__set__ for f in ("ts_ms", "key", "value", "kind", "anomaly")
+)
+
 
 def generate(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
     """Records in generation order, deterministic for equal specs.
 
-    Timestamps never run backwards by more than ``max_disorder_ms`` (0: non-decreasing) except
-    for duplicates, which re-send an ok record from at most :data:`DUPLICATE_WINDOW_MS` of
-    generation time ago.
+    Timestamps never run backwards by more than ``max_disorder_ms`` (0: non-decreasing), except
+    duplicates: they re-send an ok record from at most :data:`DUPLICATE_WINDOW_MS` of
+    generation time earlier.
 
     >>> recs = list(generate(SyntheticSpec(seed=1, events_per_s=5, duration_s=120)))
     >>> {r.kind for r in recs}
@@ -894,33 +937,26 @@ def generate(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
 def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
     rng = random.Random(spec.seed)
     rnd = rng.random
-    expo = rng.expovariate
     sim = _Sim(spec, rng)
-    heap: list = []
-    push, pop = heapq.heappush, heapq.heappop
-    seq = count()
-    dumps = orjson.dumps
-    Rec = SyntheticRecord
-
     start = spec.start_ms
     end = math.inf if spec.duration_s is None else start + spec.duration_s * 1000.0
     bad_p = spec.malformed_share
     dup_p = spec.duplicate_share / (1.0 - spec.duplicate_share)
     max_delay = spec.max_disorder_ms
     per_episode = _events_per_episode(spec.seed, spec.users, spec.campaigns, spec.anonymous_share)
-    base = spec.events_per_s * (1.0 - spec.duplicate_share) / per_episode  # episodes / s at rhythm 1
+    base = spec.events_per_s * (1.0 - spec.duplicate_share) / per_episode / 1000.0  # episodes/ms
     spikes = [
         (start + a.start_s * 1000.0, start + (a.start_s + a.duration_s) * 1000.0, a.effective_magnitude)
         for a in spec.anomalies if a.kind == "traffic_spike"
     ]
-    lam_max = base * 1.5
+    lam_max = base * 1.5  # rhythm() <= 1.5
     for _, _, mag in spikes:
         lam_max *= max(1.0, mag)
 
     def next_episode(t: float) -> tuple[float, str | None]:
-        """Thinning: the next episode start of the inhomogeneous Poisson process after t."""
+        """Thinning: the next start of the inhomogeneous Poisson process of episodes after t."""
         while True:
-            t += expo(lam_max) * 1000.0
+            t -= _log(1.0 - rnd()) / lam_max
             if t >= end:
                 return t, None
             u = rnd() * lam_max
@@ -935,83 +971,101 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
                 if u < lam * mult:
                     return t, "traffic_spike"
 
-    t0, tag = next_episode(float(start))
-    push(heap, (t0, next(seq), 1, tag))
-    for i, a in enumerate(spec.anomalies):
-        if a.kind in ("click_fraud", "request_flood") and a.duration_s > 0:
-            burst = _Burst(spec, a, i, sim)
-            t1 = start + a.start_s * 1000.0 + expo(burst.rate) * 1000.0
-            if t1 < burst.end:
-                push(heap, (t1, next(seq), 2, burst))
+    next_ep, ep_tag = next_episode(float(start))
+    bursts = [
+        _Burst(spec, a, i, sim)
+        for i, a in enumerate(spec.anomalies)
+        if a.kind in ("click_fraud", "request_flood") and a.duration_s > 0
+    ]
 
-    prefix = f"{spec.seed}-"
+    prefix = f"{spec.seed}-".encode()
     n = 0
     n_bad = 0
     reasons = list(MALFORMED_REASONS)
     random.Random(f"{spec.seed}:reasons").shuffle(reasons)
-    last_sec = -1
-    sec_text = ""
+    iso_cache: dict[int, bytes] = {}
     recent: deque = deque(maxlen=64)
-    planned: list = []
+    # Calendar queue: records wait in one bucket per second of generation clock (event time plus
+    # delivery delay). Once every episode starting before a second's end has been planned, that
+    # bucket is complete: sorted (stable, so ties keep planning order) and emitted.
+    buckets: dict[int, list] = {}
+    batches: list = []
+    second = int(start // 1000)
+    first_key = _first
 
-    while heap:
-        clock, _, code, ev = pop(heap)
-        if clock >= end:
-            return
-        if code == 1:  # start an episode, schedule the next one
-            planned.clear()
-            sim.episode(planned, clock, ev)
+    while second * 1000 < end:
+        horizon = (second + 1) * 1000
+        batches.clear()
+        while next_ep < horizon:
+            planned: list = []
+            sim.episode(planned, next_ep, ep_tag)
             delay = int(rnd() * (max_delay + 1)) if max_delay and rnd() < 0.15 else 0
-            for p in planned:
-                push(heap, (p[0] + delay, next(seq), 0, p))
-            t1, tag = next_episode(clock)
-            if t1 < end:
-                push(heap, (t1, next(seq), 1, tag))
-            continue
-        if code == 2:  # an anomaly burst emits one event now and schedules its next
-            t1 = clock + expo(ev.rate) * 1000.0
-            if t1 < ev.end:
-                push(heap, (t1, next(seq), 2, ev))
-            ev = ev.event(rng, int(clock))
-
-        ts = ev[0]
-        if ev[7]:
-            sec, ms = divmod(ts, 1000)
-            if sec != last_sec:
-                last_sec = sec
-                sec_text = _iso_second(sec)
-            tsv = f"{sec_text}.{ms:03d}Z"
-        else:
-            tsv = ts
-        n += 1
-        uid = ev[3]
-        doc = {"event_id": f"{prefix}{n}", "type": ev[1]}
-        if ev[2] is not None:
-            doc["event"] = ev[2]
-        if uid is not None:
-            doc["user_id"] = uid
-            key = uid.encode()
-        else:
-            key = ev[4].encode()
-        if ev[4] is not None:
-            doc["anonymous_id"] = ev[4]
-        doc["timestamp"] = tsv
-        doc["properties"] = ev[5]
-        doc["context"] = ev[6]
-        value = dumps(doc)
-        if bad_p and rnd() < bad_p:
-            reason = reasons[n_bad % len(reasons)]
-            n_bad += 1
-            value, key = _malform(rng, reason, doc, value, key)
-            yield Rec(int(clock), key, value, "malformed:" + reason, ev[8])
-        else:
-            rec = Rec(ts, key, value, "ok", ev[8])
-            yield rec
-            if dup_p:
-                recent.append((clock, rec))
-        if dup_p and recent and rnd() < dup_p:
-            when, orig = recent[rng.randrange(len(recent))]
-            if clock - when > DUPLICATE_WINDOW_MS:
-                when, orig = recent[-1]
-            if clock - when <= DUPLICATE_WINDOW_MS:
-                yield Rec(orig.ts_ms, orig.key, orig.value, "duplicate", orig.anomaly)
+            batches.append((planned, rnd() < 0.6, delay))
+            next_ep, ep_tag = next_episode(next_ep)
+        for b in bursts:
+            if b.next < horizon and b.next < b.end:
+                planned = []
+                while b.next < horizon and b.next < b.end:
+                    planned.append(b.event(rng))
+                batches.append((planned, b.kind == "click_fraud", 0))
+        for planned, iso, delay in batches:
+            for t, head, who, key, props, tail, anomaly in planned:
+                ts = int(t)
+                n += 1
+                if iso:
+                    sec = ts // 1000
+                    pre = iso_cache.get(sec)
+                    if pre is None:
+                        if len(iso_cache) > 100_000:
+                            iso_cache.clear()
+                        pre = iso_cache[sec] = _iso_second(sec)
+                    tsb = b'%b.%03dZ"' % (pre, ts - sec * 1000)
+                else:
+                    tsb = b"%d" % ts
+                value = _VALUE % (prefix, n, head, who, tsb, props, tail)
+                k = ts + delay
+                rec = _new_record(SyntheticRecord)
+                if bad_p and rnd() < bad_p:
+                    reason = reasons[n_bad % 12]
+                    n_bad += 1
+                    value, key = _malform(rng, reason, orjson.loads(value), value, key)
+                    _set_ts(rec, k)
+                    _set_kind(rec, "malformed:" + reason)
+                else:
+                    _set_ts(rec, ts)
+                    _set_kind(rec, "ok")
+                _set_key(rec, key)
+                _set_value(rec, value)
+                _set_anomaly(rec, anomaly)
+                slot = buckets.get(k // 1000)
+                if slot is None:
+                    buckets[k // 1000] = [(k, rec)]
+                else:
+                    slot.append((k, rec))
+        due = buckets.pop(second, None)
+        if due:
+            due.sort(key=first_key)
+            for k, rec in due:
+                if k >= end:
+                    return
+                yield rec
+                if dup_p:
+                    if rec.kind == "ok":
+                        recent.append((k, rec))
+                    if recent and rnd() < dup_p:
+                        when, orig = recent[int(rnd() * len(recent))]
+                        if k - when > DUPLICATE_WINDOW_MS:
+                            when, orig = recent[-1]
+                        if k - when <= DUPLICATE_WINDOW_MS:
+                            dup = _new_record(SyntheticRecord)
+                            _set_ts(dup, orig.ts_ms)
+                            _set_key(dup, orig.key)
+                            _set_value(dup, orig.value)
+                            _set_kind(dup, "duplicate")
+                            _set_anomaly(dup, orig.anomaly)
+                            yield dup
+        second += 1
+        if not buckets:  # nothing pending: jump over quiet seconds
+            nxt = min([next_ep] + [b.next for b in bursts if b.next < b.end])
+            if nxt != math.inf and nxt >= horizon:
+                second = int(nxt // 1000)

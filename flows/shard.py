@@ -100,12 +100,11 @@ class ShardOut:
 
 
 class UserState:
-    __slots__ = ("buckets", "first_seen", "last_seen", "as_of", "session_id", "session_last",
+    __slots__ = ("buckets", "last_seen", "as_of", "session_id", "session_last",
                  "session_pages", "campaign", "next_due", "arrival_ms")
 
     def __init__(self, n_metrics: int):
         self.buckets = MinuteBuckets(n_metrics)
-        self.first_seen = END_OF_TIME
         self.last_seen = 0
         self.as_of = 0  # event time the written values refer to; never moves back
         self.session_id = ""
@@ -175,8 +174,6 @@ class ShardState:
             user.buckets.add(minute, idx, 1.0 if prop is None else _prop(e, prop))
         if ts > user.last_seen:
             user.last_seen = ts
-        if ts < user.first_seen:
-            user.first_seen = ts
         if ts > user.as_of:
             user.as_of = ts
         if e.campaign:
@@ -250,6 +247,11 @@ class ShardState:
         """End of a bounded input: no event can be late any more, so now = the clock."""
         clock = min(self.part_max.values()) if self.part_max else self.watermark
         self.advance(max(clock, self.watermark), out, final=True)
+        # Every user's features as of the end of the input (a replay ends "now" there).
+        for name, user in self.users.items():
+            if self.watermark > user.as_of:
+                user.as_of = self.watermark
+                self.dirty.add(name)
         self.flush(out)
 
     # -- output --------------------------------------------------------------------------
@@ -272,7 +274,6 @@ class ShardState:
             x = self._model_x(user)
             values = {k: _fmt(v) for k, v in x.items() if k != "session_pages"}
             values["last_seen"] = str(user.last_seen)
-            values["first_seen"] = str(user.first_seen)
             values["session_id"] = user.session_id
             values["session_pages"] = str(user.session_pages)
             values["p_purchase_24h"] = f"{self.model.predict_one(x):.6f}"

@@ -89,21 +89,23 @@ def redis_client(redis_url):
 
 
 @pytest.fixture(scope="session")
-def chdb_client(tmp_path_factory):
-    """clickhouse_connect client on embedded chDB.
+def chdb_dsn(tmp_path_factory) -> str:
+    """The session's one chDB directory (chDB opens ONE data directory per process);
+    isolate tests with ``ch_database`` instead. The flow under test uses this same DSN."""
+    return "chdb://" + str(tmp_path_factory.mktemp("chdb").resolve())
 
-    chDB can open only ONE data directory per process, so this is the single
-    session-wide directory; isolate tests with ``ch_database`` instead.
-    """
+
+@pytest.fixture(scope="session")
+def chdb_client(chdb_dsn):
+    """The process-wide clickhouse_connect client on that directory (shared with the flow)."""
     try:
-        import clickhouse_connect
+        from connectors.clickhouse import connect
 
-        path = tmp_path_factory.mktemp("chdb")
-        client = clickhouse_connect.get_client(dsn=f"chdb:///{path}")
+        client, _lock = connect(chdb_dsn)
+        client.query("SELECT 1")
     except Exception as exc:  # noqa: BLE001
         _unavailable("chDB", exc)
-    yield client
-    client.close()
+    return client
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.run_bench`` (see bench/README.md)."""
