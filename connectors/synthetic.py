@@ -37,7 +37,6 @@ True
 from __future__ import annotations
 
 import datetime as dt
-import heapq
 import math
 import random
 from bisect import bisect

@@ -177,7 +177,7 @@ def decode(
             raise Reject("not_an_object", f"top level is {type(doc).__name__}")
         event_id = _check_id(doc.get("event_id"), "event_id")
         etype = doc.get("type", "track")
-        if etype not in EVENT_TYPES:
+        if not isinstance(etype, str) or etype not in EVENT_TYPES:
             raise Reject("bad_type", f"type {str(etype)[:40]!r}")
         user_id, anon_id = doc.get("user_id"), doc.get("anonymous_id")
         if user_id is None and anon_id is None:
@@ -214,3 +214,5 @@ def decode(
         )
     except Reject as rej:
         return DeadLetter(rej.reason, rej.detail, raw, key, source)
+    except Exception as exc:  # noqa: BLE001 - a shape no rule foresaw: keep it, never stop the flow
+        return DeadLetter("undecodable", f"{type(exc).__name__}: {exc}"[:200], raw, key, source)

@@ -1,0 +1,764 @@
+"""End-to-end throughput and latency benchmark of the surgeflow dataflow on real services.
+
+    .venv/bin/python -m bench.run_bench [--events 1000000] [--workers 1] [--partitions 1] [--profile]
+
+Starts its own services (a single-node Kafka broker from tests/services.py, an embedded Redis
+server and chDB, all in temporary directories), fills a topic with deterministic synthetic
+events, then measures in one process:
+
+1. produce      generate + produce N events into the topic (connectors.kafka.produce);
+2. baseline     a Bytewax flow reading the topic with the same KafkaSource settings and doing
+                nothing with the records: the ceiling the engine + consumer allow;
+3. full         flows.runner.run on the same topic (decode, shards, Redis, ClickHouse, Kafka
+                outputs), tail=False so it ends at the end of the topic;
+4. baseline     again, to see drift (page cache, JIT of the broker, thermal...);
+5. profile      (--profile) the full flow once more under pyinstrument or py-spy;
+6. live         the full flow following a fresh topic (tail=True) while this process produces
+                events stamped "now" at a fixed rate: arrival -> feature-in-Redis latency.
+
+Prints ONE JSON object on stdout; progress goes to stderr. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from datetime import datetime, timedelta
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+# Event time of the replayed stream: fixed, in the past (2026-11-20T00:00:00Z).
+REPLAY_START_MS = 1_795_132_800_000
+
+import bytewax.operators as op  # noqa: E402
+import redis  # noqa: E402
+from bytewax.dataflow import Dataflow  # noqa: E402
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition  # noqa: E402
+from bytewax.outputs import DynamicSink, StatelessSinkPartition  # noqa: E402
+from bytewax.testing import cluster_main, run_main  # noqa: E402
+from confluent_kafka import Consumer, TopicPartition  # noqa: E402
+
+from config.settings import Settings, load_settings  # noqa: E402
+from connectors import kafka  # noqa: E402
+from connectors.embedded_redis import EmbeddedRedis  # noqa: E402
+from connectors.synthetic import SyntheticSpec, expected_records, generate, rhythm  # noqa: E402
+from flows import runner  # noqa: E402
+from surgeflow.stats import STATS  # noqa: E402
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.monotonic() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _load_test_services():
+    """tests/services.py (not a package): KafkaBroker with its Maven jar cache."""
+    path = PROJECT_ROOT / "tests" / "services.py"
+    spec = importlib.util.spec_from_file_location("surgeflow_test_services", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
+# machine
+
+
+def machine_info() -> dict:
+    cpu_model = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+                break
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    import bytewax
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "load_average_at_start": load,
+        "mem_total_gb": mem_gb,
+        "python": platform.python_version(),
+        "bytewax": getattr(bytewax, "__version__", None) or _dist_version("bytewax"),
+    }
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def percentiles(name: str) -> dict:
+    p50, p99 = STATS.percentile(name, 0.50), STATS.percentile(name, 0.99)
+    return {
+        "p50": round(p50, 1) if p50 is not None else None,
+        "p99": round(p99, 1) if p99 is not None else None,
+        "samples": len(STATS.samples.get(name, ())),
+    }
+
+
+def run_dataflow(flow: Dataflow, workers: int, epoch_s: float) -> float:
+    """Runs a flow the way flows.runner.run does; returns wall seconds."""
+    epoch = timedelta(seconds=epoch_s)
+    started = time.monotonic()
+    if workers == 1:
+        run_main(flow, epoch_interval=epoch)
+    else:
+        cluster_main(flow, [], 0, epoch_interval=epoch, worker_count_per_proc=workers)
+    return time.monotonic() - started
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-probe-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False})
+    try:
+        meta = c.list_topics(topic, timeout=10).topics[topic]
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in meta.partitions}
+    finally:
+        c.close()
+
+
+def flush_redis(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+class _Timed:
+    """Wraps an iterator and accumulates the time spent producing its items."""
+
+    def __init__(self, it):
+        self.it = it
+        self.seconds = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------------------------------
+# baseline flow: read the topic and throw the records away
+
+
+class _NullPartition(StatelessSinkPartition):
+    def write_batch(self, items: list) -> None:
+        pass
+
+
+class NullSink(DynamicSink):
+    def build(self, step_id: str, worker_index: int, worker_count: int):
+        return _NullPartition()
+
+
+class _Count:
+    def __init__(self):
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: list) -> list:
+        with self.lock:
+            self.n += len(batch)
+        return []
+
+
+def run_baseline(bootstrap: str, topic: str, batch_size: int, workers: int, epoch_s: float) -> dict:
+    counter = _Count()
+    flow = Dataflow("bench_baseline")
+    source = kafka.events_source([bootstrap], topic, tail=False, from_beginning=True,
+                                 batch_size=batch_size)
+    raw = op.input("events_in", flow, source)
+    nothing = op.flat_map_batch("discard", raw, counter)
+    op.output("null", nothing, NullSink())
+    seconds = run_dataflow(flow, workers, epoch_s)
+    return {"events": counter.n, "seconds": round(seconds, 3),
+            "events_per_s": round(counter.n / seconds, 1) if seconds else None}
+
+
+# ------------------------------------------------------------------------------------------------
+# a Kafka source that follows the topic (tail=True) and ends once told up to which offsets
+
+
+class StopAt:
+    """Shared by the live source's partitions: set once the producer is done."""
+
+    def __init__(self):
+        self.targets: dict[int, int] | None = None
+        self.ready = threading.Event()
+        self.lock = threading.Lock()
+
+    def set(self, targets: dict[int, int]) -> None:
+        with self.lock:
+            self.targets = dict(targets)
+
+    def reached(self, partition: int, next_offset: int) -> bool:
+        with self.lock:
+            return self.targets is not None and next_offset >= self.targets.get(partition, 0)
+
+
+class _StoppablePartition(StatefulSourcePartition):
+    def __init__(self, inner, partition: int, stop: StopAt):
+        self.inner, self.partition, self.stop = inner, partition, stop
+        self.next_offset = 0  # fresh topic read from the beginning
+
+    def next_batch(self) -> list:
+        self.stop.ready.set()
+        if self.stop.reached(self.partition, self.next_offset):
+            raise StopIteration()
+        batch = self.inner.next_batch()
+        if batch:
+            last = batch[-1]
+            msg = getattr(last, "msg", last)  # KafkaError wraps the message
+            if getattr(msg, "offset", None) is not None:
+                self.next_offset = msg.offset + 1
+        return batch
+
+    def next_awake(self):
+        return self.inner.next_awake()
+
+    def snapshot(self):
+        return self.inner.snapshot()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class StoppableKafkaSource(FixedPartitionedSource):
+    """The project's KafkaSource (tail=True), unchanged, plus a clean end: each partition raises
+    StopIteration once it has read up to the offset given to ``stop.set``. The flow then drains
+    and ends normally (shards' on_eof, sinks closed), and this process keeps STATS."""
+
+    def __init__(self, inner, stop: StopAt):
+        self.inner, self.stop = inner, stop
+
+    def list_parts(self) -> list[str]:
+        return self.inner.list_parts()
+
+    def build_part(self, step_id: str, for_part: str, resume_state):
+        partition = int(for_part.split("-", 1)[0])
+        return _StoppablePartition(self.inner.build_part(step_id, for_part, resume_state),
+                                   partition, self.stop)
+
+
+# ------------------------------------------------------------------------------------------------
+# profile analysis: stacks of (function, file, line) with a weight in seconds
+
+
+CATEGORIES = [  # (category, file suffix, function or None for any); outermost match wins
+    ("kafka source (consume + message objects)", "bytewax/connectors/kafka/__init__.py", "next_batch"),
+    ("decode_and_route (orjson decode, validation, routing)", "flows/pipeline.py", "__call__"),
+    ("user_shards: ShardLogic.on_batch (dedupe, features, sessions, model, minutes)",
+     "flows/shard.py", "on_batch"),
+    ("user_shards: on_eof (final flush of every user)", "flows/shard.py", "on_eof"),
+    ("state snapshots (pickle at each epoch)", "flows/shard.py", "snapshot"),
+    ("state snapshots (pickle at each epoch)", "flows/pipeline.py", "snapshot"),
+    ("detect_anomalies (AlertLogic.on_batch)", "flows/pipeline.py", "on_batch"),
+    ("redis feature sink", "connectors/redis_features.py", "write_batch"),
+    ("clickhouse sinks (chDB insert)", "connectors/clickhouse.py", "write_batch"),
+    ("kafka sinks (produce + flush per batch)", "connectors/kafka.py", "write_batch"),
+    ("json-lines sinks", "connectors/files.py", "write_batch"),
+    ("pipeline maps/filters/branch lambdas", "flows/pipeline.py", None),
+    ("setup/teardown (schema, topics, clients)", "flows/runner.py", None),
+    ("setup/teardown (schema, topics, clients)", "connectors/clickhouse.py", None),
+    ("setup/teardown (schema, topics, clients)", "connectors/kafka.py", None),
+    ("setup/teardown (schema, topics, clients)", "connectors/redis_features.py", None),
+]
+ENGINE_FUNCS = {"run_main", "cluster_main"}
+
+
+def _category(stack: tuple) -> str:
+    for func, path, _line in stack:
+        for name, suffix, want in CATEGORIES:
+            if path.endswith(suffix) and (want is None or func == want):
+                return name
+    for func, path, _line in reversed(stack):
+        if func in ENGINE_FUNCS:
+            return "bytewax engine (Rust scheduling, exchange, GIL hand-offs)"
+    return "other"
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", str(PROJECT_ROOT) + "/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def analyse_stacks(stacks: list[tuple[tuple, float]], top: int = 25) -> dict:
+    total = sum(w for _, w in stacks) or 1e-9
+    by_cat: dict[str, float] = defaultdict(float)
+    self_time: dict[tuple, float] = defaultdict(float)
+    incl: dict[tuple, float] = defaultdict(float)
+    for stack, w in stacks:
+        by_cat[_category(stack)] += w
+        if stack:
+            func, path, _ = stack[-1]
+            self_time[(func, _short(path))] += w
+        for key in {(func, _short(path)) for func, path, _ in stack}:
+            incl[key] += w
+
+    def rows(d):
+        return [{"function": f, "file": p, "seconds": round(s, 3), "share": round(s / total, 4)}
+                for (f, p), s in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    project = {k: v for k, v in incl.items()
+               if not k[1].startswith(("bytewax/", "confluent_kafka/", "redis/", "clickhouse_connect/",
+                                       "chdb/", "pyinstrument/", "orjson", "<"))
+               and k[0] not in ENGINE_FUNCS and "bench/" not in k[1]}
+    return {
+        "profiled_seconds": round(total, 2),
+        "by_category": {k: {"seconds": round(v, 3), "share": round(v / total, 4)}
+                        for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "top_self": rows(self_time),
+        "top_inclusive_project": rows(project),
+    }
+
+
+def pyinstrument_stacks(session) -> list[tuple[tuple, float]]:
+    root = session.root_frame(trim_stem=False)
+    out: list[tuple[tuple, float]] = []
+
+    def walk(frame, path):
+        key = (frame.function or "?", frame.file_path or "?", frame.line_no or 0)
+        here = path if frame.is_synthetic else path + (key,)
+        child_time = 0.0
+        for child in frame.children:
+            child_time += child.time
+            walk(child, here)
+        own = frame.time - child_time
+        if own > 0:
+            out.append((here, own))
+
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def pyspy_stacks(raw_file: Path, rate: int) -> list[tuple[tuple, float]]:
+    out = []
+    for line in raw_file.read_text(errors="replace").splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        if not stack_text or not count.isdigit():
+            continue
+        frames = []
+        for part in stack_text.split(";"):
+            if part.startswith("process ") or part.startswith("thread "):
+                continue
+            func, _, where = part.partition(" (")
+            where = where.rstrip(")")
+            path, _, lineno = where.rpartition(":")
+            frames.append((func, path or where, int(lineno) if lineno.isdigit() else 0))
+        out.append((tuple(frames), int(count) / rate))
+    return out
+
+
+def print_profile(summary: dict) -> None:
+    log(f"profile: {summary['profiled_seconds']} s sampled; time by step:")
+    for name, v in summary["by_category"].items():
+        print(f"    {v['share'] * 100:5.1f}%  {v['seconds']:8.2f}s  {name}", file=sys.stderr)
+    print("  top functions by self time:", file=sys.stderr)
+    for r in summary["top_self"][:20]:
+        print(f"    {r['share'] * 100:5.1f}%  {r['seconds']:8.2f}s  {r['function']}  ({r['file']})",
+              file=sys.stderr)
+    print("  top project functions by inclusive time:", file=sys.stderr)
+    for r in summary["top_inclusive_project"][:20]:
+        print(f"    {r['share'] * 100:5.1f}%  {r['seconds']:8.2f}s  {r['function']}  ({r['file']})",
+              file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="surgeflow-bench-"))
+        self.broker = None
+        self.redis_server: EmbeddedRedis | None = None
+        self.redis_url = ""
+        self.dsn = f"chdb://{self.tmp}/chdb"
+
+    # -- services --------------------------------------------------------------------------
+    def start_services(self) -> None:
+        services = _load_test_services()
+        log("starting Kafka broker (tests/services.py KafkaBroker)")
+        self.broker = services.KafkaBroker().start()
+        log(f"Kafka on {self.broker.bootstrap}; starting embedded Redis")
+        self.redis_server = EmbeddedRedis(self.tmp / "redis")
+        self.redis_url = self.redis_server.start()
+        log(f"Redis on {self.redis_url}; chDB at {self.dsn}")
+        # Output topics made here: connectors.kafka.ensure_topics drops its AdminClient before
+        # the create futures resolve (KafkaError _DESTROY), so it must find them existing.
+        k = load_settings(None, env={}).kafka
+        for name in (k.actions_topic, k.alerts_topic, k.dead_letter_topic):
+            self.broker.create_topic(name)
+
+    def stop_services(self) -> None:
+        if self.redis_server is not None:
+            with contextlib.suppress(Exception):
+                self.redis_server.stop()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                self.broker.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- settings --------------------------------------------------------------------------
+    def settings(self, topic: str, *, tail: bool, database: str) -> Settings:
+        a = self.args
+        return load_settings(
+            None, env={},
+            source__kind="kafka",
+            kafka__brokers=[self.broker.bootstrap], kafka__events_topic=topic, kafka__tail=tail,
+            kafka__starting_offset="beginning", kafka__batch_size=a.batch_size,
+            output__kind="kafka",
+            redis__url=self.redis_url,
+            clickhouse__dsn=self.dsn, clickhouse__database=database,
+            flow__max_future_s=None, flow__workers=a.workers, flow__shards=a.shards,
+            flow__epoch_interval_s=a.epoch_s,
+        )
+
+    # -- phases ----------------------------------------------------------------------------
+    def fill_topic(self) -> tuple[str, dict]:
+        a = self.args
+        topic = self.broker.create_topic(f"bench-events-{uuid.uuid4().hex[:8]}", partitions=a.partitions)
+        span_s = a.span_hours * 3600.0
+        unit = expected_records(SyntheticSpec(start_ms=REPLAY_START_MS, events_per_s=1.0, duration_s=span_s))
+        spec = SyntheticSpec(
+            seed=a.seed, users=a.users, start_ms=REPLAY_START_MS, events_per_s=a.events / unit,
+            duration_s=None, malformed_share=0.001, duplicate_share=0.001, max_disorder_ms=2000)
+        log(f"producing {a.events:,} events into {topic} ({a.partitions} partition(s)); "
+            f"events_per_s={spec.events_per_s:.1f} event-time, ~{a.span_hours:g} h, {a.users:,} users")
+        records = _Timed((r.key, r.value) for r in itertools.islice(generate(spec), a.events))
+        step = max(10_000, a.events // 10 // 10_000 * 10_000)
+
+        def progress(n: int) -> None:
+            if n % step == 0:
+                log(f"  produced {n:,}")
+
+        started = time.monotonic()
+        sent = kafka.produce([self.broker.bootstrap], topic, records, progress=progress)
+        seconds = time.monotonic() - started
+        ends = end_offsets(self.broker.bootstrap, topic)
+        in_topic = sum(ends.values())
+        log(f"produced {sent:,} in {seconds:.1f}s ({sent / seconds:,.0f}/s; generator "
+            f"{records.seconds:.1f}s of it); topic holds {in_topic:,}")
+        if in_topic != a.events:
+            raise RuntimeError(f"topic holds {in_topic} records, expected {a.events}")
+        return topic, {
+            "events_per_s": round(sent / seconds, 1),
+            "seconds": round(seconds, 2),
+            "generator_seconds": round(records.seconds, 2),
+            "produce_only_events_per_s": round(sent / max(seconds - records.seconds, 1e-9), 1),
+            "event_time_span_h": a.span_hours,
+            "spec_events_per_s": round(spec.events_per_s, 2),
+        }
+
+    def baseline(self, topic: str, label: str) -> dict:
+        a = self.args
+        log(f"{label}: Bytewax KafkaSource -> discard, {a.workers} worker(s)")
+        res = run_baseline(self.broker.bootstrap, topic, a.batch_size, a.workers, a.epoch_s)
+        log(f"{label}: {res['events']:,} events in {res['seconds']:.2f}s = {res['events_per_s']:,.0f}/s")
+        if res["events"] != a.events:
+            raise RuntimeError(f"{label} read {res['events']} records, expected {a.events}")
+        return res
+
+    def full(self, topic: str, database: str, label: str = "full") -> dict:
+        a = self.args
+        settings = self.settings(topic, tail=False, database=database)
+        flush_redis(self.redis_url)
+        STATS.reset()
+        STATS.max_samples = max(STATS.max_samples, 2 * a.events + 10_000)  # keep every sample
+        log(f"{label}: flows.runner.run (Kafka -> shards -> Redis/ClickHouse/Kafka), "
+            f"{a.workers} worker(s), {a.shards} shards")
+        started = time.monotonic()
+        result = runner.run(settings, self.redis_url, a.workers)
+        total = time.monotonic() - started
+        n = STATS.get("events_in")
+        log(f"{label}: {n:,} events in {result.seconds:.2f}s = {n / result.seconds:,.0f}/s "
+            f"(setup {total - result.seconds:.2f}s)")
+        if n != a.events:
+            raise RuntimeError(f"{label} flow read {n} records, expected {a.events}")
+        return {
+            "events": n,
+            "seconds": round(result.seconds, 3),
+            "setup_seconds": round(total - result.seconds, 3),
+            "events_per_s": round(n / result.seconds, 1),
+            "feature_latency_ms": percentiles("feature_latency_ms"),
+            "action_latency_ms": percentiles("action_latency_ms"),
+            "counts": self.counts(settings),
+        }
+
+    def counts(self, settings: Settings) -> dict:
+        names = ["events_in", "events_dead_lettered", "duplicates", "late_events", "events_unique",
+                 "feature_writes", "actions_emitted", "alerts_fired", "rows_events_minute_in",
+                 "rows_actions", "rows_alerts"]
+        out = {k: STATS.get(k) for k in names}
+        out["users_seen"] = len(STATS.users)
+        with contextlib.suppress(Exception):
+            out["redis_user_hashes"] = runner.count_feature_users(self.redis_url, settings.redis.key_prefix)
+        with contextlib.suppress(Exception):
+            out["clickhouse_minute_rows"] = runner.count_aggregate_rows(settings)
+        return out
+
+    def profile(self, topic: str) -> dict:
+        a = self.args
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = RESULTS_DIR / f"profile-{stamp}-{a.events}ev-{a.workers}w"
+        profiler_name = a.profiler
+        if profiler_name == "pyinstrument" and a.workers > 1:
+            log("pyinstrument sees only the calling thread; workers > 1 run in Rust-spawned "
+                "threads: using py-spy instead")
+            profiler_name = "py-spy"
+        files: list[str] = []
+        if profiler_name == "pyinstrument":
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.001)
+            profiler.start()
+            try:
+                res = self.full(topic, "bench_profile", label="profile (pyinstrument)")
+            finally:
+                profiler.stop()
+            session = profiler.last_session
+            text = profiler.output_text(unicode=True, show_all=False)
+            (base.with_suffix(".txt")).write_text(text)
+            (base.with_suffix(".html")).write_text(profiler.output_html())
+            files += [str(base.with_suffix(".txt")), str(base.with_suffix(".html"))]
+            stacks = pyinstrument_stacks(session)
+        else:
+            raw = base.with_suffix(".pyspy.txt")
+            rate = 250
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
+                 "--rate", str(rate), "--format", "raw", "--output", str(raw), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(1.5)  # let py-spy attach
+            try:
+                res = self.full(topic, "bench_profile", label="profile (py-spy)")
+            finally:
+                spy.send_signal(signal.SIGINT)
+                try:
+                    _, err = spy.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    _, err = spy.communicate()
+            if not raw.exists():
+                raise RuntimeError(f"py-spy wrote no profile: {err.decode(errors='replace')[-2000:]}")
+            files.append(str(raw))
+            stacks = pyspy_stacks(raw, rate)
+        summary = analyse_stacks(stacks)
+        summary_file = base.with_suffix(".summary.json")
+        summary_file.write_text(json.dumps({"run": res, **summary}, indent=2))
+        files.append(str(summary_file))
+        print_profile(summary)
+        log(f"profile files: {', '.join(files)}")
+        return {"profiler": profiler_name, "events_per_s_under_profiler": res["events_per_s"],
+                "files": files, "by_category": summary["by_category"],
+                "top_self": summary["top_self"][:12]}
+
+    def live(self) -> dict:
+        """Full flow following a fresh topic while events stamped "now" are produced at a rate."""
+        a = self.args
+        topic = self.broker.create_topic(f"bench-live-{uuid.uuid4().hex[:8]}", partitions=a.partitions)
+        settings = self.settings(topic, tail=True, database="bench_live")
+        stop = StopAt()
+        source = StoppableKafkaSource(
+            kafka.events_source([self.broker.bootstrap], topic, tail=True, from_beginning=True,
+                                batch_size=a.batch_size), stop)
+        STATS.reset()
+        outcome: dict = {}
+
+        def target():
+            try:
+                outcome["result"] = runner.run(settings, self.redis_url, a.workers, source=source,
+                                               partitions=a.partitions)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                outcome["error"] = exc
+
+        log(f"live: flow (tail=True) on {topic}; producing {a.live_rate:g}/s for "
+            f"{a.live_warmup_s:g}+{a.live_seconds:g} s of events stamped now")
+        thread = threading.Thread(target=target, name="live-flow", daemon=True)
+        thread.start()
+        if not stop.ready.wait(60):
+            raise RuntimeError(f"live flow did not start: {outcome.get('error')!r}")
+        time.sleep(1.0)  # consumer assigned and polling
+
+        start_ms = int(time.time() * 1000) + 200
+        total_s = a.live_warmup_s + a.live_seconds
+        spec = SyntheticSpec(
+            seed=a.seed + 1, users=a.users, start_ms=start_ms,
+            events_per_s=a.live_rate / rhythm(start_ms),  # ~live_rate records/s at this hour
+            duration_s=total_s, malformed_share=0.001, duplicate_share=0.001, max_disorder_ms=2000)
+        warm_end_ms = start_ms + a.live_warmup_s * 1000
+        wall0 = time.time() * 1000 - start_ms  # wall ms = event ms + wall0
+        counts = {"warmup": 0, "measured": 0}
+        marks: dict[str, float] = {}
+
+        def paced():
+            latest = start_ms
+            warm = True
+            for r in generate(spec):
+                if r.ts_ms > latest:
+                    latest = r.ts_ms
+                ahead = latest + wall0 - time.time() * 1000
+                if ahead > 2:
+                    time.sleep(ahead / 1000)
+                if warm and latest >= warm_end_ms:
+                    warm = False
+                    STATS.reset()  # latency samples of the warm-up are dropped
+                    marks["measure_start"] = time.monotonic()
+                counts["warmup" if warm else "measured"] += 1
+                yield r.key, r.value
+
+        started = time.monotonic()
+        kafka.produce([self.broker.bootstrap], topic, paced())
+        produced_s = time.monotonic() - marks.get("measure_start", started)
+        ends = end_offsets(self.broker.bootstrap, topic)
+        stop.set(ends)
+        log(f"live: produced {sum(counts.values()):,} ({counts['measured']:,} measured in "
+            f"{produced_s:.1f}s = {counts['measured'] / produced_s:,.0f}/s); waiting for the flow "
+            f"to reach offsets {ends}")
+        thread.join(timeout=300)
+        if thread.is_alive():
+            raise RuntimeError("live flow did not stop within 300 s of the last event")
+        if "error" in outcome:
+            raise RuntimeError(f"live flow failed: {outcome['error']!r}") from outcome["error"]
+        res = {
+            "topic_events": sum(ends.values()),
+            "measured_events": counts["measured"],
+            "measured_events_per_s": round(counts["measured"] / produced_s, 1),
+            "feature_latency_ms": percentiles("feature_latency_ms"),
+            "action_latency_ms": percentiles("action_latency_ms"),
+            "events_in_after_warmup": STATS.get("events_in"),
+            "late_events": STATS.get("late_events"),
+            "actions_emitted": STATS.get("actions_emitted"),
+        }
+        log(f"live: feature latency {res['feature_latency_ms']}, action latency "
+            f"{res['action_latency_ms']}")
+        return res
+
+    # -- all -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        a = self.args
+        out: dict = {"events": a.events, "workers": a.workers, "partitions": a.partitions,
+                     "machine": machine_info()}
+        self.start_services()
+        topic, produced = self.fill_topic()
+        out["produce_events_per_s"] = produced["events_per_s"]
+        base1 = self.baseline(topic, "baseline")
+        full = self.full(topic, "bench")
+        out["baseline_events_per_s"] = base1["events_per_s"]
+        out["full_events_per_s"] = full["events_per_s"]
+        out["ratio_full_to_baseline"] = round(full["events_per_s"] / base1["events_per_s"], 4)
+        out["replay_feature_latency_ms"] = {k: full["feature_latency_ms"][k] for k in ("p50", "p99")}
+        if not a.no_baseline_after:
+            base2 = self.baseline(topic, "baseline (after)")
+            out["baseline_after_events_per_s"] = base2["events_per_s"]
+        if a.profile:
+            out["profile"] = self.profile(topic)
+        if not a.no_live:
+            live = self.live()
+            out["live_feature_latency_ms"] = {k: live["feature_latency_ms"][k] for k in ("p50", "p99")}
+            out["live_action_latency_ms"] = {k: live["action_latency_ms"][k] for k in ("p50", "p99")}
+            out["live"] = live
+        out["details"] = {"produce": produced, "baseline": base1, "full": full,
+                          "settings": {"batch_size": a.batch_size, "shards": a.shards,
+                                       "epoch_interval_s": a.epoch_s, "users": a.users,
+                                       "seed": a.seed}}
+        if not a.no_baseline_after:
+            out["details"]["baseline_after"] = base2
+        return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=1_000_000, help="records in the replay topic")
+    p.add_argument("--workers", type=int, default=1, help="Bytewax worker threads")
+    p.add_argument("--partitions", type=int, default=1, help="partitions of the events topics")
+    p.add_argument("--users", type=int, default=100_000, help="synthetic user population")
+    p.add_argument("--span-hours", type=float, default=4.0, help="event-time span of the N events")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=1000, help="KafkaSource batch size (both flows)")
+    p.add_argument("--shards", type=int, default=16, help="flow.shards")
+    p.add_argument("--epoch-s", type=float, default=10.0, help="flow.epoch_interval_s")
+    p.add_argument("--profile", action="store_true", help="profile one more full run")
+    p.add_argument("--profiler", choices=("pyinstrument", "py-spy"), default="pyinstrument")
+    p.add_argument("--no-live", action="store_true", help="skip the live latency phase")
+    p.add_argument("--no-baseline-after", action="store_true", help="skip the second baseline")
+    p.add_argument("--live-rate", type=float, default=2000.0, help="live phase records/s")
+    p.add_argument("--live-seconds", type=float, default=20.0, help="live phase measured seconds")
+    p.add_argument("--live-warmup-s", type=float, default=2.0, help="live phase warm-up seconds")
+    p.add_argument("--show-alerts", action="store_true", help="let the flow log its alerts")
+    args = p.parse_args(argv)
+    if args.events < 1 or args.workers < 1 or args.partitions < 1:
+        p.error("--events, --workers and --partitions must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.show_alerts:
+        logging.getLogger("surgeflow.alerts").setLevel(logging.ERROR)
+    bench = Bench(args)
+    try:
+        result = bench.run()
+    finally:
+        log("stopping services")
+        bench.stop_services()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    (RESULTS_DIR / f"bench-{stamp}-{args.events}ev-{args.workers}w.json").write_text(
+        json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""docker-compose.yml, Dockerfile and .dockerignore agree with the code's production configuration.
+
+No Docker engine is needed: the files are parsed and compared with config/production.yaml (loaded
+through config.settings, exactly as `surgeflow run` loads it), pyproject.toml and the CLI. Each
+test fails when one side drifts (a renamed topic, a moved port, an unpinned image, ...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from config.settings import ConfigError, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PRODUCTION = ROOT / "config" / "production.yaml"
+IMAGE_CONFIG_DIR = "/app/config"  # where the Dockerfile puts config/*.yaml
+
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}, $VAR and the $$ escape.
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def interpolate(value: Any, env: Mapping[str, str]) -> Any:
+    """Compose variable interpolation over a parsed document (strings only, recursively)."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(4)
+        op, arg = m.group(2), m.group(3)
+        current = env.get(name)
+        if op in (":-", ":?") and not current or op in ("-", "?") and current is None:
+            if op.endswith("?"):
+                raise AssertionError(f"${{{name}}} is required: {arg}")
+            return arg
+        return current or ""
+
+    return _VAR.sub(sub, value)
+
+
+def load_compose(env: Mapping[str, str] | None = None) -> dict:
+    doc = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(doc, dict), "docker-compose.yml must hold a mapping"
+    return interpolate(doc, env or {})
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose()
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return load_settings(PRODUCTION, env={})
+
+
+def env_of(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # ["KEY=value", ...]
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def container_ports(service: dict) -> set[int]:
+    """Container-side ports published by a service ("host:container" or long syntax)."""
+    ports = set()
+    for p in service.get("ports") or []:
+        if isinstance(p, dict):
+            ports.add(int(p["target"]))
+        else:
+            ports.add(int(str(p).split("/")[0].rsplit(":", 1)[-1]))
+    return ports
+
+
+def published(service: dict) -> dict[int, int]:
+    """container port -> host port."""
+    out = {}
+    for p in service.get("ports") or []:
+        if isinstance(p, dict):
+            out[int(p["target"])] = int(p["published"])
+        else:
+            parts = str(p).split("/")[0].split(":")
+            out[int(parts[-1])] = int(parts[-2]) if len(parts) > 1 else int(parts[-1])
+    return out
+
+
+def listeners(value: str) -> dict[str, tuple[str, int]]:
+    """"NAME://host:port,..." -> {NAME: (host, port)}."""
+    out = {}
+    for item in value.split(","):
+        name, _, address = item.strip().partition("://")
+        host, _, port = address.rpartition(":")
+        out[name] = (host, int(port))
+    return out
+
+
+def host_config_path(container_path: str) -> Path:
+    """The repository file the image holds at `container_path` (under /app/config)."""
+    assert container_path.startswith(IMAGE_CONFIG_DIR + "/"), container_path
+    return ROOT / "config" / container_path[len(IMAGE_CONFIG_DIR) + 1:]
+
+
+def option(argv: list[str], name: str) -> str:
+    assert name in argv, f"{name} missing from {argv}"
+    return argv[argv.index(name) + 1]
+
+
+def depends(service: dict) -> dict[str, str]:
+    dep = service.get("depends_on") or {}
+    if isinstance(dep, list):
+        return {name: "service_started" for name in dep}
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in dep.items()}
+
+
+# --- compose file shape -------------------------------------------------------------------------
+
+def test_compose_spec_without_version_key(compose):
+    assert "version" not in compose, "the compose spec has no `version:` key (obsolete, warns)"
+    assert {"kafka", "kafka-init", "redis", "clickhouse", "surgeflow", "producer"} <= set(compose["services"])
+
+
+def test_images_are_pinned(services):
+    for name, svc in services.items():
+        if "build" in svc:
+            continue  # built here from this repository
+        image = svc.get("image")
+        assert image, f"service {name} has neither image nor build"
+        last = image.rsplit("/", 1)[-1]
+        assert ":" in last or "@sha256:" in image, f"{name}: image {image} has no tag"
+        tag = last.split("@")[0].rpartition(":")[2]
+        assert tag and tag != "latest", f"{name}: image {image} must be pinned, not {tag or 'untagged'}"
+
+
+def test_named_volumes_are_declared(compose, services):
+    declared = set(compose.get("volumes") or {})
+    used = set()
+    for name, svc in services.items():
+        for v in svc.get("volumes") or []:
+            source = v["source"] if isinstance(v, dict) else str(v).split(":")[0]
+            if not source.startswith((".", "/", "~")):
+                used.add(source)
+    assert used, "services keep their data on named volumes"
+    assert used <= declared, f"undeclared volumes: {used - declared}"
+    for name in ("kafka", "redis", "clickhouse"):
+        assert services[name].get("volumes"), f"{name} needs a volume for its data"
+
+
+# --- Kafka --------------------------------------------------------------------------------------
+
+def test_kafka_brokers_are_advertised_to_containers(settings, services):
+    env = env_of(services["kafka"])
+    advertised = listeners(env["KAFKA_ADVERTISED_LISTENERS"])
+    bound = listeners(env["KAFKA_LISTENERS"])
+    protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    for broker in settings.kafka.brokers:
+        host, port = broker.rsplit(":", 1)
+        assert host in services, f"broker {broker}: no compose service {host}"
+        matching = [n for n, addr in advertised.items() if addr == (host, int(port))]
+        assert matching, f"broker {broker} is not an advertised listener: {advertised}"
+        assert bound[matching[0]][1] == int(port), f"listener {matching[0]} does not bind port {port}"
+        assert protocols[matching[0]] == "PLAINTEXT", "production.yaml sets no TLS/SASL client config"
+    assert set(bound) <= set(protocols), "every listener needs a security protocol"
+    # The host reaches Kafka only through the EXTERNAL listener, on the published port.
+    ext_host, ext_port = advertised["EXTERNAL"]
+    assert ext_host == "localhost" and published(services["kafka"]).get(bound["EXTERNAL"][1]) == ext_port
+
+
+def test_kafka_kraft_single_node(services):
+    env = env_of(services["kafka"])
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
+    assert controller not in listeners(env["KAFKA_ADVERTISED_LISTENERS"])
+    voter_id, _, voter = env["KAFKA_CONTROLLER_QUORUM_VOTERS"].partition("@")
+    assert voter_id == env["KAFKA_NODE_ID"] == "1"
+    assert voter == f"kafka:{listeners(env['KAFKA_LISTENERS'])[controller][1]}"
+    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+                "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"):
+        assert env[key] == "1", f"{key} must be 1 on a single broker"
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    test = services["kafka"]["healthcheck"]["test"]
+    assert "/opt/kafka/bin/kafka-topics.sh" in test and "--list" in test
+
+
+def kafka_init_commands(services) -> list[list[str]]:
+    init = services["kafka-init"]
+    script = init["command"]
+    script = "\n".join(script) if isinstance(script, list) else script
+    variables = dict(re.findall(r"^\s*([A-Za-z_]\w*)=(\S+)\s*$", script, re.M))
+    commands = []
+    for line in script.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        argv = shlex.split(line)
+        argv = [re.sub(r"^\$(\w+)$", lambda m: variables.get(m.group(1), m.group(0)), a) for a in argv]
+        commands.append(argv)
+    return commands
+
+
+def test_kafka_init_creates_the_configured_topics(settings, services):
+    init = services["kafka-init"]
+    assert init["image"] == services["kafka"]["image"]
+    assert depends(init) == {"kafka": "service_healthy"}
+    creates = [argv for argv in kafka_init_commands(services) if "--create" in argv]
+    assert all(argv[0] == "/opt/kafka/bin/kafka-topics.sh" for argv in creates)
+    topics = {option(argv, "--topic"): argv for argv in creates}
+    k = settings.kafka
+    assert set(topics) == {k.events_topic, k.dead_letter_topic, k.actions_topic, k.alerts_topic}
+    assert len(creates) == len(topics), "a topic is created twice"
+    for topic, argv in topics.items():
+        assert "--if-not-exists" in argv, f"{topic}: creation must be idempotent"
+        assert option(argv, "--bootstrap-server") in k.brokers
+        assert option(argv, "--replication-factor") == "1"
+    assert option(topics[k.events_topic], "--partitions") == "4"
+
+
+# --- Redis --------------------------------------------------------------------------------------
+
+def test_redis_url_matches_the_redis_service(settings, services):
+    url = urlsplit(settings.redis.url)
+    assert url.hostname in services and url.hostname == "redis"
+    redis = services[url.hostname]
+    assert (url.port or 6379) in container_ports(redis)
+    image = redis["image"]
+    assert image.split(":")[0] == "redis"
+    assert int(image.split(":")[1].split(".")[0]) >= 7, f"{image}: Redis 7 or later is needed"
+    command = redis["command"]
+    command = command if isinstance(command, list) else command.split()
+    assert option(command, "--appendonly") == "yes"
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+
+
+# --- ClickHouse ---------------------------------------------------------------------------------
+
+def test_clickhouse_dsn_matches_the_clickhouse_service(settings, services):
+    dsn = urlsplit(settings.clickhouse.dsn)
+    assert dsn.scheme in ("http", "https")
+    assert dsn.hostname in services and dsn.hostname == "clickhouse"
+    ch = services[dsn.hostname]
+    assert dsn.port in container_ports(ch) and dsn.port == 8123
+    env = env_of(ch)
+    assert dsn.username == env["CLICKHOUSE_USER"]
+    assert dsn.password is None, "the committed YAML holds no password; compose adds it"
+    raw = env_of(yaml.safe_load(COMPOSE_FILE.read_text())["services"]["clickhouse"])
+    assert raw["CLICKHOUSE_PASSWORD"].startswith("${CLICKHOUSE_PASSWORD"), "password comes from the environment"
+    assert env["CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT"] == "1"
+    assert ch["ulimits"]["nofile"]["soft"] >= 262144
+    assert ch["healthcheck"]["test"], "clickhouse needs a healthcheck"
+
+
+# --- the surgeflow services ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("host_env", [{}, {"CLICKHOUSE_PASSWORD": "s3cret-Pw_1"}], ids=["default", "from-env"])
+def test_surgeflow_environment_loads_and_reaches_clickhouse(host_env):
+    services = load_compose(host_env)["services"]
+    svc = services["surgeflow"]
+    env = env_of(svc)
+    command = svc["command"]
+    assert command[0] == "run"
+    config = option(command, "--config")
+    assert env["SURGEFLOW_CONFIG"] == config
+    path = host_config_path(config)
+    assert path == PRODUCTION
+    try:
+        settings = load_settings(path, env=env)
+    except ConfigError as exc:  # pragma: no cover - the failure message is the point
+        pytest.fail(f"surgeflow's environment in docker-compose.yml is rejected:\n{exc}")
+    # The effective DSN logs in as the ClickHouse service's user with its password.
+    dsn = urlsplit(settings.clickhouse.dsn)
+    ch_env = env_of(services["clickhouse"])
+    assert (dsn.hostname, dsn.port) == ("clickhouse", 8123)
+    assert dsn.username == ch_env["CLICKHOUSE_USER"]
+    assert dsn.password == ch_env["CLICKHOUSE_PASSWORD"] == host_env.get("CLICKHOUSE_PASSWORD", dsn.password)
+    assert settings.clickhouse.database == load_settings(PRODUCTION, env={}).clickhouse.database
+
+
+def test_surgeflow_starts_after_its_services(services):
+    svc = services["surgeflow"]
+    assert svc["build"] in (".", {"context": "."}) or svc["build"].get("context") == "."
+    assert depends(svc) == {
+        "kafka": "service_healthy",
+        "redis": "service_healthy",
+        "clickhouse": "service_healthy",
+        "kafka-init": "service_completed_successfully",
+    }
+    assert svc["restart"] == "unless-stopped"
+
+
+def test_producer_runs_on_demand_with_the_same_image(services):
+    producer, engine = services["producer"], services["surgeflow"]
+    assert "load" in producer.get("profiles", [])
+    assert "profiles" not in engine
+    assert (producer.get("build"), producer.get("image")) == (engine.get("build"), engine.get("image"))
+    assert producer["command"][0] == "produce"
+    assert host_config_path(option(producer["command"], "--config")) == PRODUCTION
+    assert int(option(producer["command"], "--events")) > 0
+    assert depends(producer).get("kafka-init") == "service_completed_successfully"
+    load_settings(PRODUCTION, env=env_of(producer))  # its environment is valid too
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, args = line.partition(" ")
+            out.append((keyword.upper(), args.strip()))
+    return out
+
+
+def test_dockerfile_installs_the_project_and_runs_surgeflow(services):
+    steps = dockerfile_instructions()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    base = [args for kw, args in steps if kw == "FROM"]
+    assert base[-1].split()[0].startswith("python:3.11-"), "pyproject requires Python 3.11"
+    assert any(kw == "RUN" and re.search(r"\bpip install (\S+ )*\.(\s|$)", args) for kw, args in steps), \
+        "the Dockerfile must `pip install .` the project"
+    entrypoint = [json.loads(args) for kw, args in steps if kw == "ENTRYPOINT"]
+    assert entrypoint and entrypoint[-1] == ["surgeflow"]
+    assert "surgeflow" in pyproject["project"]["scripts"]
+    cmd = json.loads([args for kw, args in steps if kw == "CMD"][-1])
+    assert cmd == services["surgeflow"]["command"], "default CMD = what compose runs"
+    assert host_config_path(option(cmd, "--config")).is_file()
+    users = [args for kw, args in steps if kw == "USER"]
+    assert users and users[-1] not in ("root", "0", "0:0"), "the image runs as a non-root user"
+    assert [args for kw, args in steps if kw == "WORKDIR"][-1] == "/app"
+    copies = [args.split() for kw, args in steps if kw == "COPY"]
+    assert any(c[-1].rstrip("/") == IMAGE_CONFIG_DIR and any(s.startswith("config/") for s in c[:-1])
+               for c in copies), f"config YAML must be copied to {IMAGE_CONFIG_DIR}"
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    import fnmatch
+
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, "**/" + pattern.removeprefix("**/"))
+               for p in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_sources_and_drops_local_state():
+    patterns = [l.strip() for l in DOCKERIGNORE.read_text().splitlines()
+                if l.strip() and not l.strip().startswith("#")]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = ["pyproject.toml", "config/production.yaml"]
+    needed += [f"{pkg}/__init__.py" for pkg in pyproject["tool"]["setuptools"]["packages"]]
+    for path in needed:
+        assert not _ignored(path, patterns), f".dockerignore drops {path}, needed to build the image"
+    for path in (".venv/bin/python", ".git/HEAD", ".env", "surgeflow.egg-info/PKG-INFO"):
+        assert _ignored(path, patterns), f".dockerignore must exclude {path}"
