@@ -353,7 +353,8 @@ _PAY_FAIL = (b"card_declined", b"insufficient_funds", b"timeout", b"3ds_failed")
 _PLACEMENTS = (b"feed", b"search", b"banner", b"video")
 _RATINGS = (1, 2, 3, 4, 4, 5, 5, 5)
 _first = itemgetter(0)
-_VALUE = b'{"event_id":"%b%d",%b%b"timestamp":%b,"properties":%b%b'
+_VALUE_ISO = b'{"event_id":"%b%d",%b%b"timestamp":%b.%03dZ","properties":%b%b'
+_VALUE_MS = b'{"event_id":"%b%d",%b%b"timestamp":%d,"properties":%b%b'
 
 
 @lru_cache(maxsize=64)
@@ -389,7 +390,7 @@ def _iso_second(sec: int) -> bytes:
 class _User:
     __slots__ = ("uid", "anon", "channel", "home", "device", "geo", "consent", "locale", "tz",
                  "currency", "ip", "ua_web", "ua_app", "ua_mini", "slot", "who_full", "who_anon",
-                 "who_uid", "key_uid", "key_anon")
+                 "who_uid", "key_uid", "key_anon", "tails")
 
     def set_ids(self) -> None:
         anon = _dumps(self.anon)
@@ -463,6 +464,7 @@ class _Sim:
         rnd = self.rnd
         u = _User()
         u.slot = -1
+        u.tails = {}
         u.uid = uid
         u.anon = f"anon-{rng.getrandbits(48):012x}"
         u.channel = CHANNELS[bisect(_CHANNEL_CUM, rnd() * _CHANNEL_CUM[-1])]
@@ -472,10 +474,12 @@ class _Sim:
         u.geo = {"country": loc[2], "region": region, "city": city}
         r = rnd()
         dtype = "mobile" if r < 0.62 else ("desktop" if r < 0.92 else "tablet")
-        os_name = rng.choice(_OS[dtype])
+        oses = _OS[dtype]
+        os_name = oses[int(rnd() * len(oses))]
         u.device = {"id": f"d-{rng.getrandbits(40):010x}", "type": dtype, "os": os_name}
         u.consent = {"profiling": rnd() >= 0.04, "marketing": rnd() >= 0.15}
-        u.ip = f"{rng.choice(_IP_FIRST)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        bits = rng.getrandbits(24)
+        u.ip = f"{_IP_FIRST[int(rnd() * len(_IP_FIRST))]}.{bits >> 16}.{(bits >> 8) & 255}.{(bits & 255) % 254 + 1}"
         if dtype == "desktop":
             u.home = "web"
         elif loc[2] == "CN" and rnd() < 0.5:
@@ -533,11 +537,17 @@ class _Sim:
                 f *= mag
         return f
 
-    def tail(self, u: _User, channel: str, utm: dict | None, device: bool = True) -> bytes:
-        """b',"context":{...}}' for events of this user on this channel."""
+    def tail(self, u: _User, channel: str, camp_key: tuple | None, device: bool = True) -> bytes:
+        """b',"context":{...}}' for events of this user on this channel (cached per user unless
+        the IP changes)."""
+        fresh_ip = device and channel != "store" and self.rnd() < 0.2  # mobile networks
+        if not fresh_ip:
+            cached = u.tails.get((channel, camp_key, device))
+            if cached is not None:
+                return cached
         c: dict = {"channel": channel}
-        if utm is not None:
-            c["campaign"] = utm
+        if camp_key is not None:
+            c["campaign"] = self.utm[camp_key]
         if device:
             if channel == "store":
                 store = sum(map(ord, u.geo["city"])) % 40 + 1  # the shop in the user's city
@@ -546,7 +556,7 @@ class _Sim:
                 c["device"] = {"id": f"pos-{store:02d}", "type": "pos", "os": "Android"}
             else:
                 ip = u.ip
-                if self.rnd() < 0.2:  # mobile networks hand out other addresses
+                if fresh_ip:
                     ip = ip[: ip.rfind(".") + 1] + str(int(self.rnd() * 254) + 1)
                 c["ip"] = ip
                 c["user_agent"] = (u.ua_app if channel == "app" else
@@ -556,7 +566,10 @@ class _Sim:
         c["consent"] = u.consent
         c["locale"] = u.locale
         c["timezone"] = u.tz
-        return b',"context":%b}' % _dumps(c)
+        tail = b',"context":%b}' % _dumps(c)
+        if not fresh_ip:
+            u.tails[channel, camp_key, device] = tail
+        return tail
 
     # ---- episodes
 
@@ -589,7 +602,7 @@ class _Sim:
     def ad(self, out: list, u: _User, t: float, camp: Campaign, anomaly: str | None) -> None:
         rnd = self.rnd
         creative = camp.creatives[int(rnd() * len(camp.creatives))]
-        tail = self.tail(u, "ad", self.utm[camp.id, creative])
+        tail = self.tail(u, "ad", (camp.id, creative))
         who, key = (u.who_full, u.key_uid) if u.uid is not None else (u.who_anon, u.key_anon)
         ids = self.creative_b[camp.id, creative]
         placement = _PLACEMENTS[int(rnd() * 4)]
@@ -613,7 +626,7 @@ class _Sim:
             self.session(out, u, t, u.home, None, "", anomaly)
             return
         creative = camp.creatives[int(rnd() * len(camp.creatives))]
-        utm = self.utm[camp.id, creative]
+        utm = (camp.id, creative)
         ch = camp.channel
         self.msg_n += 1
         props = b'{%b,"message_id":"msg-%d-%d"}' % (self.creative_b[camp.id, creative], self.spec.seed, self.msg_n)
@@ -642,7 +655,7 @@ class _Sim:
         log = _log
         A = out.append
         H = _H
-        tail = self.tail(u, channel, self.utm[camp.id, creative] if camp is not None else None)
+        tail = self.tail(u, channel, (camp.id, creative) if camp is not None else None)
         cidp = self.cid_b[camp.id] if camp is not None else b""
         cur = u.currency
         curb = cur.encode()
@@ -670,15 +683,16 @@ class _Sim:
         viewed = []
         n_views = 1 + int((0.8 if store else 3.2) * -log(1.0 - rnd()))
         for _ in range(n_views):
-            if not store and rnd() < 0.15:
+            r = rnd()
+            if r < 0.15 and not store:  # the uniform, rescaled, also picks the query
                 A((t, H["search"], who, key, b'{"search_query":%b,"results":%d%b}'
-                   % (_QUERIES_B[int(rnd() * len(_QUERIES_B))], int(rnd() * 121), cidp), tail, anomaly))
+                   % (_QUERIES_B[int(r / 0.15 * len(_QUERIES_B))], int(rnd() * 121), cidp), tail, anomaly))
                 t += 1500.0 - 4000.0 * log(1.0 - rnd())
             g = 1000.0 - 15000.0 * log(1.0 - rnd())  # time on this page
             r = rnd()
-            if r < 0.45 and not store:
+            if r < 0.45 and not store:  # a page: its path from the same uniform
                 A((t, _H_PAGE if r < 0.25 else H["page_view"], who, key, b'{"page":%b,"dwell_ms":%d%b}'
-                   % (_PAGES_B[int(rnd() * len(_PAGES_B))], g, cidp), tail, anomaly))
+                   % (_PAGES_B[int(r / 0.45 * len(_PAGES_B)) % len(_PAGES_B)], g, cidp), tail, anomaly))
             else:
                 p = int(n_prod * rnd() ** 2)  # popular products first
                 viewed.append(p)
@@ -1018,10 +1032,9 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
                         if len(iso_cache) > 100_000:
                             iso_cache.clear()
                         pre = iso_cache[sec] = _iso_second(sec)
-                    tsb = b'%b.%03dZ"' % (pre, ts - sec * 1000)
+                    value = _VALUE_ISO % (prefix, n, head, who, pre, ts - sec * 1000, props, tail)
                 else:
-                    tsb = b"%d" % ts
-                value = _VALUE % (prefix, n, head, who, tsb, props, tail)
+                    value = _VALUE_MS % (prefix, n, head, who, ts, props, tail)
                 k = ts + delay
                 rec = _new_record(SyntheticRecord)
                 if bad_p and rnd() < bad_p:
@@ -1036,9 +1049,10 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
                 _set_key(rec, key)
                 _set_value(rec, value)
                 _set_anomaly(rec, anomaly)
-                slot = buckets.get(k // 1000)
+                b = k // 1000
+                slot = buckets.get(b)
                 if slot is None:
-                    buckets[k // 1000] = [(k, rec)]
+                    buckets[b] = [(k, rec)]
                 else:
                     slot.append((k, rec))
         due = buckets.pop(second, None)
