@@ -5,28 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# --- Python 3.11 virtualenv -------------------------------------------------
-if [[ ! -x .venv/bin/python ]]; then
-  if command -v python3.11 >/dev/null 2>&1; then
-    PY=python3.11
-  elif command -v python3 >/dev/null 2>&1 && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-    PY=python3
-  else
-    echo "error: Python 3.11 is required (neither python3.11 nor a 3.11 python3 found)" >&2
-    exit 1
-  fi
-  echo "creating .venv with $PY"
-  "$PY" -m venv .venv
-fi
-
-# reinstall only when pyproject.toml changed
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [[ ! -f "$stamp" ]]; then
-  echo "installing surgeflow[test,bench] into .venv"
-  .venv/bin/python -m pip install -q -e ".[test,bench]"
-  rm -f .venv/.installed-*
-  touch "$stamp"
-fi
+source scripts/venv.sh ".[test,bench]"
 
 # --- Java + Maven for the Kafka broker -----------------------------------------
 # Missing tools fail the run in CI; locally the Kafka tests are skipped instead.
