@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +46,13 @@ RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
 REPLAY_START_MS = 1_795_132_800_000
 
 import bytewax.operators as op  # noqa: E402
+import orjson  # noqa: E402
 import redis  # noqa: E402
 from bytewax.dataflow import Dataflow  # noqa: E402
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition  # noqa: E402
 from bytewax.outputs import DynamicSink, StatelessSinkPartition  # noqa: E402
 from bytewax.testing import cluster_main, run_main  # noqa: E402
-from confluent_kafka import Consumer, TopicPartition  # noqa: E402
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from config.settings import Settings, load_settings  # noqa: E402
 from connectors import kafka  # noqa: E402
@@ -287,36 +288,45 @@ class StoppableKafkaSource(FixedPartitionedSource):
 # profile analysis: stacks of (function, file, line) with a weight in seconds
 
 
-CATEGORIES = [  # (category, file suffix, function or None for any); outermost match wins
-    ("kafka source (consume + message objects)", "bytewax/connectors/kafka/__init__.py", "next_batch"),
-    ("decode_and_route (orjson decode, validation, routing)", "flows/pipeline.py", "__call__"),
+CATEGORIES = [  # (category, file suffix, function names or None for any); outermost match wins
+    ("setup/teardown (schema, topics, clients, sink build/close)", "flows/runner.py",
+     {"make_outputs", "make_source", "build_flow"}),
+    ("setup/teardown (schema, topics, clients, sink build/close)", "flows/pipeline.py", {"build_flow"}),
+    ("setup/teardown (schema, topics, clients, sink build/close)", "connectors/clickhouse.py",
+     {"ensure_schema", "connect", "build", "__init__"}),
+    ("setup/teardown (schema, topics, clients, sink build/close)", "connectors/kafka.py",
+     {"check_brokers", "ensure_topics", "partition_count", "build", "__init__", "close",
+      "events_source"}),
+    ("setup/teardown (schema, topics, clients, sink build/close)", "connectors/redis_features.py",
+     {"build", "__init__", "close"}),
+    ("kafka source (consume + message objects)", "bytewax/connectors/kafka/__init__.py", None),
+    ("decode_and_route (orjson decode, validation, routing)", "flows/pipeline.py", {"__call__"}),
     ("user_shards: ShardLogic.on_batch (dedupe, features, sessions, model, minutes)",
-     "flows/shard.py", "on_batch"),
-    ("user_shards: on_eof (final flush of every user)", "flows/shard.py", "on_eof"),
-    ("state snapshots (pickle at each epoch)", "flows/shard.py", "snapshot"),
-    ("state snapshots (pickle at each epoch)", "flows/pipeline.py", "snapshot"),
-    ("detect_anomalies (AlertLogic.on_batch)", "flows/pipeline.py", "on_batch"),
-    ("redis feature sink", "connectors/redis_features.py", "write_batch"),
-    ("clickhouse sinks (chDB insert)", "connectors/clickhouse.py", "write_batch"),
-    ("kafka sinks (produce + flush per batch)", "connectors/kafka.py", "write_batch"),
-    ("json-lines sinks", "connectors/files.py", "write_batch"),
+     "flows/shard.py", {"on_batch"}),
+    ("user_shards: on_eof (final flush of every user)", "flows/shard.py", {"on_eof"}),
+    ("state snapshots (pickle at each epoch)", "flows/shard.py", {"snapshot"}),
+    ("state snapshots (pickle at each epoch)", "flows/pipeline.py", {"snapshot"}),
+    ("detect_anomalies (AlertLogic.on_batch)", "flows/pipeline.py", {"on_batch"}),
+    ("redis feature sink", "connectors/redis_features.py", {"write_batch"}),
+    ("clickhouse sinks (chDB insert)", "connectors/clickhouse.py", {"write_batch"}),
+    ("kafka sinks (produce + flush per batch)", "connectors/kafka.py", {"write_batch"}),
+    ("json-lines sinks", "connectors/files.py", {"write_batch"}),
     ("pipeline maps/filters/branch lambdas", "flows/pipeline.py", None),
-    ("setup/teardown (schema, topics, clients)", "flows/runner.py", None),
-    ("setup/teardown (schema, topics, clients)", "connectors/clickhouse.py", None),
-    ("setup/teardown (schema, topics, clients)", "connectors/kafka.py", None),
-    ("setup/teardown (schema, topics, clients)", "connectors/redis_features.py", None),
+    ("stats counters", "surgeflow/stats.py", None),
 ]
-ENGINE_FUNCS = {"run_main", "cluster_main"}
+ENGINE = "bytewax engine (Rust: scheduling, exchange, clock; GIL hand-offs)"
+ENGINE_FUNCS = {"run_main", "cluster_main", "run_dataflow"}
 
 
 def _category(stack: tuple) -> str:
     for func, path, _line in stack:
         for name, suffix, want in CATEGORIES:
-            if path.endswith(suffix) and (want is None or func == want):
+            if path.endswith(suffix) and (want is None or func in want):
                 return name
-    for func, path, _line in reversed(stack):
-        if func in ENGINE_FUNCS:
-            return "bytewax engine (Rust scheduling, exchange, GIL hand-offs)"
+    if stack:
+        func, path, _ = stack[-1]  # time spent in run_main itself (native code) shows here
+        if func in ENGINE_FUNCS or (func == "run" and path.endswith("flows/runner.py")):
+            return ENGINE
     return "other"
 
 
@@ -413,6 +423,26 @@ def print_profile(summary: dict) -> None:
 # the benchmark
 
 
+def restamp(record, shift_ms: int) -> bytes:
+    """The record's bytes with its event time moved by ``shift_ms`` (same format: epoch ms or
+    ISO-8601 UTC). Malformed records are sent unchanged; equal inputs give equal outputs, so a
+    duplicate stays byte-identical to its original."""
+    if not shift_ms or record.kind not in ("ok", "duplicate"):
+        return record.value
+    doc = orjson.loads(record.value)
+    ts = doc.get("timestamp")
+    if isinstance(ts, int) and not isinstance(ts, bool):
+        doc["timestamp"] = ts + shift_ms
+    elif isinstance(ts, str):
+        when = datetime.fromisoformat(ts.replace("Z", "+00:00")) + timedelta(milliseconds=shift_ms)
+        doc["timestamp"] = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
+            f"{when.microsecond // 1000:03d}Z"
+    else:
+        return record.value
+    return orjson.dumps(doc)
+
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -436,6 +466,13 @@ class Bench:
         k = load_settings(None, env={}).kafka
         for name in (k.actions_topic, k.alerts_topic, k.dead_letter_topic):
             self.broker.create_topic(name)
+        # The sinks' idempotent producers need the broker's transaction coordinator: load it
+        # now, not during the first measured run.
+        warm = self.broker.create_topic(f"bench-warmup-{uuid.uuid4().hex[:8]}")
+        producer = Producer({"bootstrap.servers": self.broker.bootstrap, "enable.idempotence": "true"})
+        producer.produce(warm, b"warm-up")
+        if producer.flush(60):
+            raise RuntimeError("warm-up message not delivered")
 
     def stop_services(self) -> None:
         if self.redis_server is not None:
@@ -601,9 +638,33 @@ class Bench:
                 "files": files, "by_category": summary["by_category"],
                 "top_self": summary["top_self"][:12]}
 
+    def live_records(self) -> tuple[list, int]:
+        """The live phase's records, generated before the flow starts (the generator shares the
+        GIL with the flow otherwise). A synthetic stream needs a few minutes of event time to
+        reach its steady rate (sessions last minutes), so it starts ``live_prime_s`` earlier and
+        only the records after that are kept. Returns (records, event-time origin of the kept
+        part); timestamps are moved to the wall clock when produced (see ``restamp``)."""
+        a = self.args
+        origin = int(time.time() * 1000)
+        total_s = a.live_warmup_s + a.live_seconds
+        spec = SyntheticSpec(
+            seed=a.seed + 1, users=a.users, start_ms=origin - int(a.live_prime_s * 1000),
+            events_per_s=a.live_rate / rhythm(origin),  # ~live_rate records/s at this hour
+            duration_s=a.live_prime_s + total_s, malformed_share=0.001, duplicate_share=0.001,
+            max_disorder_ms=2000)
+        kept: list = []
+        started = time.monotonic()
+        for r in generate(spec):
+            if kept or r.ts_ms >= origin:
+                kept.append(r)
+        log(f"live: generated {len(kept):,} records for {total_s:g} s "
+            f"(+{a.live_prime_s:g} s priming) in {time.monotonic() - started:.1f}s")
+        return kept, origin
+
     def live(self) -> dict:
         """Full flow following a fresh topic while events stamped "now" are produced at a rate."""
         a = self.args
+        records, origin = self.live_records()
         topic = self.broker.create_topic(f"bench-live-{uuid.uuid4().hex[:8]}", partitions=a.partitions)
         settings = self.settings(topic, tail=True, database="bench_live")
         stop = StopAt()
@@ -620,7 +681,7 @@ class Bench:
             except BaseException as exc:  # noqa: BLE001 - reported below
                 outcome["error"] = exc
 
-        log(f"live: flow (tail=True) on {topic}; producing {a.live_rate:g}/s for "
+        log(f"live: flow (tail=True) on {topic}; producing ~{a.live_rate:g}/s for "
             f"{a.live_warmup_s:g}+{a.live_seconds:g} s of events stamped now")
         thread = threading.Thread(target=target, name="live-flow", daemon=True)
         thread.start()
@@ -628,32 +689,28 @@ class Bench:
             raise RuntimeError(f"live flow did not start: {outcome.get('error')!r}")
         time.sleep(1.0)  # consumer assigned and polling
 
-        start_ms = int(time.time() * 1000) + 200
-        total_s = a.live_warmup_s + a.live_seconds
-        spec = SyntheticSpec(
-            seed=a.seed + 1, users=a.users, start_ms=start_ms,
-            events_per_s=a.live_rate / rhythm(start_ms),  # ~live_rate records/s at this hour
-            duration_s=total_s, malformed_share=0.001, duplicate_share=0.001, max_disorder_ms=2000)
-        warm_end_ms = start_ms + a.live_warmup_s * 1000
-        wall0 = time.time() * 1000 - start_ms  # wall ms = event ms + wall0
+        t0 = int(time.time() * 1000) + 300
+        shift = t0 - origin
+        stamped = [(r.ts_ms + shift, r.key, restamp(r, shift)) for r in records]
+        warm_end_ms = t0 + int(a.live_warmup_s * 1000)
         counts = {"warmup": 0, "measured": 0}
         marks: dict[str, float] = {}
 
         def paced():
-            latest = start_ms
+            latest = t0
             warm = True
-            for r in generate(spec):
-                if r.ts_ms > latest:
-                    latest = r.ts_ms
-                ahead = latest + wall0 - time.time() * 1000
-                if ahead > 2:
+            for ts, key, value in stamped:
+                if ts > latest:
+                    latest = ts
+                ahead = latest - time.time() * 1000
+                if ahead > 1:
                     time.sleep(ahead / 1000)
                 if warm and latest >= warm_end_ms:
                     warm = False
                     STATS.reset()  # latency samples of the warm-up are dropped
                     marks["measure_start"] = time.monotonic()
                 counts["warmup" if warm else "measured"] += 1
-                yield r.key, r.value
+                yield key, value
 
         started = time.monotonic()
         kafka.produce([self.broker.bootstrap], topic, paced())
@@ -733,6 +790,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--live-rate", type=float, default=2000.0, help="live phase records/s")
     p.add_argument("--live-seconds", type=float, default=20.0, help="live phase measured seconds")
     p.add_argument("--live-warmup-s", type=float, default=2.0, help="live phase warm-up seconds")
+    p.add_argument("--live-prime-s", type=float, default=180.0,
+                   help="event time generated (and dropped) before the live records, so the "
+                        "synthetic stream is at its steady rate")
     p.add_argument("--show-alerts", action="store_true", help="let the flow log its alerts")
     args = p.parse_args(argv)
     if args.events < 1 or args.workers < 1 or args.partitions < 1:

@@ -53,6 +53,7 @@ __all__ = [
     "ANOMALY_KINDS",
     "CHANNELS",
     "DUPLICATE_WINDOW_MS",
+    "WARMUP_MS",
     "MALFORMED_REASONS",
     "Anomaly",
     "Campaign",
@@ -84,6 +85,9 @@ MALFORMED_REASONS = (
 )
 # A duplicate re-sends an ok record emitted at most this long ago (generation clock).
 DUPLICATE_WINDOW_MS = 5_000
+# The simulation starts this long before start_ms, so the stream opens in steady state (sessions
+# under way, messages waiting to be opened); nothing before start_ms is emitted.
+WARMUP_MS = 600_000
 
 _DEFAULT_MAGNITUDE = {
     "traffic_spike": 5.0,  # x session start rate
@@ -504,8 +508,8 @@ class _Sim:
         return u
 
     def known_user(self) -> _User:
-        users = self.spec.users
-        idx = int(users * self.rnd() ** 1.5)  # mildly skewed activity: low ids are more active
+        # mildly skewed activity: low ids are more active; signed-up visitors join at the end
+        idx = int(len(self.known) * self.rnd() ** 1.5)
         u = self.known[idx]
         if u is None:
             n = idx + 1
@@ -870,7 +874,8 @@ def _malform(rng: random.Random, reason: str, doc: dict, value: bytes, key: byte
         at = rng.randrange(1, len(value) - 1)
         return value[:at] + b"\xff\xfe" + value[at:], key
     if reason == "not_an_object":
-        return (b"[" + value + b"]") if pick < 3 else b'"' + value.replace(b'"', b"'") + b'"', key
+        # an array of events, or the event JSON-encoded twice (a string)
+        return (b"[" + value + b"]") if pick < 3 else orjson.dumps(value.decode("utf-8")), key
     if reason == "missing_event_id":
         if pick == 0:
             del d["event_id"]
@@ -882,7 +887,7 @@ def _malform(rng: random.Random, reason: str, doc: dict, value: bytes, key: byte
         key = None
     elif reason == "bad_id":
         base = d.get("user_id") or d.get("anonymous_id") or "u00000"
-        bad = (base * 40)[:300] if pick < 2 else (base + "\n" if pick == 2 else "\x00" + base)
+        bad = (base * 60)[:300] if pick < 2 else (base + "\n" if pick == 2 else "\x00" + base)
         d["user_id"] = bad
         key = bad.encode("utf-8")
     elif reason == "bad_type":
@@ -974,17 +979,18 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
                 return t, None
             u = rnd() * lam_max
             lam = base * rhythm(t)
-            if u < lam:
+            mult = 1.0
+            for lo, hi, mag in spikes:
+                if lo <= t < hi:
+                    mult *= mag
+            if u < lam * min(mult, 1.0):
                 return t, None
-            if spikes:
-                mult = 1.0
-                for lo, hi, mag in spikes:
-                    if lo <= t < hi:
-                        mult *= mag
-                if u < lam * mult:
-                    return t, "traffic_spike"
+            if u < lam * mult:  # the extra episodes of a spike
+                return t, "traffic_spike"
 
-    next_ep, ep_tag = next_episode(float(start))
+    if end <= start:
+        return
+    next_ep, ep_tag = next_episode(float(start - WARMUP_MS))
     bursts = [
         _Burst(spec, a, i, sim)
         for i, a in enumerate(spec.anomalies)
@@ -1003,8 +1009,11 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
     # bucket is complete: sorted (stable, so ties keep planning order) and emitted.
     buckets: dict[int, list] = {}
     batches: list = []
-    second = int(start // 1000)
-    first_key = _first
+    second = int((start - WARMUP_MS) // 1000)
+    # hot-loop globals as locals
+    first_key, value_iso, value_ms, iso_second = _first, _VALUE_ISO, _VALUE_MS, _iso_second
+    new, Rec = _new_record, SyntheticRecord
+    set_ts, set_key, set_value, set_kind, set_anomaly = _set_ts, _set_key, _set_value, _set_kind, _set_anomaly
 
     while second * 1000 < end:
         horizon = (second + 1) * 1000
@@ -1024,6 +1033,9 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
         for planned, iso, delay in batches:
             for t, head, who, key, props, tail, anomaly in planned:
                 ts = int(t)
+                k = ts + delay
+                if k < start:  # warm-up
+                    continue
                 n += 1
                 if iso:
                     sec = ts // 1000
@@ -1031,24 +1043,23 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
                     if pre is None:
                         if len(iso_cache) > 100_000:
                             iso_cache.clear()
-                        pre = iso_cache[sec] = _iso_second(sec)
-                    value = _VALUE_ISO % (prefix, n, head, who, pre, ts - sec * 1000, props, tail)
+                        pre = iso_cache[sec] = iso_second(sec)
+                    value = value_iso % (prefix, n, head, who, pre, ts - sec * 1000, props, tail)
                 else:
-                    value = _VALUE_MS % (prefix, n, head, who, ts, props, tail)
-                k = ts + delay
-                rec = _new_record(SyntheticRecord)
+                    value = value_ms % (prefix, n, head, who, ts, props, tail)
+                rec = new(Rec)
                 if bad_p and rnd() < bad_p:
                     reason = reasons[n_bad % 12]
                     n_bad += 1
                     value, key = _malform(rng, reason, orjson.loads(value), value, key)
-                    _set_ts(rec, k)
-                    _set_kind(rec, "malformed:" + reason)
+                    set_ts(rec, k)
+                    set_kind(rec, "malformed:" + reason)
                 else:
-                    _set_ts(rec, ts)
-                    _set_kind(rec, "ok")
-                _set_key(rec, key)
-                _set_value(rec, value)
-                _set_anomaly(rec, anomaly)
+                    set_ts(rec, ts)
+                    set_kind(rec, "ok")
+                set_key(rec, key)
+                set_value(rec, value)
+                set_anomaly(rec, anomaly)
                 b = k // 1000
                 slot = buckets.get(b)
                 if slot is None:
@@ -1070,15 +1081,17 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
                         if k - when > DUPLICATE_WINDOW_MS:
                             when, orig = recent[-1]
                         if k - when <= DUPLICATE_WINDOW_MS:
-                            dup = _new_record(SyntheticRecord)
-                            _set_ts(dup, orig.ts_ms)
-                            _set_key(dup, orig.key)
-                            _set_value(dup, orig.value)
-                            _set_kind(dup, "duplicate")
-                            _set_anomaly(dup, orig.anomaly)
+                            dup = new(Rec)
+                            set_ts(dup, orig.ts_ms)
+                            set_key(dup, orig.key)
+                            set_value(dup, orig.value)
+                            set_kind(dup, "duplicate")
+                            set_anomaly(dup, orig.anomaly)
                             yield dup
         second += 1
         if not buckets:  # nothing pending: jump over quiet seconds
             nxt = min([next_ep] + [b.next for b in bursts if b.next < b.end])
-            if nxt != math.inf and nxt >= horizon:
+            if nxt >= end:
+                return
+            if nxt >= horizon:
                 second = int(nxt // 1000)
