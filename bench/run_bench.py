@@ -299,7 +299,7 @@ CATEGORIES = [  # (category, file suffix, function names or None for any); outer
       "events_source"}),
     ("setup/teardown (schema, topics, clients, sink build/close)", "connectors/redis_features.py",
      {"build", "__init__", "close"}),
-    ("kafka source (consume + message objects)", "bytewax/connectors/kafka/__init__.py", None),
+    ("kafka source (consume + message objects)", "connectors/kafka/__init__.py", None),
     ("decode_and_route (orjson decode, validation, routing)", "flows/pipeline.py", {"__call__"}),
     ("user_shards: ShardLogic.on_batch (dedupe, features, sessions, model, minutes)",
      "flows/shard.py", {"on_batch"}),
@@ -320,11 +320,13 @@ ENGINE_FUNCS = {"run_main", "cluster_main", "run_dataflow"}
 
 def _category(stack: tuple) -> str:
     for func, path, _line in stack:
+        base = func.rsplit(".", 1)[-1]  # py-spy qualifies names: "ShardLogic.on_batch"
         for name, suffix, want in CATEGORIES:
-            if path.endswith(suffix) and (want is None or func in want):
+            if path.endswith(suffix) and (want is None or base in want):
                 return name
     if stack:
         func, path, _ = stack[-1]  # time spent in run_main itself (native code) shows here
+        func = func.rsplit(".", 1)[-1]
         if func in ENGINE_FUNCS or (func == "run" and path.endswith("flows/runner.py")):
             return ENGINE
     return "other"
@@ -337,7 +339,13 @@ def _short(path: str) -> str:
     return path
 
 
+def _in_run(stack: tuple) -> bool:
+    return any(f.rsplit(".", 1)[-1] == "run" and p.endswith("flows/runner.py") for f, p, _ in stack)
+
+
 def analyse_stacks(stacks: list[tuple[tuple, float]], top: int = 25) -> dict:
+    """Time inside flows.runner.run only, by step (outermost matching frame), by function."""
+    stacks = [(s, w) for s, w in stacks if _in_run(s)]
     total = sum(w for _, w in stacks) or 1e-9
     by_cat: dict[str, float] = defaultdict(float)
     self_time: dict[tuple, float] = defaultdict(float)
@@ -587,14 +595,43 @@ class Bench:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         base = RESULTS_DIR / f"profile-{stamp}-{a.events}ev-{a.workers}w"
         profiler_name = a.profiler
-        if profiler_name == "pyinstrument" and a.workers > 1:
-            log("pyinstrument sees only the calling thread; workers > 1 run in Rust-spawned "
-                "threads: using py-spy instead")
-            profiler_name = "py-spy"
         files: list[str] = []
+        stacks = None
+        if profiler_name == "py-spy":
+            raw = base.with_suffix(".pyspy.txt")
+            rate = 250
+            # --idle: with one worker, time blocked in socket reads / flushes is wall time too
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
+                 "--rate", str(rate), "--format", "raw", "--output", str(raw), "--nonblocking",
+                 "--idle"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(1.5)  # let py-spy attach
+            if spy.poll() is not None:
+                err = spy.stderr.read().decode(errors="replace")[-1000:]
+                log(f"py-spy could not attach (exit {spy.returncode}): {err.strip()}; "
+                    "falling back to pyinstrument")
+                profiler_name = "pyinstrument"
+            else:
+                try:
+                    res = self.full(topic, "bench_profile", label="profile (py-spy)")
+                finally:
+                    spy.send_signal(signal.SIGINT)
+                    try:
+                        _, err = spy.communicate(timeout=120)
+                    except subprocess.TimeoutExpired:
+                        spy.kill()
+                        _, err = spy.communicate()
+                if not raw.exists():
+                    raise RuntimeError("py-spy wrote no profile: "
+                                       + err.decode(errors="replace")[-2000:])
+                files.append(str(raw))
+                stacks = pyspy_stacks(raw, rate)
         if profiler_name == "pyinstrument":
             from pyinstrument import Profiler
 
+            if a.workers > 1:
+                log("note: pyinstrument sees only the calling thread, not Bytewax's worker threads")
             profiler = Profiler(interval=0.001)
             profiler.start()
             try:
@@ -602,32 +639,10 @@ class Bench:
             finally:
                 profiler.stop()
             session = profiler.last_session
-            text = profiler.output_text(unicode=True, show_all=False)
-            (base.with_suffix(".txt")).write_text(text)
+            (base.with_suffix(".txt")).write_text(profiler.output_text(unicode=True, show_all=False))
             (base.with_suffix(".html")).write_text(profiler.output_html())
             files += [str(base.with_suffix(".txt")), str(base.with_suffix(".html"))]
             stacks = pyinstrument_stacks(session)
-        else:
-            raw = base.with_suffix(".pyspy.txt")
-            rate = 250
-            spy = subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
-                 "--rate", str(rate), "--format", "raw", "--output", str(raw), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(1.5)  # let py-spy attach
-            try:
-                res = self.full(topic, "bench_profile", label="profile (py-spy)")
-            finally:
-                spy.send_signal(signal.SIGINT)
-                try:
-                    _, err = spy.communicate(timeout=60)
-                except subprocess.TimeoutExpired:
-                    spy.kill()
-                    _, err = spy.communicate()
-            if not raw.exists():
-                raise RuntimeError(f"py-spy wrote no profile: {err.decode(errors='replace')[-2000:]}")
-            files.append(str(raw))
-            stacks = pyspy_stacks(raw, rate)
         summary = analyse_stacks(stacks)
         summary_file = base.with_suffix(".summary.json")
         summary_file.write_text(json.dumps({"run": res, **summary}, indent=2))
@@ -763,6 +778,8 @@ class Bench:
             out["live_feature_latency_ms"] = {k: live["feature_latency_ms"][k] for k in ("p50", "p99")}
             out["live_action_latency_ms"] = {k: live["action_latency_ms"][k] for k in ("p50", "p99")}
             out["live"] = live
+        with contextlib.suppress(OSError):
+            out["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         out["details"] = {"produce": produced, "baseline": base1, "full": full,
                           "settings": {"batch_size": a.batch_size, "shards": a.shards,
                                        "epoch_interval_s": a.epoch_s, "users": a.users,
@@ -784,7 +801,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=16, help="flow.shards")
     p.add_argument("--epoch-s", type=float, default=10.0, help="flow.epoch_interval_s")
     p.add_argument("--profile", action="store_true", help="profile one more full run")
-    p.add_argument("--profiler", choices=("pyinstrument", "py-spy"), default="pyinstrument")
+    p.add_argument("--profiler", choices=("py-spy", "pyinstrument"), default="py-spy",
+                   help="py-spy: sampling from outside, ~5-10%% overhead, sees all worker threads "
+                        "(default); pyinstrument: in-process, 2-3x slower run, calling thread only")
     p.add_argument("--no-live", action="store_true", help="skip the live latency phase")
     p.add_argument("--no-baseline-after", action="store_true", help="skip the second baseline")
     p.add_argument("--live-rate", type=float, default=2000.0, help="live phase records/s")

@@ -87,7 +87,7 @@ MALFORMED_REASONS = (
 DUPLICATE_WINDOW_MS = 5_000
 # The simulation starts this long before start_ms, so the stream opens in steady state (sessions
 # under way, messages waiting to be opened); nothing before start_ms is emitted.
-WARMUP_MS = 600_000
+WARMUP_MS = 180_000
 
 _DEFAULT_MAGNITUDE = {
     "traffic_spike": 5.0,  # x session start rate
@@ -692,20 +692,21 @@ class _Sim:
                 A((t, H["search"], who, key, b'{"search_query":%b,"results":%d%b}'
                    % (_QUERIES_B[int(r / 0.15 * len(_QUERIES_B))], int(rnd() * 121), cidp), tail, anomaly))
                 t += 1500.0 - 4000.0 * log(1.0 - rnd())
-            g = 1000.0 - 15000.0 * log(1.0 - rnd())  # time on this page
+            d = rnd()
+            g = 1000.0 - 15000.0 * log(1.0 - d)  # time on this page
             r = rnd()
-            if r < 0.45 and not store:  # a page: its path from the same uniform
+            if r < 0.45 and not store:  # a page: its path from the same uniform, rescaled
                 A((t, _H_PAGE if r < 0.25 else H["page_view"], who, key, b'{"page":%b,"dwell_ms":%d%b}'
                    % (_PAGES_B[int(r / 0.45 * len(_PAGES_B)) % len(_PAGES_B)], g, cidp), tail, anomaly))
             else:
-                p = int(n_prod * rnd() ** 2)  # popular products first
+                p = int(n_prod * ((r - 0.45) / 0.55 if not store else r) ** 2) % n_prod  # popular first
                 viewed.append(p)
                 A((t, H["product_viewed"], who, key, b'{%b,"dwell_ms":%d%b}' % (pbody[p], g, cidp), tail, anomaly))
-                r = rnd()
-                if r < 0.06:
-                    name = ("favorite" if r < 0.04 else "share" if r < 0.055 else
-                            _UNKNOWN_EVENTS[int(rnd() * len(_UNKNOWN_EVENTS))])
-                    A((t + 300.0 + g * rnd() * 0.5, H[name], who, key, b'{%b%b}' % (pshort[p], cidp), tail, anomaly))
+                if d > 0.94:  # the longest looks end in a favourite, a share, ...
+                    r = (d - 0.94) / 0.06
+                    name = ("favorite" if r < 0.67 else "share" if r < 0.92 else
+                            _UNKNOWN_EVENTS[int((r - 0.92) / 0.08 * len(_UNKNOWN_EVENTS)) % len(_UNKNOWN_EVENTS)])
+                    A((t + 300.0 + g * 0.5 * r, H[name], who, key, b'{%b%b}' % (pshort[p], cidp), tail, anomaly))
             t += g
 
         coupon = b""
@@ -938,7 +939,8 @@ def generate(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
 
     Timestamps never run backwards by more than ``max_disorder_ms`` (0: non-decreasing), except
     duplicates: they re-send an ok record from at most :data:`DUPLICATE_WINDOW_MS` of
-    generation time earlier.
+    generation time earlier. The generation clock runs from ``start_ms`` to ``start_ms +
+    duration_s``; a late event may carry a timestamp up to ``max_disorder_ms`` before it.
 
     >>> recs = list(generate(SyntheticSpec(seed=1, events_per_s=5, duration_s=120)))
     >>> {r.kind for r in recs}

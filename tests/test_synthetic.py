@@ -171,7 +171,8 @@ def test_timestamps_are_ordered_within_the_disorder_bound(seed, disorder, dup):
         assert r.ts_ms >= high - disorder, (r.ts_ms, high, disorder)
         lag_seen = max(lag_seen, high - r.ts_ms)
         high = max(high, r.ts_ms)
-        assert spec.start_ms <= r.ts_ms < spec.start_ms + 120_000
+        # late events from before the start (the simulation warms up) lag by the bound at most
+        assert spec.start_ms - disorder <= r.ts_ms < spec.start_ms + 120_000
     if disorder >= 5_000:
         assert lag_seen > 0  # out-of-order delivery actually happens
 
