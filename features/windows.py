@@ -50,6 +50,25 @@ class MinuteBuckets:
                     out[i] += x
         return out
 
+    def window_totals(self, windows_min: list[int], as_of_minute: int) -> list[float]:
+        """All metrics over all windows in one pass: [w0 m0, w0 m1, ..., w1 m0, ...].
+
+        >>> b = MinuteBuckets(2); b.add(10, 0, 1.0); b.add(50, 1, 2.0)
+        >>> b.window_totals([30, 60], as_of_minute=60)
+        [0.0, 2.0, 1.0, 2.0]
+        """
+        n = self.n_metrics
+        out = [0.0] * (n * len(windows_min))
+        lows = [(i * n, as_of_minute - w) for i, w in enumerate(windows_min)]
+        for m, v in self.buckets.items():
+            if m > as_of_minute:
+                continue
+            for base, low in lows:
+                if m > low:
+                    for i in range(n):
+                        out[base + i] += v[i]
+        return out
+
     def next_expiry(self, windows_min: list[int], as_of_minute: int) -> int | None:
         """The first minute after ``as_of_minute`` at which some bucket leaves some window."""
         best = None

@@ -125,9 +125,10 @@ class ShardState:
         for i, (_, names, prop) in enumerate(config.counters):
             for name in names:
                 self.metric_of.setdefault(name, []).append((i, prop))
-        self.feature_names = [
-            [f"{c[0]}_{window_label(w)}" for c in config.counters] for w in self.windows
-        ]
+        # Flat names matching MinuteBuckets.window_totals: every counter of window 0, then 1...
+        self.feature_names = [f"{c[0]}_{window_label(w)}" for w in self.windows
+                              for c in config.counters]
+        self.is_count = [c[2] is None for w in self.windows for c in config.counters]
         self.rule = SessionPageViews(config.trigger_pages, config.trigger_channel)
         self.model = PurchasePropensity(config.horizon_ms, config.learning_rate)
         self.users: dict[str, UserState] = {}
@@ -255,12 +256,11 @@ class ShardState:
         self.flush(out)
 
     # -- output --------------------------------------------------------------------------
-    def _model_x(self, user: UserState) -> dict[str, float]:
-        as_of = minute_of(user.as_of)
-        x = {"session_pages": float(user.session_pages)}
-        for w, names in zip(self.windows, self.feature_names):
-            for name, value in zip(names, user.buckets.totals(w, as_of)):
-                x[name] = value
+    def _model_x(self, user: UserState, totals: list[float] | None = None) -> dict[str, float]:
+        if totals is None:
+            totals = user.buckets.window_totals(self.windows, minute_of(user.as_of))
+        x = dict(zip(self.feature_names, totals))
+        x["session_pages"] = float(user.session_pages)
         return x
 
     def flush(self, out: ShardOut) -> None:
@@ -271,8 +271,10 @@ class ShardState:
                 continue
             as_of_min = minute_of(user.as_of)
             user.buckets.prune(self.longest, as_of_min)
-            x = self._model_x(user)
-            values = {k: _fmt(v) for k, v in x.items() if k != "session_pages"}
+            totals = user.buckets.window_totals(self.windows, as_of_min)
+            x = self._model_x(user, totals)
+            values = {name: (str(int(v)) if count else f"{v:.2f}")
+                      for name, v, count in zip(self.feature_names, totals, self.is_count)}
             values["last_seen"] = str(user.last_seen)
             values["session_id"] = user.session_id
             values["session_pages"] = str(user.session_pages)
@@ -305,10 +307,6 @@ def _prop(e: Event, prop: str) -> float:
         return e.cost
     value = e.properties.get(prop)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if value == int(value) else f"{value:.2f}"
 
 
 def _event_bytes(e: Event) -> bytes:
