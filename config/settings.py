@@ -79,7 +79,8 @@ class ClickHouseSettings(Strict):
     # chdb:///path runs ClickHouse in process; http(s)://user@host:8123 talks to a server.
     dsn: str = "chdb://.surgeflow/chdb"
     database: str = Field("surgeflow", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-    insert_batch_rows: int = Field(5000, ge=1)
+    insert_batch_rows: int = Field(5000, ge=1)  # insert when this many rows wait...
+    flush_interval_s: float = Field(1.0, gt=0)  # ...or when the oldest has waited this long
 
     @field_validator("dsn")
     @classmethod

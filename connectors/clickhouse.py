@@ -11,7 +11,9 @@ same row again and FINAL (or a merge) collapses it. Unique users are kept as a m
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
+import time
 from pathlib import Path
 
 import clickhouse_connect
@@ -19,6 +21,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from surgeflow.stats import STATS
 
+log = logging.getLogger("surgeflow.clickhouse")
 _CLIENTS: dict[str, tuple[object, threading.Lock]] = {}
 _CLIENTS_LOCK = threading.Lock()
 
@@ -120,27 +123,72 @@ TABLES = {
 
 
 class _InsertPartition(StatelessSinkPartition):
-    def __init__(self, dsn: str, db: str, table: str):
+    """Buffers rows and inserts them when ``max_rows`` are waiting or the oldest has waited
+    ``max_delay_s`` (a timer thread, so a quiet stream still sees its last minute within about a
+    second). A failed insert keeps its rows for the next attempt; close() flushes."""
+
+    def __init__(self, dsn: str, db: str, table: str, max_rows: int, max_delay_s: float):
         self.client, self.lock = connect(dsn)
         self.table = f"{db}.{table}"
         self.stat = table
         self.columns, self.to_rows = TABLES[table]
+        self.max_rows, self.max_delay_s = max_rows, max_delay_s
+        self.buffer: list[tuple] = []
+        self.first_at = 0.0
+        self.buffer_lock = threading.Lock()
+        self.done = threading.Event()
+        self.timer = threading.Thread(target=self._flush_when_old, daemon=True)
+        self.timer.start()
 
     def write_batch(self, items: list) -> None:
         rows = [row for batch in items for row in self.to_rows(batch)]
-        if rows:
+        if not rows:
+            return
+        with self.buffer_lock:
+            if not self.buffer:
+                self.first_at = time.monotonic()
+            self.buffer.extend(rows)
+            if len(self.buffer) >= self.max_rows:
+                self._flush()
+
+    def _flush_when_old(self) -> None:
+        while not self.done.wait(self.max_delay_s / 4):
+            with self.buffer_lock:
+                if self.buffer and time.monotonic() - self.first_at >= self.max_delay_s:
+                    try:
+                        self._flush()
+                    except Exception:  # noqa: BLE001 - kept for the next attempt, reported
+                        STATS.add("clickhouse_insert_errors")
+                        log.exception("insert into %s failed; %d rows kept for retry",
+                                      self.table, len(self.buffer))
+
+    def _flush(self) -> None:
+        rows, self.buffer = self.buffer, []
+        try:
             with self.lock:
                 self.client.insert(self.table, rows, column_names=self.columns)
-            STATS.add(f"rows_{self.stat}", len(rows))
+        except Exception:
+            self.buffer = rows + self.buffer
+            raise
+        STATS.add(f"rows_{self.stat}", len(rows))
+
+    def close(self) -> None:
+        self.done.set()
+        self.timer.join()
+        with self.buffer_lock:
+            if self.buffer:
+                self._flush()
 
 
 class ClickHouseSink(DynamicSink):
     """Inserts each batch of records into one table (items are lists of records)."""
 
-    def __init__(self, dsn: str, db: str, table: str):
+    def __init__(self, dsn: str, db: str, table: str, max_rows: int = 5000,
+                 max_delay_s: float = 1.0):
         if table not in TABLES:
             raise ValueError(f"unknown table {table}")
         self.dsn, self.db, self.table = dsn, db, table
+        self.max_rows, self.max_delay_s = max_rows, max_delay_s
 
     def build(self, step_id: str, worker_index: int, worker_count: int):
-        return _InsertPartition(self.dsn, self.db, self.table)
+        return _InsertPartition(self.dsn, self.db, self.table, self.max_rows, self.max_delay_s)

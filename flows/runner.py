@@ -56,12 +56,17 @@ def make_source(settings: Settings):
 
 def make_outputs(settings: Settings, redis_url: str) -> Outputs:
     ch = settings.clickhouse
+
+    def table(name: str) -> clickhouse.ClickHouseSink:
+        return clickhouse.ClickHouseSink(ch.dsn, ch.database, name, ch.insert_batch_rows,
+                                         ch.flush_interval_s)
+
     out = Outputs(
         features=RedisFeatureSink(redis_url, settings.redis.key_prefix,
                                   int(settings.redis.ttl_days * 86_400)),
-        aggregates=clickhouse.ClickHouseSink(ch.dsn, ch.database, "events_minute_in"),
-        actions=[("clickhouse", clickhouse.ClickHouseSink(ch.dsn, ch.database, "actions"))],
-        alerts=[("clickhouse", clickhouse.ClickHouseSink(ch.dsn, ch.database, "alerts"))],
+        aggregates=table("events_minute_in"),
+        actions=[("clickhouse", table("actions"))],
+        alerts=[("clickhouse", table("alerts"))],
     )
     encode_dead = DeadLetter.to_json
     if settings.output.kind == "files":

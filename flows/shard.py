@@ -79,6 +79,8 @@ class ShardConfig:
     learning_rate: float = 0.05
     trigger_pages: int = 3
     trigger_channel: str = "push"
+    # Snapshots are only worth their cost when a recovery store keeps them.
+    snapshots: bool = False
 
 
 @dataclass
@@ -341,6 +343,6 @@ class ShardLogic(StatefulBatchLogic):
         return ([out] if out else []), False
 
     def snapshot(self) -> bytes | None:
-        if self.state is None:
-            return None
+        if self.state is None or not self.config.snapshots:
+            return None  # no recovery store: pickling every shard each epoch would be wasted
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
