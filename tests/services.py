@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
-import os
 import shutil
 import signal
 import socket

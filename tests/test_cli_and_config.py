@@ -68,3 +68,27 @@ def test_embedded_demo_runs_and_writes_its_summary(tmp_path):
     assert (tmp_path / ".surgeflow" / "out" / "actions.jsonl").stat().st_size > 0
     dead = (tmp_path / ".surgeflow" / "out" / "dead_letters.jsonl").read_text().splitlines()
     assert len(dead) == s["events_dead_lettered"] and all(json.loads(x)["reason"] for x in dead)
+
+
+def test_demo_stops_on_ctrl_c_with_a_summary(tmp_path):
+    import signal
+    import time
+
+    summary = tmp_path / "summary.json"
+    env = {**os.environ, "SURGEFLOW_SUMMARY": str(summary)}
+    env.pop("SURGEFLOW_DEMO_SECONDS", None)
+    proc = subprocess.Popen(SURGEFLOW + ["demo"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        actions = tmp_path / ".surgeflow" / "out" / "actions.jsonl"
+        while time.monotonic() < deadline and not (actions.exists() and actions.stat().st_size):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopping: draining the flow" in err
+    assert json.loads(summary.read_text())["events_in"] > 0

@@ -7,7 +7,6 @@ test fails when one side drifts (a renamed topic, a moved port, an unpinned imag
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import tomllib
