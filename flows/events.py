@@ -105,7 +105,7 @@ def parse_timestamp(value: Any) -> int:
         ts = int(value)
     elif isinstance(value, str):
         try:
-            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            parsed = dt.datetime.fromisoformat(value)  # 3.11 reads "Z" and offsets
         except ValueError:
             raise Reject("bad_timestamp", f"unparsable timestamp {value[:40]!r}") from None
         if parsed.tzinfo is None:
@@ -166,12 +166,12 @@ def decode(
         if len(raw) > max_bytes:
             raise Reject("oversized", f"{len(raw)} bytes > {max_bytes}")
         try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise Reject("not_utf8", str(exc)[:120]) from None
-        try:
-            doc = orjson.loads(raw)
+            doc = orjson.loads(raw)  # orjson also rejects invalid UTF-8: tell which it was
         except orjson.JSONDecodeError as exc:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as utf8:
+                raise Reject("not_utf8", str(utf8)[:120]) from None
             raise Reject("invalid_json", str(exc)[:120]) from None
         if not isinstance(doc, dict):
             raise Reject("not_an_object", f"top level is {type(doc).__name__}")
