@@ -51,7 +51,8 @@ def ensure_topics(brokers: list[str], topics: Iterable[str], partitions: int = 1
     wanted = [NewTopic(t, num_partitions=partitions, replication_factor=1)
               for t in topics if t not in existing]
     if wanted:
-        for future in AdminClient(_base(brokers, extra)).create_topics(wanted).values():
+        admin = AdminClient(_base(brokers, extra))  # kept alive until the futures resolve
+        for future in admin.create_topics(wanted).values():
             try:
                 future.result(timeout=30)
             except KafkaException as exc:
