@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import itertools
 import json
@@ -111,6 +112,20 @@ def machine_info() -> dict:
     }
 
 
+def code_info() -> dict:
+    """The commit measured, and which tracked files differ from it (others edit concurrently)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    status = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "modified_files": [line[3:] for line in status if len(line) > 3]}
+
+
 def _dist_version(name: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -161,6 +176,35 @@ def flush_redis(url: str) -> None:
         client.flushdb()
     finally:
         client.close()
+
+
+class GcTimer:
+    """Time spent in Python's cyclic garbage collector, per generation (gc.callbacks)."""
+
+    def __init__(self):
+        self.started = 0.0
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            gen = info.get("generation", 0)
+            self.seconds[gen] += time.perf_counter() - self.started
+            self.collections[gen] += 1
+
+    def __enter__(self) -> "GcTimer":
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict:
+        return {"seconds": round(sum(self.seconds), 2),
+                "seconds_by_generation": [round(x, 3) for x in self.seconds],
+                "collections_by_generation": self.collections}
 
 
 class _Timed:
@@ -253,8 +297,9 @@ class _StoppablePartition(StatefulSourcePartition):
         if batch:
             last = batch[-1]
             msg = getattr(last, "msg", last)  # KafkaError wraps the message
-            if getattr(msg, "offset", None) is not None:
-                self.next_offset = msg.offset + 1
+            offset = getattr(msg, "offset", None)
+            if isinstance(offset, int) and offset >= 0:  # errors may carry no real offset
+                self.next_offset = max(self.next_offset, offset + 1)
         return batch
 
     def next_awake(self):
@@ -308,7 +353,8 @@ CATEGORIES = [  # (category, file suffix, function names or None for any); outer
     ("state snapshots (pickle at each epoch)", "flows/pipeline.py", {"snapshot"}),
     ("detect_anomalies (AlertLogic.on_batch)", "flows/pipeline.py", {"on_batch"}),
     ("redis feature sink", "connectors/redis_features.py", {"write_batch"}),
-    ("clickhouse sinks (chDB insert)", "connectors/clickhouse.py", {"write_batch"}),
+    ("clickhouse sinks (chDB insert)", "connectors/clickhouse.py",
+     {"write_batch", "_flush", "_flush_when_old", "close"}),  # buffered: may flush in a timer thread
     ("kafka sinks (produce + flush per batch)", "connectors/kafka.py", {"write_batch"}),
     ("json-lines sinks", "connectors/files.py", {"write_batch"}),
     ("pipeline maps/filters/branch lambdas", "flows/pipeline.py", None),
@@ -343,9 +389,23 @@ def _in_run(stack: tuple) -> bool:
     return any(f.rsplit(".", 1)[-1] == "run" and p.endswith("flows/runner.py") for f, p, _ in stack)
 
 
-def analyse_stacks(stacks: list[tuple[tuple, float]], top: int = 25) -> dict:
-    """Time inside flows.runner.run only, by step (outermost matching frame), by function."""
-    stacks = [(s, w) for s, w in stacks if _in_run(s)]
+def _flow_time(stack: tuple, workers: int) -> bool:
+    """Samples that are the flow's work: under flows.runner.run in the main thread (one worker:
+    run_main runs the worker there), or in any other thread (cluster_main's worker threads, whose
+    Python stacks start at the step callback). With several workers the main thread only waits
+    in cluster_main: those samples are dropped."""
+    if stack and stack[-1][0].rsplit(".", 1)[-1] == "wait" and stack[-1][1].endswith("threading.py"):
+        return False  # a helper thread sleeping (e.g. a sink's flush timer): idle, not work
+    if _in_run(stack):
+        leaf, path, _ = stack[-1]
+        return workers == 1 or not (leaf.rsplit(".", 1)[-1] == "run" and path.endswith("flows/runner.py"))
+    return not any(p.endswith("bench/run_bench.py") or p.startswith("<frozen runpy") for _, p, _ in stack)
+
+
+def analyse_stacks(stacks: list[tuple[tuple, float]], workers: int = 1, top: int = 25) -> dict:
+    """Time of the flow only (see _flow_time), by step (outermost matching frame), by function.
+    With several workers the sum is thread time (up to workers x wall time)."""
+    stacks = [(s, w) for s, w in stacks if _flow_time(s, workers)]
     total = sum(w for _, w in stacks) or 1e-9
     by_cat: dict[str, float] = defaultdict(float)
     self_time: dict[tuple, float] = defaultdict(float)
@@ -448,7 +508,6 @@ def restamp(record, shift_ms: int) -> bytes:
     else:
         return record.value
     return orjson.dumps(doc)
-
 
 
 class Bench:
@@ -560,11 +619,12 @@ class Bench:
         log(f"{label}: flows.runner.run (Kafka -> shards -> Redis/ClickHouse/Kafka), "
             f"{a.workers} worker(s), {a.shards} shards")
         started = time.monotonic()
-        result = runner.run(settings, self.redis_url, a.workers)
+        with GcTimer() as gc_time:
+            result = runner.run(settings, self.redis_url, a.workers)
         total = time.monotonic() - started
         n = STATS.get("events_in")
         log(f"{label}: {n:,} events in {result.seconds:.2f}s = {n / result.seconds:,.0f}/s "
-            f"(setup {total - result.seconds:.2f}s)")
+            f"(setup {total - result.seconds:.2f}s; Python GC {sum(gc_time.seconds):.1f}s)")
         if n != a.events:
             raise RuntimeError(f"{label} flow read {n} records, expected {a.events}")
         return {
@@ -574,6 +634,7 @@ class Bench:
             "events_per_s": round(n / result.seconds, 1),
             "feature_latency_ms": percentiles("feature_latency_ms"),
             "action_latency_ms": percentiles("action_latency_ms"),
+            "python_gc": gc_time.summary(),
             "counts": self.counts(settings),
         }
 
@@ -599,7 +660,7 @@ class Bench:
         stacks = None
         if profiler_name == "py-spy":
             raw = base.with_suffix(".pyspy.txt")
-            rate = 250
+            rate = 100  # py-spy falls behind (lost samples, more overhead) at higher rates here
             # --idle: with one worker, time blocked in socket reads / flushes is wall time too
             spy = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
@@ -643,7 +704,7 @@ class Bench:
             (base.with_suffix(".html")).write_text(profiler.output_html())
             files += [str(base.with_suffix(".txt")), str(base.with_suffix(".html"))]
             stacks = pyinstrument_stacks(session)
-        summary = analyse_stacks(stacks)
+        summary = analyse_stacks(stacks, a.workers)
         summary_file = base.with_suffix(".summary.json")
         summary_file.write_text(json.dumps({"run": res, **summary}, indent=2))
         files.append(str(summary_file))
@@ -758,12 +819,14 @@ class Bench:
     def run(self) -> dict:
         a = self.args
         out: dict = {"events": a.events, "workers": a.workers, "partitions": a.partitions,
-                     "machine": machine_info()}
+                     "machine": machine_info(), "code": code_info()}
         self.start_services()
         topic, produced = self.fill_topic()
         out["produce_events_per_s"] = produced["events_per_s"]
         base1 = self.baseline(topic, "baseline")
-        full = self.full(topic, "bench")
+        runs = [self.full(topic, "bench", label=f"full {i + 1}/{a.repeat}" if a.repeat > 1 else "full")
+                for i in range(a.repeat)]
+        full = sorted(runs, key=lambda r: r["events_per_s"])[len(runs) // 2]  # the median run
         out["baseline_events_per_s"] = base1["events_per_s"]
         out["full_events_per_s"] = full["events_per_s"]
         out["ratio_full_to_baseline"] = round(full["events_per_s"] / base1["events_per_s"], 4)
@@ -781,9 +844,10 @@ class Bench:
         with contextlib.suppress(OSError):
             out["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         out["details"] = {"produce": produced, "baseline": base1, "full": full,
+                          "full_runs_events_per_s": [r["events_per_s"] for r in runs],
                           "settings": {"batch_size": a.batch_size, "shards": a.shards,
                                        "epoch_interval_s": a.epoch_s, "users": a.users,
-                                       "seed": a.seed}}
+                                       "seed": a.seed, "gc_threshold": list(gc.get_threshold())}}
         if not a.no_baseline_after:
             out["details"]["baseline_after"] = base2
         return out
@@ -800,6 +864,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1000, help="KafkaSource batch size (both flows)")
     p.add_argument("--shards", type=int, default=16, help="flow.shards")
     p.add_argument("--epoch-s", type=float, default=10.0, help="flow.epoch_interval_s")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="full runs on the replay topic; the median one is reported")
     p.add_argument("--profile", action="store_true", help="profile one more full run")
     p.add_argument("--profiler", choices=("py-spy", "pyinstrument"), default="py-spy",
                    help="py-spy: sampling from outside, ~5-10%% overhead, sees all worker threads "
@@ -813,9 +879,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="event time generated (and dropped) before the live records, so the "
                         "synthetic stream is at its steady rate")
     p.add_argument("--show-alerts", action="store_true", help="let the flow log its alerts")
+    p.add_argument("--gc-threshold", type=int, default=None, metavar="N",
+                   help="experiment: gc.set_threshold(N, 10, 10) for the whole benchmark "
+                        "(Python's default is 700); reported in details.settings")
     args = p.parse_args(argv)
-    if args.events < 1 or args.workers < 1 or args.partitions < 1:
-        p.error("--events, --workers and --partitions must be >= 1")
+    if min(args.events, args.workers, args.partitions, args.repeat) < 1:
+        p.error("--events, --workers, --partitions and --repeat must be >= 1")
     return args
 
 
@@ -825,6 +894,8 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not args.show_alerts:
         logging.getLogger("surgeflow.alerts").setLevel(logging.ERROR)
+    if args.gc_threshold:
+        gc.set_threshold(args.gc_threshold, 10, 10)
     bench = Bench(args)
     try:
         result = bench.run()

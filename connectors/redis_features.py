@@ -50,7 +50,7 @@ class _RedisPartition(StatelessSinkPartition):
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command(commands, check_health=False)
+            conn.send_packed_command([b"".join(commands)], check_health=False)  # one sendall
             errors = []
             for _ in commands:
                 try:

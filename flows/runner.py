@@ -1,6 +1,7 @@
 """Wires a configured run: the source and the outputs from settings, then runs the dataflow."""
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -107,12 +108,25 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
     flow = build_flow(settings, source, make_outputs(settings, redis_url), partitions or 1)
     epoch = timedelta(seconds=settings.flow.epoch_interval_s)
     workers = workers or settings.flow.workers
+    # The shards hold many small long-lived objects; Python's default GC threshold (700) makes it
+    # rescan them all often (about 11% of a 1M-event run). Collect far less often while running.
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     started = time.monotonic()
+    try:
+        _run(flow, workers, epoch)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+    return RunResult(time.monotonic() - started)
+
+
+def _run(flow, workers: int, epoch: timedelta) -> None:
     if workers == 1:
         run_main(flow, epoch_interval=epoch)
     else:
         cluster_main(flow, [], 0, epoch_interval=epoch, worker_count_per_proc=workers)
-    return RunResult(time.monotonic() - started)
 
 
 def count_feature_users(redis_url: str, prefix: str) -> int:

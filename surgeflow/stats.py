@@ -1,6 +1,7 @@
 """Process-wide counters for the progress line and the run summary (thread-safe)."""
 from __future__ import annotations
 
+import random
 import threading
 import time
 from typing import Iterable
@@ -13,7 +14,9 @@ class Stats:
         self.users: set[str] = set()
         self.track_users = True
         self.samples: dict[str, list[float]] = {}
-        self.max_samples = 500_000
+        self.max_samples = 200_000
+        self.seen: dict[str, int] = {}
+        self.rng = random.Random(0)
 
     def add(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -31,8 +34,16 @@ class Stats:
         now = time.time() * 1000
         with self.lock:
             samples = self.samples.setdefault(name, [])
-            if len(samples) < self.max_samples:
-                samples.extend(now - a for a in arrivals_ms)
+            seen = self.seen.get(name, 0)
+            for a in arrivals_ms:  # reservoir sampling: a uniform sample of the whole run
+                seen += 1
+                if len(samples) < self.max_samples:
+                    samples.append(now - a)
+                else:
+                    j = self.rng.randrange(seen)
+                    if j < self.max_samples:
+                        samples[j] = now - a
+            self.seen[name] = seen
 
     def percentile(self, name: str, q: float) -> float | None:
         samples = sorted(self.samples.get(name, ()))
@@ -48,6 +59,7 @@ class Stats:
             self.counts.clear()
             self.users.clear()
             self.samples.clear()
+            self.seen.clear()
 
 
 STATS = Stats()
