@@ -23,7 +23,6 @@ def user_key_pattern(prefix: str) -> str:
     return f"{prefix}:{LAYOUT_VERSION}:user:*"
 
 
-# Fields that are integers (epoch ms or counts) and floats; everything else is text.
-INT_FIELDS_SUFFIXES = ("_1h", "_24h", "_7d", "_30d")
+# Fields read as floats and as epoch-ms integers; window counts are typed by their suffix.
 FLOAT_FIELDS = frozenset({"p_purchase_24h"})
-TIME_FIELDS = frozenset({"last_seen", "first_seen", "as_of", "updated_at"})
+TIME_FIELDS = frozenset({"last_seen", "as_of", "updated_at"})

@@ -40,16 +40,6 @@ class MinuteBuckets:
         low = as_of_minute - window_min
         return sum(v[metric] for m, v in self.buckets.items() if low < m <= as_of_minute)
 
-    def totals(self, window_min: int, as_of_minute: int) -> list[float]:
-        """All metrics' sums over one window."""
-        low = as_of_minute - window_min
-        out = [0.0] * self.n_metrics
-        for m, v in self.buckets.items():
-            if low < m <= as_of_minute:
-                for i, x in enumerate(v):
-                    out[i] += x
-        return out
-
     def window_totals(self, windows_min: list[int], as_of_minute: int) -> list[float]:
         """All metrics over all windows in one pass: [w0 m0, w0 m1, ..., w1 m0, ...].
 

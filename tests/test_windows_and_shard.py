@@ -20,10 +20,12 @@ def test_bucket_totals_equal_brute_force(adds, as_of, window):
     b = MinuteBuckets(3)
     for minute, metric, value in adds:
         b.add(minute, metric, value)
+    combined = b.window_totals([window, 60], as_of)
     for metric in range(3):
-        expected = sum(v for m, k, v in adds if k == metric and as_of - window < m <= as_of)
-        assert abs(b.total(metric, window, as_of) - expected) < 1e-6
-        assert abs(b.totals(window, as_of)[metric] - expected) < 1e-6
+        for i, w in enumerate([window, 60]):
+            expected = sum(v for m, k, v in adds if k == metric and as_of - w < m <= as_of)
+            assert abs(combined[i * 3 + metric] - expected) < 1e-6
+        assert abs(b.total(metric, window, as_of) - combined[metric]) < 1e-6
 
 
 @given(st.lists(st.integers(0, 3000), min_size=1, max_size=30), st.integers(0, 3000))
