@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from alerts.detectors import RollingGaussian, Score
-from features.windows import MINUTE_MS
+from features.profile import MINUTE_MS
 
 
 @dataclass(frozen=True, slots=True)

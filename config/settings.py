@@ -132,9 +132,10 @@ class OutputSettings(Strict):
 
 
 class FlowSettings(Strict):
-    # Users are hashed into this many shards: the unit of keyed state. Fixed by configuration,
-    # never by the worker count, so results do not depend on how many workers run.
-    shards: int = Field(16, ge=1, le=4096)
+    # Ids are hashed into shards, the unit of keyed state. Fixed by configuration, never by the
+    # worker count, so results do not depend on how many workers run.
+    shards: int = Field(8, ge=1, le=4096)  # ingest shards: dedupe, identity, aggregates
+    profile_shards: int = Field(16, ge=1, le=4096)  # user profiles
     workers: int = Field(1, ge=1)
     allowed_lateness_s: float = Field(60.0, ge=0)
     max_event_bytes: int = Field(32_768, ge=256)
@@ -144,31 +145,9 @@ class FlowSettings(Strict):
     epoch_interval_s: float = Field(10.0, gt=0)
 
 
-class CountSpec(Strict):
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    events: list[str] = Field(min_length=1)
-    # "count" counts events; "sum:<property>" sums a numeric property (e.g. sum:revenue).
-    aggregate: str = Field("count", pattern=r"^(count|sum:[a-z_]+)$")
-
-
 class FeatureSettings(Strict):
-    windows_min: list[int] = [60, 1440]
-    counters: list[CountSpec] = [
-        CountSpec(name="views", events=["page_view", "product_viewed"]),
-        CountSpec(name="add_to_cart", events=["add_to_cart"]),
-        CountSpec(name="orders", events=["order_completed"]),
-        CountSpec(name="revenue", events=["order_completed"], aggregate="sum:revenue"),
-    ]
-    session_gap_min: float = Field(30.0, gt=0)
-
-    @model_validator(mode="after")
-    def _unique(self) -> "FeatureSettings":
-        names = [c.name for c in self.counters]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate counter names in {names}")
-        if not self.windows_min or min(self.windows_min) < 1:
-            raise ValueError("windows_min needs at least one window of >= 1 minute")
-        return self
+    # The feature registry (config/features.yaml by default): every feature declared as data.
+    registry: Path = CONFIG_DIR / "features.yaml"
 
 
 class ModelSettings(Strict):

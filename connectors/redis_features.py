@@ -1,18 +1,30 @@
-"""Writes feature values to Redis: one pipeline per batch, absolute values (HSET), TTL refreshed.
+"""Writes feature values to Redis: one round trip per batch, absolute values, TTL refreshed.
 
-Writes are idempotent: a replay writes the same values again instead of adding to them.
+Writes are idempotent: a replay writes the same values again instead of adding to them. Hashes are
+sparse: fields that became 0 or undefined are removed (HDEL). A key's time to live restarts when
+its user was active; a write caused only by time passing keeps the running TTL (EXPIRE NX).
 """
 from __future__ import annotations
 
 import time
 from itertools import chain
 
+import orjson
 import redis
 from hiredis import pack_command
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from features.layout import user_key
+from features.layout import alias_key, registry_key, user_key
 from surgeflow.stats import STATS
+
+
+def write_registry(url: str, prefix: str, registry_doc: dict) -> None:
+    """The registry next to the data, so a client in any language can type the values."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.set(registry_key(prefix), orjson.dumps(registry_doc))
+    finally:
+        client.close()
 
 
 class _RedisPartition(StatelessSinkPartition):
@@ -22,27 +34,48 @@ class _RedisPartition(StatelessSinkPartition):
         self.ttl_s = ttl_s
 
     def write_batch(self, items: list) -> None:
-        # Coalesce: when a user appears in several shard outputs of one batch, the last wins.
-        latest: dict[str, dict[str, str]] = {}
+        # Coalesce per user: the last values win; removals and TTL refreshes accumulate.
+        pending: dict[str, list] = {}  # user -> [delete first, values, removed, refresh ttl]
         arrivals = []
-        for batch in items:
-            for user, values, arrival_ms in batch:
-                latest[user] = values
-                if arrival_ms:
-                    arrivals.append(arrival_ms)
-        if not latest:
+        aliases = []
+        for writes, links in items:
+            aliases.extend(links)
+            for w in writes:
+                if w.arrival_ms:
+                    arrivals.append(w.arrival_ms)
+                if w.values is None:
+                    pending[w.user] = [True, None, set(), False]
+                    continue
+                entry = pending.get(w.user)
+                if entry is None:
+                    pending[w.user] = [False, w.values, set(w.removed), w.refresh_ttl]
+                else:
+                    entry[1] = w.values
+                    entry[2] = (entry[2] | set(w.removed)) - w.values.keys()
+                    entry[3] = entry[3] or w.refresh_ttl
+        if not pending and not aliases:
             return
         now_ms = str(int(time.time() * 1000))
+        ttl = self.ttl_s
         commands = []
-        for user, values in latest.items():
+        for user, (delete, values, removed, refresh) in pending.items():
             key = user_key(self.prefix, user)
+            if delete:
+                commands.append(pack_command(("DEL", key)))
+            if values is None:
+                continue
             commands.append(pack_command(
                 ("HSET", key, *chain.from_iterable(values.items()), "updated_at", now_ms)))
-            commands.append(pack_command(("EXPIRE", key, self.ttl_s)))
+            if removed:
+                commands.append(pack_command(("HDEL", key, *sorted(removed))))
+            commands.append(pack_command(("EXPIRE", key, ttl) if refresh or delete
+                                         else ("EXPIRE", key, ttl, "NX")))
+        for anon, user in aliases:
+            commands.append(pack_command(("SET", alias_key(self.prefix, anon), user, "EX", ttl)))
         self._send(commands)
         STATS.observe_since("feature_latency_ms", arrivals)
-        STATS.add("feature_writes", len(latest))
-        STATS.mark_users(latest.keys())
+        STATS.add("feature_writes", len(pending))
+        STATS.mark_users(u for u, e in pending.items() if e[1] is not None)
 
     def _send(self, commands: list[bytes]) -> None:
         """One round trip for the whole batch: the commands are packed by hiredis (C) and sent

@@ -48,6 +48,9 @@ class Event:
     cost: float
     ip: str
     properties: dict[str, Any] = field(default_factory=dict)
+    anon: str = ""  # anonymous_id, when given (identity stitching)
+    identified: bool = False  # user_id given: ``user`` is the user id
+    consent: bool | None = None  # context.consent.profiling; False = no profile
     partition: int = 0  # source partition, for the stream clock
     arrival_ms: int = 0  # wall time the record reached the system, for latency figures only
     raw: bytes = b""  # the original record, kept for a dead letter if the event turns out late
@@ -183,6 +186,7 @@ def decode(
         if user_id is None and anon_id is None:
             raise Reject("missing_user", "neither user_id nor anonymous_id")
         user = _check_id(user_id if user_id is not None else anon_id, "user")
+        anon = _check_id(anon_id, "user") if anon_id not in (None, "") else ""
         if etype == "track":
             name = _check_id(doc.get("event"), "event")
         else:
@@ -198,6 +202,8 @@ def decode(
         if not isinstance(utm, dict):
             raise Reject("bad_field", "context.campaign must be an object")
         campaign = _text(props, "campaign_id") or _text(utm, "name")
+        consent = ctx.get("consent")
+        profiling = consent.get("profiling") if isinstance(consent, dict) else None
         return Event(
             event_id=event_id,
             type=etype,
@@ -210,6 +216,9 @@ def decode(
             cost=_number(props, "cost"),
             ip=_text(ctx, "ip"),
             properties=props,
+            anon=anon,
+            identified=user_id is not None,
+            consent=profiling if isinstance(profiling, bool) else None,
             raw=raw,
         )
     except Reject as rej:

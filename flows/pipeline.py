@@ -1,20 +1,25 @@
 """The surgeflow dataflow, top-down: follow one event from the source to every output.
 
     events_in            raw records (Kafka, JSON-lines files or the synthetic generator)
-    decode_and_route     orjson decode + validation; good events grouped by user shard,
-                         bad records become dead letters (original bytes + reason)
-    user_shards          per shard: dedupe by event_id, late check against the watermark,
-                         windowed features, session, trigger rule, propensity model, minute
-                         aggregates; event-time timers fire as the watermark passes them
-      -> features_to_redis        one hash per user, absolute values, pipelined
-      -> aggregates_to_clickhouse minute partial rows per shard (merged at query time)
+    decode_and_route     orjson decode + validation; good events grouped by ingest shard
+                         (anonymous id, else user id); bad records become dead letters
+    ingest_shards        per shard: dedupe by event_id, late check against the watermark,
+                         minute aggregates, consent, identity links (anonymous id -> user id),
+                         anonymous visitors' profiles; identified events and the profiles of
+                         visitors who logged in are handed over to the profile shards
+    profile_shards       per shard: user profiles built from the feature registry, session,
+                         trigger rule, propensity model; event-time timers fire as the
+                         watermark passes them (windows decay, days pass, state expires)
+      -> features_to_redis        one sparse hash per profile, absolute values, pipelined
+      -> aggregates_to_clickhouse minute partial rows per ingest shard (merged at query time)
       -> actions_to_*             trigger actions: Kafka topic or JSON lines, and ClickHouse
       -> dead_letters_to_*        decode failures and late events
-    detect_anomalies     complete minutes merged from all shards, mu +/- k*sigma per series
+    detect_anomalies     complete minutes merged from all ingest shards, mu +/- k*sigma
       -> alerts_to_*              Kafka topic or JSON lines, ClickHouse, the log
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import zlib
@@ -30,7 +35,9 @@ from alerts.detectors import RollingGaussian
 from alerts.minute_metrics import EventsPerMinuteRule, MinuteMetrics
 from config.settings import Settings
 from flows.events import DeadLetter, Event, decode
-from flows.shard import Chunk, ShardConfig, ShardLogic, ShardOut
+from config.registry import Registry, load_registry
+from features.profile import FeaturePlan
+from flows.shard import Chunk, IngestLogic, ProfileLogic, ShardConfig, ShardOut
 from surgeflow.stats import STATS
 
 log = logging.getLogger("surgeflow.alerts")
@@ -38,19 +45,15 @@ DEAD = "dead"
 
 
 def shard_config(settings: Settings) -> ShardConfig:
-    f = settings.features
     return ShardConfig(
-        windows_min=tuple(f.windows_min),
-        counters=tuple(
-            (c.name, tuple(c.events), None if c.aggregate == "count" else c.aggregate[4:])
-            for c in f.counters
-        ),
         lateness_ms=int(settings.flow.allowed_lateness_s * 1000),
-        session_gap_ms=int(f.session_gap_min * 60_000),
         horizon_ms=int(settings.model.horizon_h * 3_600_000),
         learning_rate=settings.model.learning_rate,
         trigger_pages=settings.trigger.session_page_views,
         trigger_channel=settings.trigger.channel,
+        state_ttl_ms=int(settings.redis.ttl_days * 86_400_000),
+        profile_shards=settings.flow.profile_shards,
+        ingest_shards=settings.flow.shards,
     )
 
 
@@ -89,7 +92,7 @@ class DecodeAndRoute:
             ev.partition = part
             ts = getattr(msg, "timestamp", None)
             ev.arrival_ms = getattr(msg, "arrival_ms", 0) or (ts[1] if ts else now_ms)
-            routed[zlib.crc32(ev.user.encode()) % self.shards].append(ev)
+            routed[zlib.crc32((ev.anon or ev.user).encode()) % self.shards].append(ev)
             if ev.ts_ms > clocks.get(part, -1):
                 clocks[part] = ev.ts_ms
         STATS.add("events_in", len(batch))
@@ -142,10 +145,12 @@ class Outputs:
 
 
 def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions: int,
-               flow_id: str = "surgeflow") -> Dataflow:
+               flow_id: str = "surgeflow", registry: Registry | None = None,
+               snapshots: bool = False) -> Dataflow:
     shards = settings.flow.shards
     max_future = settings.flow.max_future_s
-    cfg = shard_config(settings)
+    cfg = dataclasses.replace(shard_config(settings), snapshots=snapshots)
+    plan = FeaturePlan(registry or load_registry(settings.features.registry))
 
     flow = Dataflow(flow_id)
     raw = op.input("events_in", flow, source)
@@ -155,10 +160,17 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     split = op.branch("split_dead_letters", routed, lambda kv: kv[0] != DEAD)
     bad = op.map("bad_records", split.falses, lambda kv: kv[1])
 
-    outs = op.stateful_batch("user_shards", split.trues, lambda resume: ShardLogic(cfg, resume))
-    results = op.map("shard_results", outs, lambda kv: kv[1])
+    ingested = op.stateful_batch("ingest_shards", split.trues,
+                                 lambda resume: IngestLogic(cfg, plan, resume))
+    ingested = op.map("ingest_results", ingested, lambda kv: kv[1])
+    handovers = op.flat_map("handovers", ingested, lambda o: o.handovers)
+    profiled = op.stateful_batch("profile_shards", handovers,
+                                 lambda resume: ProfileLogic(cfg, plan, resume))
+    profiled = op.map("profile_results", profiled, lambda kv: kv[1])
+    results = op.merge("shard_results", ingested, profiled)
 
-    features = op.filter_map("feature_values", results, lambda o: o.features or None)
+    features = op.filter_map("feature_values", results,
+                             lambda o: (o.features, o.aliases) if o.features or o.aliases else None)
     op.output("features_to_redis", features, outputs.features)
     aggregates = op.filter_map("minute_aggregates", results, lambda o: o.aggregates or None)
     op.output("aggregates_to_clickhouse", aggregates, outputs.aggregates)
@@ -181,9 +193,10 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
 
 
 def _counted_actions(o: ShardOut):
-    if o.events or o.duplicates:
+    if o.events or o.duplicates or o.consent_denied:
         STATS.add("events_unique", o.events)
         STATS.add("duplicates", o.duplicates)
+        STATS.add("consent_denied", o.consent_denied)
     if o.dead:
         STATS.add("events_dead_lettered", len(o.dead))
         STATS.add("late_events", len(o.dead))

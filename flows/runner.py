@@ -13,7 +13,8 @@ from bytewax.testing import cluster_main, run_main
 from config.settings import Settings
 from connectors import clickhouse, kafka
 from connectors.files import JsonLinesSink, JsonLinesSource
-from connectors.redis_features import RedisFeatureSink
+from config.registry import load_registry
+from connectors.redis_features import RedisFeatureSink, write_registry
 from connectors.synthetic import Anomaly, SyntheticSpec
 from connectors.synthetic_source import SyntheticSource
 from features.layout import user_key_pattern
@@ -103,9 +104,12 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
         k = settings.kafka
         kafka.ensure_topics(k.brokers, [k.actions_topic, k.alerts_topic, k.dead_letter_topic],
                             extra=k.client_config)
+    registry = load_registry(settings.features.registry)
+    write_registry(redis_url, settings.redis.key_prefix, registry.to_dict())
     if source is None:
         source, partitions = make_source(settings)
-    flow = build_flow(settings, source, make_outputs(settings, redis_url), partitions or 1)
+    flow = build_flow(settings, source, make_outputs(settings, redis_url), partitions or 1,
+                      registry=registry)
     epoch = timedelta(seconds=settings.flow.epoch_interval_s)
     workers = workers or settings.flow.workers
     # The shards hold many small long-lived objects; Python's default GC threshold (700) makes it

@@ -1,17 +1,21 @@
-"""One shard of users: dedupe, features, sessions, the trigger rule, the model, minute aggregates.
+"""The two keyed stages of the flow: ingest shards, then profile shards.
 
-Users are hashed into a fixed number of shards (configuration, not the worker count). A shard is
-the key of the dataflow's main stateful step; its state is this plain class, tested without the
-engine (``ShardState``), wrapped for Bytewax by ``ShardLogic``.
+Ingest shards (key: crc32 of the anonymous id, else the user id) deduplicate by event_id, check
+lateness, count minute aggregates, keep the identity links (anonymous id -> user id) and the
+profiles of anonymous visitors, and drop profiling for events without consent. Events of
+identified users go on to the profile shards (key: crc32 of the user id) in a :class:`Handover`.
+When a visitor logs in, its anonymous profile travels in the handover and is merged into the
+user's profile: a DAG, no cycle, so it runs unchanged in Bytewax cluster mode.
 
-Time. Every source batch reaches every shard as a :class:`Chunk`, carrying that batch's events for
-the shard and the highest event time per source partition. The stream clock is the minimum over
-all source partitions of their highest event time; the watermark is the clock minus the allowed
-lateness. The watermark is "now" for every user of the shard, whether or not they send anything:
-it fires timers (a bucket leaving a window, a model label whose horizon passed) and closes
-minutes. An event older than the watermark is late: dead-lettered with reason ``late_event``.
-At the end of a bounded input the watermark moves up to the clock (no later event can come).
-Nothing here reads the wall clock, so a replay of days of history gives the live run's results.
+Time. Every source batch reaches every ingest shard as a :class:`Chunk` with the highest event
+time per source partition. An ingest shard's clock is the minimum over all partitions of their
+highest event time; its watermark is the clock minus the allowed lateness. Profile shards take
+the minimum of the ingest shards' clocks, which travel in the handovers. The watermark is "now"
+for every profile, whether or not it sends anything: it fires timers (a bucket leaving a window,
+a day passing for "days since" features, a model label horizon, the state's time to live) and
+closes minutes. An event older than the watermark is late: dead-lettered with reason
+``late_event``. At the end of a bounded input the watermark moves up to the clock. Nothing here
+reads the wall clock, so a replay of days of history gives the live run's results.
 """
 from __future__ import annotations
 
@@ -23,10 +27,10 @@ from dataclasses import dataclass, field
 import orjson
 from bytewax.operators import StatefulBatchLogic
 
-from features.windows import MINUTE_MS, MinuteBuckets, minute_of
+from features.profile import MINUTE_MS, FeaturePlan, Profile
 from flows.events import DeadLetter, Event
 from models.propensity import PurchasePropensity
-from triggers.rules import VIEW_EVENTS, SessionPageViews, idempotency_key
+from triggers.rules import SessionPageViews
 
 END_OF_TIME = 2**62
 
@@ -40,22 +44,13 @@ def shard_of(user: str, shards: int) -> int:
     return zlib.crc32(user.encode("utf-8")) % shards
 
 
-def window_label(minutes: int) -> str:
-    """Feature-name suffix of a window.
-
-    >>> [window_label(m) for m in (60, 1440, 10080, 45)]
-    ['1h', '24h', '7d', '45m']
-    """
-    if minutes % 1440 == 0 and minutes >= 10080:
-        return f"{minutes // 1440}d"
-    if minutes % 60 == 0:
-        return f"{minutes // 60}h"
-    return f"{minutes}m"
+def minute_of(ts_ms: int) -> int:
+    return ts_ms // MINUTE_MS
 
 
 @dataclass(slots=True)
 class Chunk:
-    """What a shard receives per source batch: its events and the partitions' event-time progress."""
+    """What an ingest shard receives per source batch: its events and the partitions' progress."""
 
     shard: int
     events: list[Event]
@@ -63,22 +58,39 @@ class Chunk:
     partitions: int  # number of source partitions
 
 
+@dataclass(slots=True)
+class Handover:
+    """Ingest shard -> profile shard: events, anonymous profiles to merge, consent withdrawals,
+    in order, and the ingest shard's clock."""
+
+    shard: int
+    source: int
+    ops: list  # Event | ("merge", user, Profile) | ("forget", user)
+    clock: int | None
+    final: bool = False
+
+
+@dataclass(slots=True)
+class Write:
+    """One profile's Redis write: absolute values (None: delete the key), fields to remove."""
+
+    user: str
+    values: dict[str, str] | None
+    removed: tuple[str, ...] = ()
+    refresh_ttl: bool = False  # the user was active: the key's time to live starts again
+    arrival_ms: int = 0
+
+
 @dataclass(frozen=True)
 class ShardConfig:
-    windows_min: tuple[int, ...] = (60, 1440)
-    # (feature name, event names, property to sum or None to count)
-    counters: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
-        ("views", ("page_view", "product_viewed"), None),
-        ("add_to_cart", ("add_to_cart",), None),
-        ("orders", ("order_completed",), None),
-        ("revenue", ("order_completed",), "revenue"),
-    )
     lateness_ms: int = 60_000
-    session_gap_ms: int = 30 * 60_000
     horizon_ms: int = 24 * 3_600_000
     learning_rate: float = 0.05
     trigger_pages: int = 3
     trigger_channel: str = "push"
+    state_ttl_ms: int = 90 * 86_400_000  # a profile silent this long is forgotten (Redis TTL)
+    profile_shards: int = 16
+    ingest_shards: int = 8
     # Snapshots are only worth their cost when a recovery store keeps them.
     snapshots: bool = False
 
@@ -88,76 +100,185 @@ class ShardOut:
     """Everything one shard step produces; empty lists when nothing happened."""
 
     shard: int
-    features: list[tuple[str, dict[str, str], int]] = field(default_factory=list)  # + arrival
+    features: list[Write] = field(default_factory=list)
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # anonymous id -> user id
     actions: list[dict] = field(default_factory=list)  # "_"-prefixed keys are not published
     aggregates: list[tuple] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     # (shard, closed_through_minute, {minute: {series: count}}) for the metric detectors
     report: tuple[int, int, dict[int, dict[str, int]]] | None = None
+    handovers: list[tuple[str, Handover]] = field(default_factory=list)
     events: int = 0
     duplicates: int = 0
+    consent_denied: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.features or self.actions or self.aggregates or self.dead or self.report)
+        return bool(self.features or self.aliases or self.actions or self.aggregates or self.dead
+                    or self.report or self.handovers or self.events or self.duplicates
+                    or self.consent_denied)
 
 
-class UserState:
-    __slots__ = ("buckets", "last_seen", "as_of", "session_id", "session_last",
-                 "session_pages", "campaign", "next_due", "arrival_ms")
+class ProfileStore:
+    """Profiles of one shard, their event-time timers, the trigger rule and the model."""
 
-    def __init__(self, n_metrics: int):
-        self.buckets = MinuteBuckets(n_metrics)
-        self.last_seen = 0
-        self.as_of = 0  # event time the written values refer to; never moves back
-        self.session_id = ""
-        self.session_last = -END_OF_TIME
-        self.session_pages = 0
-        self.campaign = ""
-        self.next_due: int | None = None
-        self.arrival_ms = 0  # latest arrival among unflushed events (latency figures only)
-
-
-class ShardState:
-    def __init__(self, shard: int, config: ShardConfig):
-        self.shard = shard
+    def __init__(self, plan: FeaturePlan, config: ShardConfig):
+        self.plan = plan
         self.config = config
-        self.windows = list(config.windows_min)
-        self.longest = max(self.windows)
-        self.metric_of: dict[str, list[tuple[int, str | None]]] = {}
-        for i, (_, names, prop) in enumerate(config.counters):
-            for name in names:
-                self.metric_of.setdefault(name, []).append((i, prop))
-        # Flat names matching MinuteBuckets.window_totals: every counter of window 0, then 1...
-        self.feature_names = [f"{c[0]}_{window_label(w)}" for w in self.windows
-                              for c in config.counters]
-        self.is_count = [c[2] is None for w in self.windows for c in config.counters]
+        self.users: dict[str, Profile] = {}
+        self.timers: list[tuple[int, str]] = []
+        self.dirty: set[str] = set()
+        self.watermark = -END_OF_TIME
         self.rule = SessionPageViews(config.trigger_pages, config.trigger_channel)
         self.model = PurchasePropensity(config.horizon_ms, config.learning_rate)
-        self.users: dict[str, UserState] = {}
+
+    def apply(self, e: Event, out: ShardOut) -> None:
+        p = self.users.get(e.user)
+        if p is None:
+            p = self.users[e.user] = self.plan.new_profile()
+        self.plan.apply(p, e)
+        self.dirty.add(e.user)
+        if e.name in self.plan.view_events:
+            s = self.plan.session(p)
+            if s is not None and s[0] <= e.ts_ms <= s[1]:
+                if s[2] == 1:
+                    self.model.remember(e.user, e.ts_ms, self.plan.model_x_of(p, s[2]))
+                action = self.rule.action(e.user, _session_id(e.user, s[0]), s[2], e.campaign, e.ts_ms)
+                if action is not None:
+                    out.actions.append({**action.to_dict(), "_arrival_ms": e.arrival_ms})
+        elif e.name == "order_completed":
+            self.model.on_order(e.user, e.ts_ms)
+
+    def absorb(self, user: str, other: Profile) -> None:
+        p = self.users.get(user)
+        if p is None:
+            self.users[user] = other
+            other.next_due = None
+        else:
+            p.merge(other)
+        self.model.adopt(user, other.pending_examples)
+        other.pending_examples = None
+        self.dirty.add(user)
+
+    def take(self, user: str) -> Profile | None:
+        """Remove a profile from this shard (it moves to another), with its model examples."""
+        p = self.users.pop(user, None)
+        self.dirty.discard(user)
+        if p is not None:
+            p.pending_examples = self.model.pending.pop(user, None)
+        return p
+
+    def forget(self, user: str, out: ShardOut) -> None:
+        """Profiling consent withdrawn: the state and the stored profile go."""
+        self.users.pop(user, None)
+        self.model.pending.pop(user, None)
+        self.dirty.discard(user)
+        out.features.append(Write(user, None))
+
+    # -- time ------------------------------------------------------------------------------
+    def advance(self, watermark: int, out: ShardOut) -> None:
+        if watermark <= self.watermark:
+            return
+        self.watermark = watermark
+        ttl = self.config.state_ttl_ms
+        while self.timers and self.timers[0][0] <= watermark:
+            due, name = heapq.heappop(self.timers)
+            p = self.users.get(name)
+            if p is None or p.next_due != due:
+                continue  # superseded by a later schedule
+            p.next_due = None
+            if due >= p.last_event + ttl:
+                del self.users[name]  # silent for the time to live: forget it, as Redis does
+                self.model.pending.pop(name, None)
+                self.dirty.discard(name)
+                out.features.append(Write(name, None))
+                continue
+            self.plan.advance(p, due)
+            self.model.expire(name, due)
+            self.dirty.add(name)
+            self._schedule(name, p)  # the next change may come before this watermark too
+
+    def finish(self, clock: int, out: ShardOut) -> None:
+        """End of a bounded input: every profile as of the end (a replay ends "now" there)."""
+        self.advance(clock, out)
+        for name, p in self.users.items():
+            if self.watermark > p.as_of:
+                self.plan.advance(p, self.watermark)
+                self.dirty.add(name)
+        self.flush(out)
+
+    # -- output ----------------------------------------------------------------------------
+    def flush(self, out: ShardOut) -> None:
+        """Values of every profile touched since the last flush, as absolute values."""
+        plan, bit = self.plan, self.plan.bit
+        for name in sorted(self.dirty):
+            p = self.users.get(name)
+            if p is None:
+                continue
+            plan.prune_sessions(p, self.watermark)
+            values, num = plan.values(name, p)
+            values["p_purchase_24h"] = f"{self.model.predict_one(plan.model_x(num)):.6f}"
+            mask = 0
+            for f in values:
+                mask |= bit.get(f, 0)
+            removed = p.written & ~mask
+            out.features.append(Write(
+                name, values, tuple(f for f in plan.fields if bit[f] & removed) if removed else (),
+                p.active, p.arrival_ms))
+            p.written = mask
+            p.active = False
+            p.arrival_ms = 0
+            self._schedule(name, p)
+        self.dirty.clear()
+
+    def _schedule(self, name: str, p: Profile) -> None:
+        due = p.last_event + self.config.state_ttl_ms
+        expiry = p.buckets.next_expiry()
+        for t in (expiry * MINUTE_MS if expiry is not None else None, self.plan.day_due(p),
+                  self.model.next_due(name)):
+            if t is not None and t < due:
+                due = t
+        if due != p.next_due:
+            p.next_due = due
+            heapq.heappush(self.timers, (due, name))
+
+
+def _session_id(user: str, start: int) -> str:
+    from triggers.rules import idempotency_key
+    return idempotency_key("session", user, str(start))
+
+
+class IngestShard:
+    def __init__(self, shard: int, config: ShardConfig, plan: FeaturePlan):
+        self.shard = shard
+        self.config = config
+        self.store = ProfileStore(plan, config)  # anonymous visitors
+        self.links: dict[str, str] = {}  # anonymous id -> user id
         self.seen: dict[str, int] = {}  # event_id -> ts, kept while a duplicate could be on time
         self.part_max: dict[int, int] = {}
         self.partitions = 1
         self.watermark = -END_OF_TIME
-        self.timers: list[tuple[int, str]] = []
+        self.clock: int | None = None
+        self.sent_clock: dict[int, int | None] = {}
         # minute -> (channel, campaign, event name) -> [events, revenue, cost, users]
         self.minutes: dict[int, dict[tuple[str, str, str], list]] = {}
         self.closed_through = -END_OF_TIME  # last minute reported to the detectors
-        self.dirty: set[str] = set()
         self.late_events = 0
 
     # -- input ---------------------------------------------------------------------------
     def ingest(self, chunk: Chunk, out: ShardOut) -> None:
+        ops: dict[int, list] = {}
         for event in chunk.events:
-            self._event(event, out)
+            self._event(event, out, ops)
         for part, ts in chunk.clocks.items():
             if ts > self.part_max.get(part, -END_OF_TIME):
                 self.part_max[part] = ts
         self.partitions = max(self.partitions, chunk.partitions)
         if len(self.part_max) >= self.partitions:
-            clock = min(self.part_max.values())
-            self.advance(clock - self.config.lateness_ms, out)
+            self.clock = min(self.part_max.values())
+            self.advance(self.clock - self.config.lateness_ms, out)
+        self._hand_over(ops, out)
 
-    def _event(self, e: Event, out: ShardOut) -> None:
+    def _event(self, e: Event, out: ShardOut, ops: dict[int, list]) -> None:
         ts = e.ts_ms
         if ts < self.watermark:
             self.late_events += 1
@@ -169,42 +290,58 @@ class ShardState:
             return
         self.seen[e.event_id] = ts
         out.events += 1
-        user = self.users.get(e.user)
-        if user is None:
-            user = self.users[e.user] = UserState(len(self.config.counters))
+        self._aggregate(e, ts)
+        e.raw = b""  # the original bytes are only needed for a late event's dead letter
+        profile_shards = self.config.profile_shards
+        if not e.identified and e.user in self.links:
+            e.user = self.links[e.user]
+            e.identified = True
+        if e.consent is False:  # no profiling, and no identity link either
+            out.consent_denied += 1
+            if e.identified:
+                ops.setdefault(shard_of(e.user, profile_shards), []).append(("forget", e.user))
+            elif e.user in self.store.users:
+                self.store.forget(e.user, out)
+            return
+        if e.identified and e.anon and e.anon != e.user and e.anon not in self.links:
+            self.links[e.anon] = e.user
+            out.aliases.append((e.anon, e.user))
+            anonymous = self.store.take(e.anon)
+            if anonymous is not None:
+                out.features.append(Write(e.anon, None))
+                ops.setdefault(shard_of(e.user, profile_shards), []).append(
+                    ("merge", e.user, anonymous))
+        if e.identified:
+            ops.setdefault(shard_of(e.user, profile_shards), []).append(e)
+        else:
+            self.store.apply(e, out)
+
+    def _aggregate(self, e: Event, ts: int) -> None:
         minute = ts // MINUTE_MS
-        for idx, prop in self.metric_of.get(e.name, ()):
-            user.buckets.add(minute, idx, 1.0 if prop is None else _prop(e, prop))
-        if ts > user.last_seen:
-            user.last_seen = ts
-        if ts > user.as_of:
-            user.as_of = ts
-        if e.campaign:
-            user.campaign = e.campaign
-        if e.arrival_ms > user.arrival_ms:
-            user.arrival_ms = e.arrival_ms
-        if ts - user.session_last > self.config.session_gap_ms:
-            user.session_id = idempotency_key("session", e.user, str(ts))
-            user.session_pages = 0
-        if ts > user.session_last:
-            user.session_last = ts
-        if e.name in VIEW_EVENTS:
-            user.session_pages += 1
-            if user.session_pages == 1:
-                self.model.remember(e.user, ts, self._model_x(user))
-            action = self.rule.action(e.user, user.session_id, user.session_pages, user.campaign, ts)
-            if action is not None:
-                out.actions.append({**action.to_dict(), "_arrival_ms": e.arrival_ms})
-        elif e.name == "order_completed":
-            self.model.on_order(e.user, ts)
-        row = self.minutes.setdefault(minute, {}).get((e.channel, e.campaign, e.name))
+        rows = self.minutes.get(minute)
+        if rows is None:
+            rows = self.minutes[minute] = {}
+        row = rows.get((e.channel, e.campaign, e.name))
         if row is None:
-            row = self.minutes[minute][(e.channel, e.campaign, e.name)] = [0, 0.0, 0.0, set()]
+            row = rows[(e.channel, e.campaign, e.name)] = [0, 0.0, 0.0, set()]
         row[0] += 1
         row[1] += e.revenue
         row[2] += e.cost
         row[3].add(e.user)
-        self.dirty.add(e.user)
+
+    def _hand_over(self, ops: dict[int, list], out: ShardOut, final: bool = False) -> None:
+        """Send each profile shard its operations, and the clock when it moved a minute (or at
+        the first and the last batch): enough for minute windows, without a message per batch."""
+        clock = self.clock
+        for j in range(self.config.profile_shards):
+            items = ops.get(j)
+            sent = self.sent_clock.get(j, -END_OF_TIME)
+            moved = clock is not None and (sent is None or sent == -END_OF_TIME
+                                           or minute_of(clock) != minute_of(sent))
+            if items or moved or final or j not in self.sent_clock:
+                out.handovers.append((f"profiles-{j:04d}",
+                                      Handover(j, self.shard, items or [], clock, final)))
+                self.sent_clock[j] = clock
 
     # -- time ----------------------------------------------------------------------------
     def advance(self, watermark: int, out: ShardOut, *, final: bool = False) -> None:
@@ -213,16 +350,7 @@ class ShardState:
             return
         previous_minute = minute_of(self.watermark) if self.watermark > -END_OF_TIME else None
         self.watermark = max(self.watermark, watermark)
-        while self.timers and self.timers[0][0] <= self.watermark:
-            due, name = heapq.heappop(self.timers)
-            user = self.users.get(name)
-            if user is None or user.next_due != due:
-                continue  # superseded by a later schedule
-            user.next_due = None
-            if due > user.as_of:
-                user.as_of = due
-            self.model.expire(name, due)
-            self.dirty.add(name)
+        self.store.advance(self.watermark, out)
         closed = minute_of(self.watermark) - 1  # minutes ending at or before the watermark
         if final:
             closed_rows = sorted(self.minutes)  # end of input: flush even partial minutes
@@ -249,66 +377,41 @@ class ShardState:
     def finish(self, out: ShardOut) -> None:
         """End of a bounded input: no event can be late any more, so now = the clock."""
         clock = min(self.part_max.values()) if self.part_max else self.watermark
-        self.advance(max(clock, self.watermark), out, final=True)
-        # Every user's features as of the end of the input (a replay ends "now" there).
-        for name, user in self.users.items():
-            if self.watermark > user.as_of:
-                user.as_of = self.watermark
-                self.dirty.add(name)
-        self.flush(out)
-
-    # -- output --------------------------------------------------------------------------
-    def _model_x(self, user: UserState, totals: list[float] | None = None) -> dict[str, float]:
-        if totals is None:
-            totals = user.buckets.window_totals(self.windows, minute_of(user.as_of))
-        x = dict(zip(self.feature_names, totals))
-        x["session_pages"] = float(user.session_pages)
-        return x
-
-    def flush(self, out: ShardOut) -> None:
-        """Feature values of every user touched since the last flush, as absolute values."""
-        for name in sorted(self.dirty):
-            user = self.users.get(name)
-            if user is None:
-                continue
-            as_of_min = minute_of(user.as_of)
-            user.buckets.prune(self.longest, as_of_min)
-            totals = user.buckets.window_totals(self.windows, as_of_min)
-            x = self._model_x(user, totals)
-            values = {name: (str(int(v)) if count else f"{v:.2f}")
-                      for name, v, count in zip(self.feature_names, totals, self.is_count)}
-            values["last_seen"] = str(user.last_seen)
-            values["session_id"] = user.session_id
-            values["session_pages"] = str(user.session_pages)
-            values["p_purchase_24h"] = f"{self.model.predict_one(x):.6f}"
-            values["as_of"] = str(user.as_of)
-            out.features.append((name, values, user.arrival_ms))
-            user.arrival_ms = 0
-            self._schedule(name, user, as_of_min)
-            if (not user.buckets and user.next_due is None
-                    and self.watermark - user.session_last > self.config.session_gap_ms):
-                del self.users[name]  # nothing left that time can change: free the state
-        self.dirty.clear()
-
-    def _schedule(self, name: str, user: UserState, as_of_min: int) -> None:
-        expiry = user.buckets.next_expiry(self.windows, as_of_min)
-        due = expiry * MINUTE_MS if expiry is not None else None
-        label_due = self.model.next_due(name)
-        if label_due is not None and (due is None or label_due < due):
-            due = label_due
-        if due != user.next_due:
-            user.next_due = due
-            if due is not None:
-                heapq.heappush(self.timers, (due, name))
+        self.clock = max(clock, self.watermark)
+        self.advance(self.clock, out, final=True)
+        self.store.finish(self.clock, out)
+        self._hand_over({}, out, final=True)
 
 
-def _prop(e: Event, prop: str) -> float:
-    if prop == "revenue":
-        return e.revenue
-    if prop == "cost":
-        return e.cost
-    value = e.properties.get(prop)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+class ProfileShard:
+    def __init__(self, shard: int, config: ShardConfig, plan: FeaturePlan):
+        self.shard = shard
+        self.config = config
+        self.store = ProfileStore(plan, config)
+        self.clocks: dict[int, int | None] = {}  # ingest shard -> its clock
+
+    def receive(self, h: Handover, out: ShardOut) -> None:
+        store = self.store
+        for op in h.ops:
+            if type(op) is Event:
+                store.apply(op, out)
+            elif op[0] == "merge":
+                store.absorb(op[1], op[2])
+            else:
+                store.forget(op[1], out)
+        self.clocks[h.source] = h.clock
+        clock = self.clock()
+        if clock is not None:
+            store.advance(clock - self.config.lateness_ms, out)
+
+    def clock(self) -> int | None:
+        if len(self.clocks) < self.config.ingest_shards or None in self.clocks.values():
+            return None
+        return min(self.clocks.values())
+
+    def finish(self, out: ShardOut) -> None:
+        clock = self.clock()
+        self.store.finish(clock if clock is not None else self.store.watermark, out)
 
 
 def _event_bytes(e: Event) -> bytes:
@@ -317,23 +420,36 @@ def _event_bytes(e: Event) -> bytes:
                          "timestamp": e.ts_ms, "channel": e.channel})
 
 
-class ShardLogic(StatefulBatchLogic):
-    """Bytewax adapter around one ShardState. The builder does not get the key, so the state is
-    created from the first chunk (which names its shard). Snapshots are pickled bytes: immutable
-    and cheaper than a deep copy."""
+class _Logic(StatefulBatchLogic):
+    """Bytewax adapter. The builder does not get the key, so the state is created from the first
+    item (which names its shard). Snapshots are pickled bytes: immutable, cheaper than a copy."""
 
-    def __init__(self, config: ShardConfig, resume: bytes | None):
+    def __init__(self, config: ShardConfig, plan: FeaturePlan, resume: bytes | None):
         self.config = config
-        self.state: ShardState | None = pickle.loads(resume) if resume is not None else None
+        self.plan = plan
+        self.state = pickle.loads(resume) if resume is not None else None
+        if self.state is not None:
+            self.state.store.plan = plan
 
+    def snapshot(self) -> bytes | None:
+        if self.state is None or not self.config.snapshots:
+            return None  # no recovery store: pickling every shard each epoch would be wasted
+        plan, self.state.store.plan = self.state.store.plan, None
+        try:
+            return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            self.state.store.plan = plan
+
+
+class IngestLogic(_Logic):
     def on_batch(self, chunks: list[Chunk]):
         if self.state is None:
-            self.state = ShardState(chunks[0].shard, self.config)
+            self.state = IngestShard(chunks[0].shard, self.config, self.plan)
         out = ShardOut(self.state.shard)
         for chunk in chunks:
             self.state.ingest(chunk, out)
-        self.state.flush(out)
-        return ([out] if out or out.events or out.duplicates else []), False
+        self.state.store.flush(out)
+        return ([out] if out else []), False
 
     def on_eof(self):
         if self.state is None:
@@ -342,7 +458,20 @@ class ShardLogic(StatefulBatchLogic):
         self.state.finish(out)
         return ([out] if out else []), False
 
-    def snapshot(self) -> bytes | None:
-        if self.state is None or not self.config.snapshots:
-            return None  # no recovery store: pickling every shard each epoch would be wasted
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+
+class ProfileLogic(_Logic):
+    def on_batch(self, handovers: list[Handover]):
+        if self.state is None:
+            self.state = ProfileShard(handovers[0].shard, self.config, self.plan)
+        out = ShardOut(self.state.shard)
+        for h in handovers:
+            self.state.receive(h, out)
+        self.state.store.flush(out)
+        return ([out] if out else []), False
+
+    def on_eof(self):
+        if self.state is None:
+            return [], False
+        out = ShardOut(self.state.shard)
+        self.state.finish(out)
+        return ([out] if out else []), False

@@ -75,6 +75,11 @@ class PurchasePropensity:
         self.learned += n
         return n
 
+    def adopt(self, user: str, examples: list[tuple[int, dict[str, float]]] | None) -> None:
+        """Take over another profile's unlabelled examples (identity stitching)."""
+        if examples:
+            self.pending.setdefault(user, []).extend(examples)
+
     def next_due(self, user: str) -> int | None:
         examples = self.pending.get(user)
         return min(ts for ts, _ in examples) + self.horizon_ms if examples else None

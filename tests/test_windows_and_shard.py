@@ -1,86 +1,89 @@
-"""Pure logic of features and time: sliding windows, watermark, timers, dedupe, late events."""
+"""Pure logic of features and time: sliding windows, watermark, timers, dedupe, late events,
+identity stitching and consent, through both keyed stages (tests/engine_harness.py)."""
+import pickle
+
 from hypothesis import given, settings, strategies as st
 
-from features.windows import MinuteBuckets
-from flows.events import Event
-from flows.shard import Chunk, ShardConfig, ShardOut, ShardState
+from features.buckets import MinuteBuckets
+from flows.shard import Chunk, IngestShard, ShardConfig, ShardOut
+from tests.engine_harness import Harness, event as ev
 
 H = 3_600_000
-T0 = 1_795_392_000_000
-
-
-def ev(i, user, name, ts, revenue=0.0):
-    return Event(f"e{i}", "track", name, user, ts, "web", "cmp", revenue, 0.0, "")
+DAY = 86_400_000
+T0 = 1_795_392_000_000  # 2026-11-24T00:00Z
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 2), st.floats(0, 100)), max_size=60),
-       st.integers(0, 3200), st.sampled_from([1, 60, 1440]))
-def test_bucket_totals_equal_brute_force(adds, as_of, window):
-    b = MinuteBuckets(3)
-    for minute, metric, value in adds:
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 2), st.integers(-50, 100)), max_size=60),
+       st.lists(st.integers(0, 3200), min_size=1, max_size=5))
+def test_bucket_totals_equal_brute_force(adds, nows):
+    """Adds interleaved with "now" moving forward: every slot equals its definition."""
+    slots = [(m, w) for m in range(3) for w in (1, 60, 1440, None)]
+    b = MinuteBuckets(slots)
+    nows = sorted(nows)
+    done = []
+    for i, (minute, metric, value) in enumerate(adds):
+        if i < len(nows):
+            b.advance(nows[i])
         b.add(minute, metric, value)
-    combined = b.window_totals([window, 60], as_of)
-    for metric in range(3):
-        for i, w in enumerate([window, 60]):
-            expected = sum(v for m, k, v in adds if k == metric and as_of - w < m <= as_of)
-            assert abs(combined[i * 3 + metric] - expected) < 1e-6
-        assert abs(b.total(metric, window, as_of) - combined[metric]) < 1e-6
+        done.append((minute, metric, value))
+    b.advance(nows[-1] + 1)
+    now = b.now
+    for slot, (metric, w) in enumerate(slots):
+        expected = sum(v for m, k, v in done if k == metric and (w is None or now - w < m <= now))
+        assert b.totals[slot] == expected
 
 
-@given(st.lists(st.integers(0, 3000), min_size=1, max_size=30), st.integers(0, 3000))
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 3000), min_size=1, max_size=30), st.integers(3000, 4000))
 def test_next_expiry_is_the_first_change(minutes, as_of):
-    b = MinuteBuckets(1)
+    b = MinuteBuckets([(0, 60), (0, 1440)])
+    b.advance(as_of)
     for m in minutes:
-        b.add(m, 0, 1.0)
-    nxt = b.next_expiry([60, 1440], as_of)
-    totals = lambda t: (b.total(0, 60, t), b.total(0, 1440, t))  # noqa: E731
+        b.add(m, 0, 1)
+    nxt = b.next_expiry()
+    before = list(b.totals)
     if nxt is None:
         return
     assert nxt > as_of
-    # no window changes between as_of+1 and nxt-1 from expiry alone (no new buckets after as_of)
-    if max(minutes) <= as_of:
-        assert all(totals(t) == totals(as_of) for t in range(as_of, nxt))
-        assert totals(nxt) != totals(as_of)
-
-
-def features_of(out: ShardOut) -> dict:
-    latest = {}
-    for user, values, _ in out.features:
-        latest[user] = values
-    return latest
+    probe = pickle.loads(pickle.dumps(b))
+    probe.advance(nxt - 1)
+    assert list(probe.totals) == before  # nothing left a window before nxt
+    probe.advance(nxt)
+    assert list(probe.totals) != before
 
 
 def test_counts_decay_with_the_watermark_when_the_user_is_silent():
-    s = ShardState(0, ShardConfig(lateness_ms=0))
-    out = ShardOut(0)
-    s.ingest(Chunk(0, [ev(1, "quiet", "page_view", T0)], {0: T0}, 1), out)
-    s.flush(out)
-    assert features_of(out)["quiet"]["views_1h"] == "1"
+    h = Harness()
+    h.feed([ev(1, "quiet", "page_view", T0)])
+    assert h.features("quiet")["views_1h"] == "1"
     # Another user's traffic moves the stream clock; the quiet user's 1h count must expire.
-    out = ShardOut(0)
-    s.ingest(Chunk(0, [ev(2, "busy", "page_view", T0 + H + 60_000)], {0: T0 + H + 60_000}, 1), out)
-    s.flush(out)
-    quiet = features_of(out)["quiet"]
-    assert (quiet["views_1h"], quiet["views_24h"]) == ("0", "1")
+    h.feed([ev(2, "busy", "page_view", T0 + H + 60_000)])
+    quiet = h.features("quiet")
+    assert "views_1h" not in quiet and quiet["views_24h"] == "1"  # sparse: 0 is not stored
     assert int(quiet["as_of"]) == T0 + H  # the minute its bucket left the window
+    # A day later "days since" and "account age" move, and after 30 days the user is churned.
+    h.feed([ev(3, "busy", "page_view", T0 + 31 * DAY)])
+    quiet = h.features("quiet")
+    assert quiet["account_age_days"] == "31" and quiet["lifecycle"] == "churned"
+    assert quiet["activity"] == "silent" and "views_30d" not in quiet
 
 
 def test_late_events_are_dead_lettered_and_duplicates_dropped():
-    s = ShardState(0, ShardConfig(lateness_ms=60_000))
+    s = IngestShard(0, ShardConfig(lateness_ms=60_000, profile_shards=1, ingest_shards=1), Harness().plan)
     out = ShardOut(0)
     s.ingest(Chunk(0, [ev(1, "u", "page_view", T0 + 10 * 60_000)], {0: T0 + 10 * 60_000}, 1), out)
     s.ingest(Chunk(0, [ev(1, "u", "page_view", T0 + 10 * 60_000)], {}, 1), out)  # retry
     s.ingest(Chunk(0, [ev(3, "u", "page_view", T0 + 9 * 60_000 + 30_000)], {}, 1), out)  # in time
     s.ingest(Chunk(0, [ev(4, "u", "page_view", T0 + 5 * 60_000)], {}, 1), out)  # too late
-    s.flush(out)
     assert out.duplicates == 1 and out.events == 2
-    assert [d.reason for d in out.dead] == ["late_event"]
-    assert features_of(out)["u"]["views_1h"] == "2"
+    assert [d.reason for d in out.dead] == ["late_event"] and s.late_events == 1
+    forwarded = [e.event_id for _, h in out.handovers for e in h.ops]
+    assert forwarded == ["e1", "e3"]
 
 
 def test_minutes_close_only_when_every_partition_passed_them():
-    s = ShardState(0, ShardConfig(lateness_ms=0))
+    s = IngestShard(0, ShardConfig(lateness_ms=0, profile_shards=1, ingest_shards=1), Harness().plan)
     out = ShardOut(0)
     s.ingest(Chunk(0, [ev(1, "a", "page_view", T0)], {0: T0 + 5 * 60_000}, 2), out)
     assert out.aggregates == [] and out.report is None  # partition 1 not heard from yet
@@ -90,38 +93,77 @@ def test_minutes_close_only_when_every_partition_passed_them():
 
 
 def test_third_view_of_a_session_fires_once_and_a_new_session_fires_again():
-    s = ShardState(0, ShardConfig(lateness_ms=0))
-    out = ShardOut(0)
+    h = Harness()
     times = [0, 10_000, 20_000, 30_000, 40 * 60_000, 41 * 60_000, 42 * 60_000]
-    s.ingest(Chunk(0, [ev(i, "u", "page_view", T0 + t) for i, t in enumerate(times)], {0: T0}, 1), out)
-    assert [a["event_ts_ms"] - T0 for a in out.actions] == [20_000, 42 * 60_000]
-    assert len({a["action_id"] for a in out.actions}) == 2
+    h.feed([ev(i, "u", "page_view", T0 + t) for i, t in enumerate(times)])
+    assert [a["event_ts_ms"] - T0 for a in h.actions] == [20_000, 42 * 60_000]
+    assert len({a["action_id"] for a in h.actions}) == 2
+    assert h.features("u")["session_pages"] == "3"
+
+
+def test_a_visitor_who_logs_in_is_merged_into_the_user():
+    h = Harness()
+    h.feed([ev(1, "anon-1", "page_view", T0, campaign="c1"),
+            ev(2, "anon-1", "add_to_cart", T0 + 60_000, props={"price": 10.0, "quantity": 2})])
+    assert h.features("anon-1")["cart_items"] == "2"
+    h.feed([ev(3, "u9", "login", T0 + 120_000, anon="anon-1"),
+            ev(4, "u9", "page_view", T0 + 180_000, anon="anon-1", campaign="c2")])
+    # events of the visitor that arrive after the link are the user's too
+    h.feed([ev(5, "anon-1", "page_view", T0 + 240_000)])
+    h.finish()
+    assert h.features("anon-1") is None and h.aliases == {"anon-1": "u9"}
+    u = h.features("u9")
+    assert (u["views_1h"], u["cart_items"], u["cart_value"], u["logins_1h"]) == ("3", "2", "20.00", "1")
+    assert (u["first_touch_campaign"], u["last_touch_campaign"], u["first_seen"]) == ("c1", "c2", str(T0))
+    assert u["session_pages"] == "3"  # one session across the login
+
+
+def test_without_profiling_consent_there_is_no_profile_and_withdrawal_deletes_it():
+    h = Harness()
+    h.feed([ev(1, "u1", "page_view", T0), ev(2, "u2", "page_view", T0, consent=False),
+            ev(3, "anon-7", "page_view", T0)])
+    assert h.features("u1") and h.features("u2") is None and h.features("anon-7")
+    h.feed([ev(4, "u1", "page_view", T0 + 1000, consent=False),
+            ev(5, "anon-7", "page_view", T0 + 1000, consent=False)])
+    assert h.features("u1") is None and h.features("anon-7") is None
+    assert sum(len(s.store.users) for s in h.profiles.values()) == 0
+
+
+def test_days_since_last_order_moves_at_day_and_month_boundaries():
+    h = Harness()
+    jan31 = 1_769_903_940_000  # 2026-01-31T23:59Z
+    h.feed([ev(1, "u", "order_completed", jan31, revenue=50.0)])
+    h.feed([ev(2, "other", "page_view", jan31 + 60_000)])  # 2026-02-01T00:00Z
+    assert h.features("u")["days_since_last_order"] == "0"  # whole days, not calendar days
+    h.feed([ev(3, "other", "page_view", jan31 + DAY)])
+    assert h.features("u")["days_since_last_order"] == "1"
+    assert h.features("u")["rfm_tier"] == "general-develop"
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 180), st.sampled_from(
-    ["page_view", "add_to_cart", "order_completed"])), min_size=1, max_size=40),
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "anon-c"]), st.integers(0, 180), st.sampled_from(
+    ["page_view", "add_to_cart", "order_completed", "login"])), min_size=1, max_size=40),
     st.integers(1, 10))
-def test_chunking_does_not_change_final_features(events, chunk_size):
+def test_batching_and_restore_do_not_change_final_features(events, size):
     """Snapshot/restore mid-stream and any batching give the same final features."""
-    import pickle
     evs = sorted(events, key=lambda e: e[1])
-    items = [ev(i, u, n, T0 + m * 60_000, 10.0) for i, (u, m, n) in enumerate(evs)]
+    items = [ev(i, u, n, T0 + m * 60_000, revenue=10.0,
+                anon="anon-c" if u == "b" and n == "login" else "") for i, (u, n, m) in
+             enumerate((u, n, m) for u, m, n in evs)]
 
-    def run(size, restore):
-        s = ShardState(0, ShardConfig(lateness_ms=0))
-        final = {}
-        for i in range(0, len(items), size):
-            out = ShardOut(0)
-            part = items[i:i + size]
-            s.ingest(Chunk(0, part, {0: max(e.ts_ms for e in part)}, 1), out)
-            s.flush(out)
-            final.update(features_of(out))
+    def run(batch, restore):
+        h = Harness()
+        for i in range(0, len(items), batch):
+            h.feed(items[i:i + batch])
             if restore:
-                s = pickle.loads(pickle.dumps(s))
-        out = ShardOut(0)
-        s.finish(out)
-        final.update(features_of(out))
-        return {u: {k: v for k, v in f.items() if k != "p_purchase_24h"} for u, f in final.items()}
+                plan, h.plan = h.plan, None
+                for s in [*h.ingest, *h.profiles.values()]:
+                    s.store.plan = None
+                h = pickle.loads(pickle.dumps(h))
+                h.plan = plan
+                for s in [*h.ingest, *h.profiles.values()]:
+                    s.store.plan = plan
+        h.finish()
+        return {u: h.features(u) for u in h.redis}, h.aliases
 
-    assert run(len(items), False) == run(chunk_size, True)
+    assert run(len(items), False) == run(size, True)

@@ -1,0 +1,146 @@
+"""Exact sliding-window sums in event time at minute granularity, without storing every event.
+
+A profile's activity is a sorted array of (minute, metric) buckets holding integer sums (counts,
+or amounts in cents), plus one running total per (metric, window) slot. Totals move
+incrementally: when "now" advances, the buckets leaving each window (a bisect range) are
+subtracted. The window ``w`` as of minute M holds the minutes in ``(M - w, M]``. Buckets older
+than the longest window are dropped; lifetime slots keep their sums.
+
+>>> b = MinuteBuckets(slots=[(0, 60), (0, None)])          # metric 0: 1h and lifetime
+>>> b.add(minute=0, metric=0, value=1); b.add(minute=59, metric=0, value=1)
+>>> b.advance(59); list(b.totals)
+[2, 2]
+>>> b.next_expiry()                                       # minute 0 leaves the 1h window at 60
+60
+>>> b.advance(60); list(b.totals), len(b)
+([1, 2], 1)
+"""
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left, bisect_right
+
+METRIC_BITS = 8
+MAX_METRICS = 1 << METRIC_BITS
+NEVER = -(2**62)
+
+
+class MinuteBuckets:
+    __slots__ = ("keys", "vals", "totals", "now", "_plan")
+
+    def __init__(self, slots: list[tuple[int, int | None]] | None = None, plan: "SlotPlan | None" = None):
+        self._plan = plan if plan is not None else SlotPlan(slots or [])
+        self.keys = array("q")  # minute << 8 | metric, sorted
+        self.vals = array("q")
+        self.totals = array("q", bytes(8 * len(self._plan.slots)))
+        self.now = NEVER  # the minute totals refer to
+
+    def add(self, minute: int, metric: int, value: int) -> None:
+        key = (minute << METRIC_BITS) | metric
+        i = bisect_left(self.keys, key)
+        if i < len(self.keys) and self.keys[i] == key:
+            self.vals[i] += value
+        else:
+            self.keys.insert(i, key)
+            self.vals.insert(i, value)
+        totals = self.totals
+        for slot, window in self._plan.by_metric[metric]:
+            if window is None or (self.now - window < minute <= self.now):
+                totals[slot] += value
+
+    def advance(self, minute: int) -> None:
+        """Move "now" forward to ``minute``: buckets leave (and, after a merge, enter) windows."""
+        old = self.now
+        if minute <= old:
+            return
+        self.now = minute
+        keys, vals, totals, plan = self.keys, self.vals, self.totals, self._plan
+        if old == NEVER:
+            self._rebuild()
+        else:
+            for window, slots in plan.by_window.items():
+                lo = bisect_right(keys, ((old - window) << METRIC_BITS) | (MAX_METRICS - 1))
+                hi = bisect_right(keys, (min(minute - window, old) << METRIC_BITS) | (MAX_METRICS - 1))
+                for i in range(lo, hi):  # leaving (buckets ahead of the old "now" never entered)
+                    s = slots[keys[i] & (MAX_METRICS - 1)]
+                    if s >= 0:
+                        totals[s] -= vals[i]
+                lo = bisect_right(keys, (old << METRIC_BITS) | (MAX_METRICS - 1))
+                hi = bisect_right(keys, (minute << METRIC_BITS) | (MAX_METRICS - 1))
+                for i in range(lo, hi):  # entering (only buckets ahead of "now", after a merge)
+                    m = keys[i] >> METRIC_BITS
+                    s = slots[keys[i] & (MAX_METRICS - 1)]
+                    if s >= 0 and m > minute - window:
+                        totals[s] += vals[i]
+        cut = bisect_right(keys, ((minute - plan.longest) << METRIC_BITS) | (MAX_METRICS - 1))
+        if cut:
+            del keys[:cut]
+            del vals[:cut]
+
+    def _rebuild(self) -> None:
+        """Windowed totals from the buckets (lifetime slots are kept: pruned buckets count there)."""
+        plan, totals = self._plan, self.totals
+        for slot, (_, window) in enumerate(plan.slots):
+            if window is not None:
+                totals[slot] = 0
+        for key, value in zip(self.keys, self.vals):
+            minute, metric = key >> METRIC_BITS, key & (MAX_METRICS - 1)
+            for slot, window in plan.by_metric[metric]:
+                if window is not None and self.now - window < minute <= self.now:
+                    totals[slot] += value
+
+    def merge(self, other: "MinuteBuckets") -> None:
+        """Add another profile's buckets (identity stitching); lifetime sums add up."""
+        lifetime = [(s, other.totals[s]) for s, (_, w) in enumerate(self._plan.slots) if w is None]
+        for key, value in zip(other.keys, other.vals):
+            i = bisect_left(self.keys, key)
+            if i < len(self.keys) and self.keys[i] == key:
+                self.vals[i] += value
+            else:
+                self.keys.insert(i, key)
+                self.vals.insert(i, value)
+        for s, v in lifetime:
+            self.totals[s] += v
+        self.now = max(self.now, other.now)
+        self._rebuild()
+
+    def next_expiry(self) -> int | None:
+        """The first minute after "now" at which a bucket leaves a window."""
+        best = None
+        keys = self.keys
+        for window in self._plan.by_window:
+            i = bisect_right(keys, ((self.now - window) << METRIC_BITS) | (MAX_METRICS - 1))
+            if i < len(keys):
+                leave = (keys[i] >> METRIC_BITS) + window
+                if best is None or leave < best:
+                    best = leave
+        return best
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self):
+        return (self.keys, self.vals, self.totals, self.now, self._plan)
+
+    def __setstate__(self, state):
+        self.keys, self.vals, self.totals, self.now, self._plan = state
+
+
+class SlotPlan:
+    """Which total slot each (metric, window) pair uses; shared by all profiles of a flow."""
+
+    def __init__(self, slots: list[tuple[int, int | None]]):
+        self.slots = list(slots)
+        n_metrics = max((m for m, _ in slots), default=-1) + 1
+        if n_metrics > MAX_METRICS:
+            raise ValueError(f"at most {MAX_METRICS} windowed metrics")
+        self.by_metric: list[list[tuple[int, int | None]]] = [[] for _ in range(n_metrics)]
+        self.by_window: dict[int, list[int]] = {}
+        for slot, (metric, window) in enumerate(slots):
+            self.by_metric[metric].append((slot, window))
+            if window is not None:
+                self.by_window.setdefault(window, [-1] * MAX_METRICS)[metric] = slot
+        self.longest = max(self.by_window, default=0)
+
+    def __reduce__(self):
+        return (SlotPlan, (self.slots,))

@@ -1,0 +1,494 @@
+"""One profile's state and the feature values computed from it, as the registry declares them.
+
+:class:`FeaturePlan` compiles the registry once per flow: which windowed metric each event name
+feeds, which time features it moves, and one small function per feature. :class:`Profile` is the
+per-user state (minute buckets, first/last times, the recent session's events, the open cart,
+campaign touches). Everything is order-independent where the definition allows it (sums, minima,
+maxima, event-time sessions), so a replay or another worker count gives the same values.
+
+>>> from config.registry import load_registry
+>>> plan = FeaturePlan(load_registry())
+>>> p = plan.new_profile()
+>>> t0 = 1_790_000_000_000
+>>> for i, name in enumerate(["page_view", "add_to_cart", "order_completed"]):
+...     plan.apply(p, _demo_event(name, t0 + i * 60_000))
+>>> values, _ = plan.values("u1", p)
+>>> values["views_1h"], values["orders_30d"], values["revenue_30d"], values["aov_30d"]
+('1', '1', '25.00', '25.0000')
+>>> values["session_pages"], values["cart_updated_at"] == str(t0 + 120_000), "cart_items" in values
+('1', True, False)
+>>> values["lifecycle"], values["activity"], values["rfm_tier"]
+('new', 'highly_active', 'general-develop')
+"""
+from __future__ import annotations
+
+from array import array
+from bisect import insort
+from typing import Callable
+
+from config.registry import Registry
+from features.buckets import MinuteBuckets
+from triggers.rules import idempotency_key
+
+MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+CART_ADD, CART_REMOVE, ORDER, CHECKOUT = "add_to_cart", "remove_from_cart", "order_completed", "checkout_started"
+
+
+def cents(value) -> int:
+    """Amounts are summed exactly, in cents.
+
+    >>> cents(129.99), cents(0.1) + cents(0.2), cents(True), cents("12")
+    (12999, 30, 0, 0)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return 0
+    return round(value * 100)
+
+
+def money(c: int) -> str:
+    """Cents as a decimal amount.
+
+    >>> money(12999), money(-5), money(0)
+    ('129.99', '-0.05', '0.00')
+    """
+    sign = "-" if c < 0 else ""
+    c = abs(c)
+    return f"{sign}{c // 100}.{c % 100:02d}"
+
+
+def quantity(props: dict) -> int:
+    q = props.get("quantity")
+    return q if isinstance(q, int) and not isinstance(q, bool) and q >= 1 else 1
+
+
+class Profile:
+    __slots__ = ("buckets", "times", "sess", "cart", "last_order", "last_checkout", "cart_updated",
+                 "first_touch", "last_touch", "as_of", "next_due", "arrival_ms", "written",
+                 "active", "last_event", "pending_examples")
+
+    def __init__(self, buckets: MinuteBuckets, n_times: int):
+        self.buckets = buckets
+        self.times: list[int | None] = [None] * n_times
+        self.sess = array("q")  # ts * 2 + is_view, sorted: the sessions that may still change
+        self.cart: list[tuple[int, int, int]] = []  # (ts, +/- quantity, +/- cents) after last order
+        self.last_order: int | None = None
+        self.last_checkout: int | None = None
+        self.cart_updated: int | None = None
+        self.first_touch: tuple[int, str] | None = None
+        self.last_touch: tuple[int, str] | None = None
+        self.as_of = 0  # event time the values refer to; never moves back
+        self.next_due: int | None = None
+        self.arrival_ms = 0  # latest arrival among unflushed events (latency figures only)
+        self.written = 0  # bit mask of the fields stored in Redis
+        self.active = False  # an event since the last write: refresh the key's TTL
+        self.last_event = 0  # latest event time (state eviction)
+        self.pending_examples = None  # the model's unlabelled examples, while the profile moves
+
+    def merge(self, other: "Profile") -> None:
+        """Absorb another profile (an anonymous visitor who logged in)."""
+        self.buckets.merge(other.buckets)
+        for i, b in enumerate(other.times):
+            if b is not None:
+                a = self.times[i]
+                self.times[i] = b if a is None else min(a, b) if self._first_mask[i] else max(a, b)
+        for v in other.sess:
+            insort(self.sess, v)
+        orders = [t for t in (self.last_order, other.last_order) if t is not None]
+        self.last_order = max(orders) if orders else None
+        self.cart = sorted(c for c in self.cart + other.cart
+                           if self.last_order is None or c[0] > self.last_order)
+        self.last_checkout = _max(self.last_checkout, other.last_checkout)
+        self.cart_updated = _max(self.cart_updated, other.cart_updated)
+        self.first_touch = _min(self.first_touch, other.first_touch)
+        self.last_touch = _max(self.last_touch, other.last_touch)
+        self.as_of = max(self.as_of, other.as_of)
+        self.last_event = max(self.last_event, other.last_event)
+        self.arrival_ms = max(self.arrival_ms, other.arrival_ms)
+        self.active = True
+
+    _first_mask: tuple[bool, ...] = ()
+
+
+def _max(a, b):
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _min(a, b):
+    return b if a is None else a if b is None else min(a, b)
+
+
+class FeaturePlan:
+    """The registry compiled for the flow: event routing into state, and value functions."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        params = registry.params
+        self.gap_ms = int(params["session_gap_min"] * MINUTE_MS)
+        metrics: dict[tuple, int] = {}
+        slots: list[tuple[int, int | None]] = []
+        self.slot_of: dict[str, int] = {}
+        self.times: list[tuple[str, tuple, tuple, bool]] = []
+        self.view_events: frozenset[str] = frozenset()
+        for f in registry.features:
+            if f.aggregation in ("count", "sum"):
+                key = (f.events, f.exclude, f.prop if f.aggregation == "sum" else None)
+                metric = metrics.setdefault(key, len(metrics))
+                self.slot_of[f.name] = len(slots)
+                slots.append((metric, f.window_min))
+            elif f.aggregation in ("first_time", "last_time"):
+                self.times.append((f.name, f.events, f.exclude, f.aggregation == "first_time"))
+            elif f.aggregation == "session" and f.part == "pages":
+                self.view_events = frozenset(f.events)
+        self.metrics = list(metrics)
+        self.first_mask = tuple(t[3] for t in self.times)
+        Profile._first_mask = self.first_mask
+        self._slots = MinuteBuckets(slots).__getstate__()[4]
+        self._metric_cache: dict[str, tuple] = {}
+        self._time_cache: dict[str, tuple] = {}
+        self.fields = registry.names
+        self.bit = {name: 1 << i for i, name in enumerate(self.fields)}
+        time_index = {t[0]: i for i, t in enumerate(self.times)}
+        self._day_anchors = []
+        for f in registry.features:
+            if f.aggregation == "days_since":
+                if any(o not in time_index for o in f.of):
+                    raise ValueError(f"{f.name}: days_since needs first_time / last_time features")
+                self._day_anchors.append([time_index[o] for o in f.of])
+        self.computes = [(f, _COMPUTE[f.aggregation](self, f)) for f in registry.features]
+        self.count_features = [f.name for f in registry.features if f.sparse]
+        self._model_slots = [(f.name, self.slot_of[f.name], f.aggregation == "sum")
+                             for f in registry.features if f.sparse]
+
+    def new_profile(self) -> Profile:
+        return Profile(MinuteBuckets(plan=self._slots), len(self.times))
+
+    def _metrics_for(self, name: str) -> tuple:
+        found = self._metric_cache.get(name)
+        if found is None:
+            found = self._metric_cache[name] = tuple(
+                (i, prop) for i, (events, exclude, prop) in enumerate(self.metrics)
+                if name not in exclude and ("*" in events or name in events))
+            self._time_cache[name] = tuple(
+                (i, first) for i, (_, events, exclude, first) in enumerate(self.times)
+                if name not in exclude and ("*" in events or name in events))
+        return found
+
+    # -- state -----------------------------------------------------------------------------
+    def apply(self, p: Profile, e) -> None:
+        """Add one event (deduplicated, on time, with consent) to a profile."""
+        ts, name = e.ts_ms, e.name
+        if ts > p.as_of:
+            p.as_of = ts
+        if ts > p.last_event:
+            p.last_event = ts
+        minute = ts // MINUTE_MS
+        b = p.buckets
+        b.advance(p.as_of // MINUTE_MS)
+        for metric, prop in self._metrics_for(name):
+            value = 1 if prop is None else cents(e.revenue if prop == "revenue" else
+                                                 e.cost if prop == "cost" else e.properties.get(prop))
+            if value:
+                b.add(minute, metric, value)
+        times = p.times
+        for i, first in self._time_cache[name]:
+            t = times[i]
+            if t is None or (ts < t if first else ts > t):
+                times[i] = ts
+        insort(p.sess, ts * 2 + (name in self.view_events))
+        if name in (CART_ADD, CART_REMOVE, ORDER, CHECKOUT):
+            self._cart(p, e, ts, name)
+        if e.campaign:
+            touch = (ts, e.campaign)
+            if p.first_touch is None or touch < p.first_touch:
+                p.first_touch = touch
+            if p.last_touch is None or touch > p.last_touch:
+                p.last_touch = touch
+        if e.arrival_ms > p.arrival_ms:
+            p.arrival_ms = e.arrival_ms
+        p.active = True
+
+    @staticmethod
+    def _cart(p: Profile, e, ts: int, name: str) -> None:
+        if name == CHECKOUT:
+            p.last_checkout = _max(p.last_checkout, ts)
+            return
+        p.cart_updated = _max(p.cart_updated, ts)
+        if name == ORDER:
+            if p.last_order is None or ts > p.last_order:
+                p.last_order = ts
+                p.cart = [c for c in p.cart if c[0] > ts]
+            return
+        if p.last_order is not None and ts <= p.last_order:
+            return  # a cart change from before the latest order: that cart is gone
+        q = quantity(e.properties)
+        line = cents(e.properties.get("price")) * q
+        sign = 1 if name == CART_ADD else -1
+        p.cart.append((ts, sign * q, sign * line))
+
+    def advance(self, p: Profile, now_ms: int) -> None:
+        """A timer fired: "now" for this profile moved without an event."""
+        if now_ms > p.as_of:
+            p.as_of = now_ms
+        p.buckets.advance(p.as_of // MINUTE_MS)
+
+    def session(self, p: Profile) -> tuple[int, int, int] | None:
+        """(start, last, views) of the latest session, in event time."""
+        sess = p.sess
+        if not sess:
+            return None
+        i = len(sess) - 1
+        last = sess[i] >> 1
+        views = sess[i] & 1
+        while i > 0 and (sess[i] >> 1) - (sess[i - 1] >> 1) <= self.gap_ms:
+            i -= 1
+            views += sess[i] & 1
+        return sess[i] >> 1, last, views
+
+    def prune_sessions(self, p: Profile, watermark: int) -> None:
+        """Forget sessions that no on-time event can join or bridge any more (keep the latest)."""
+        sess = p.sess
+        n = len(sess)
+        if n < 2:
+            return
+        limit = watermark - self.gap_ms
+        i = n - 1
+        cut = 0
+        while i > 0:
+            if (sess[i] >> 1) - (sess[i - 1] >> 1) > self.gap_ms:  # a session ends at i - 1
+                if (sess[i - 1] >> 1) < limit:
+                    cut = i
+                    break
+            i -= 1
+        if cut:
+            del sess[:cut]
+
+    # -- values ----------------------------------------------------------------------------
+    def values(self, user: str, p: Profile) -> tuple[dict[str, str], dict[str, float]]:
+        """(stored values, numeric values by name)."""
+        out: dict[str, str] = {}
+        num: dict[str, float | None] = {}
+        ctx = _Ctx(user, p, self)
+        for f, compute in self.computes:
+            value, text = compute(ctx, num)
+            num[f.name] = value
+            if text is not None:
+                out[f.name] = text
+        out["as_of"] = str(p.as_of)
+        return out, num
+
+    def day_due(self, p: Profile) -> int | None:
+        """The next time a "days since" value changes (a timer, so silent users age too)."""
+        best = None
+        for anchors in self._day_anchors:
+            t = next((p.times[i] for i in anchors if p.times[i] is not None), None)
+            if t is not None:
+                due = t + ((p.as_of - t) // DAY_MS + 1) * DAY_MS
+                if best is None or due < best:
+                    best = due
+        return best
+
+    def model_x_of(self, p: Profile, session_pages: int) -> dict[str, float]:
+        """The model's inputs straight from the running totals (same values as model_x)."""
+        totals = p.buckets.totals
+        x = {name: (totals[slot] / 100 if money_ else float(totals[slot]))
+             for name, slot, money_ in self._model_slots}
+        x["session_pages"] = float(session_pages)
+        return x
+
+    def model_x(self, num: dict) -> dict[str, float]:
+        x = {name: float(num[name]) for name in self.count_features}
+        x["session_pages"] = float(num.get("session_pages") or 0)
+        return x
+
+
+class _Ctx:
+    __slots__ = ("user", "p", "plan", "_session")
+
+    def __init__(self, user: str, p: Profile, plan: FeaturePlan):
+        self.user, self.p, self.plan = user, p, plan
+        self._session = False
+
+    @property
+    def session(self):
+        if self._session is False:
+            self._session = self.plan.session(self.p)
+        return self._session
+
+
+# -- one compile function per aggregation: returns compute(ctx, num) -> (number, text | None) ----
+def _count(plan: FeaturePlan, f):
+    slot = plan.slot_of[f.name]
+    money_ = f.aggregation == "sum"
+
+    def compute(ctx, num):
+        v = ctx.p.buckets.totals[slot]
+        if not v:
+            return 0, None
+        return (v / 100, money(v)) if money_ else (v, str(v))
+    return compute
+
+
+def _ratio(plan, f):
+    a, b = f.of
+    floor = plan.registry.params["min_denominator"]
+
+    def compute(ctx, num):
+        den = num.get(b)
+        if not den or den <= 0 or den < floor:
+            return None, None
+        v = (num.get(a) or 0) / den
+        return v, f"{v:.4f}"
+    return compute
+
+
+def _time(plan, f):
+    i = next(i for i, t in enumerate(plan.times) if t[0] == f.name)
+
+    def compute(ctx, num):
+        t = ctx.p.times[i]
+        return (t, str(t)) if t is not None else (None, None)
+    return compute
+
+
+def _days_since(plan, f):
+    def compute(ctx, num):
+        anchor = next((num[o] for o in f.of if num.get(o) is not None), None)
+        if anchor is None:
+            return None, None
+        days = (ctx.p.as_of - anchor) // DAY_MS
+        return days, str(days)
+    return compute
+
+
+def _rfm(plan, f):
+    ds, orders, spend = f.of
+    p = plan.registry.params
+
+    def compute(ctx, num):
+        if not num.get(orders):
+            return None, None
+        r = num.get(ds) is not None and num[ds] < p["rfm_recency_days"]
+        fr = num[orders] >= p["rfm_frequency_orders"]
+        m = (num.get(spend) or 0) >= p["rfm_monetary"]
+        if f.part != "tier":
+            high = {"r": r, "f": fr, "m": m}[f.part]
+            return high, "high" if high else "low"
+        kind = "value" if r and fr else "develop" if r else "retain" if fr else "winback"
+        return None, f"{'important' if m else 'general'}-{kind}"
+    return compute
+
+
+def _lifecycle(plan, f):
+    i7, i30, age = f.of
+    p = plan.registry.params
+
+    def compute(ctx, num):
+        a7, a30, days = num.get(i7) or 0, num.get(i30) or 0, num.get(age) or 0
+        if a30 == 0:
+            stage = "churned"
+        elif days < p["new_user_days"]:
+            stage = "new"
+        elif 30 * a7 < p["decline_ratio"] * 7 * a30:
+            stage = "decline"
+        elif days < p["growth_days"]:
+            stage = "growth"
+        else:
+            stage = "mature"
+        return None, stage
+    return compute
+
+
+def _activity(plan, f):
+    i7, i30 = f.of
+    p = plan.registry.params
+
+    def compute(ctx, num):
+        a7, a30 = num.get(i7) or 0, num.get(i30) or 0
+        level = ("silent" if a30 == 0 else "highly_active" if a7 >= p["interactions_highly_active"]
+                 else "active")
+        return None, level
+    return compute
+
+
+def _at_least(plan, f):
+    (of,), cut = f.of, plan.registry.params[f.param]
+
+    def compute(ctx, num):
+        flag = int((num.get(of) or 0) >= cut)
+        return flag, str(flag)
+    return compute
+
+
+def _session(plan, f):
+    part = f.part
+
+    def compute(ctx, num):
+        s = ctx.session
+        if s is None:
+            return None, None
+        start, last, views = s
+        if part == "id":
+            return None, idempotency_key("session", ctx.user, str(start))
+        v = {"pages": views, "started_at": start, "duration_s": (last - start) // 1000}[part]
+        return v, str(v)
+    return compute
+
+
+def _cart(plan, f):
+    part = f.part
+
+    def compute(ctx, num):
+        p = ctx.p
+        if part == "items":
+            v = max(0, sum(c[1] for c in p.cart))
+            return v, (str(v) if v else None)
+        if part == "value":
+            v = max(0, sum(c[2] for c in p.cart))
+            return v / 100, (money(v) if v else None)
+        if part == "updated_at":
+            return p.cart_updated, (str(p.cart_updated) if p.cart_updated is not None else None)
+        pending = int(p.last_checkout is not None
+                      and (p.last_order is None or p.last_checkout > p.last_order))
+        return pending, str(pending)
+    return compute
+
+
+def _argmax(plan, f):
+    def compute(ctx, num):
+        best = None
+        for name, label in zip(f.of, f.labels):
+            v = num.get(name)
+            if v is not None and (best is None or v > best[0]):
+                best = (v, label)
+        return (None, best[1]) if best else (None, None)
+    return compute
+
+
+def _touch(plan, f):
+    first = f.part == "first"
+
+    def compute(ctx, num):
+        t = ctx.p.first_touch if first else ctx.p.last_touch
+        return (None, t[1]) if t else (None, None)
+    return compute
+
+
+def _model(plan, f):
+    return lambda ctx, num: (None, None)  # scored by the shard's model after the other values
+
+
+_COMPUTE: dict[str, Callable] = {
+    "count": _count, "sum": _count, "ratio": _ratio, "first_time": _time, "last_time": _time,
+    "days_since": _days_since, "rfm": _rfm, "lifecycle": _lifecycle, "activity": _activity,
+    "at_least": _at_least, "session": _session, "cart": _cart, "argmax": _argmax,
+    "touch": _touch, "model": _model,
+}
+
+
+def _demo_event(name: str, ts: int):
+    from flows.events import Event
+    props = {"price": 25.0} if name == "add_to_cart" else {}
+    return Event(event_id=f"{name}-{ts}", type="track", name=name, user="u1", ts_ms=ts,
+                 channel="web", campaign="", revenue=25.0 if name == "order_completed" else 0.0,
+                 cost=0.0, ip="", properties=props)
