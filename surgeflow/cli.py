@@ -221,5 +221,25 @@ def features(user_id: str, redis_url: str = typer.Option(..., envvar="SURGEFLOW_
         raise typer.Exit(1)
 
 
+@app.command("serve-features")
+def serve_features(config: Optional[Path] = ConfigOption,
+                   host: str = typer.Option("127.0.0.1", help="address to listen on"),
+                   port: int = typer.Option(8000, help="TCP port"),
+                   redis_url: Optional[str] = typer.Option(None, help="overrides redis.url of the configuration"),
+                   max_age_s: float = typer.Option(60, help="a hash not rewritten for this long is 'stale'")):
+    """Serve the read-only feature API (OpenAPI at /openapi.json)."""
+    from features.http import serve
+
+    settings = _settings(config)
+    url = redis_url or settings.redis.url
+    if url is None:
+        console.print("[red]the configuration has no redis.url (embedded Redis lives only while the "
+                      "flow runs): pass --redis-url redis://HOST:PORT/0[/red]")
+        raise typer.Exit(2)
+    console.print(f"feature API on http://{host}:{port} (Redis {url}, prefix "
+                  f"{settings.redis.key_prefix})", highlight=False)
+    serve(url, settings.redis.key_prefix, host, port, max_age_s)
+
+
 if __name__ == "__main__":
     app()

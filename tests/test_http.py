@@ -1,0 +1,215 @@
+"""The feature HTTP API served by a real uvicorn on a loopback port, over a real Redis."""
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+from config.registry import load_registry
+from features.http import MAX_BATCH, create_app
+from features.layout import alias_key, registry_key, user_key
+from surgeflow.cli import app as cli
+
+P = "ht"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def running(app):
+    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields the port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def call(port, method, path, body=None):
+    """(status, headers, JSON body) of one request; ``path`` is sent as given (pre-encoded)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, dict(resp.getheaders()), (json.loads(raw) if raw else None)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module", params=["fast-path", "route"])
+def port(request, redis_url):
+    """The app as served, and without its GET fast path (FastFeatureGet): the FastAPI route
+    that documents GET /features/{id} must answer the same."""
+    app = create_app(redis_url, P, max_age_s=60)
+    if request.param == "route":
+        app.user_middleware.clear()
+    with running(app) as port:
+        yield port
+
+
+def store(client, user_id, fields, updated_at=None):
+    client.hset(user_key(P, user_id), mapping={
+        **fields, "as_of": 1795392000000,
+        "updated_at": int(time.time() * 1000) if updated_at is None else updated_at})
+
+
+def test_get_typed_features_and_defaults(redis_client, port):
+    store(redis_client, "u1", {"views_1h": "3", "revenue_30d": "129.90", "aov_30d": "64.9500",
+                               "rfm_tier": "important-value", "checkout_pending": "1",
+                               "p_purchase_24h": "0.123456", "legacy": "x"})
+    status, headers, got = call(port, "GET", "/features/u1")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert got["views_1h"] == 3 and got["revenue_30d"] == 129.9 and got["aov_30d"] == 64.95
+    assert got["rfm_tier"] == "important-value" and got["checkout_pending"] == 1
+    assert got["p_purchase_24h"] == 0.123456 and got["legacy"] == "x"
+    assert got["views_7d"] == 0 and got["revenue_lifetime"] == 0.0 and got["last_seen"] is None
+    assert got["as_of"] == 1795392000000 and got["stale"] is False and got["user_id"] == "u1"
+    assert set(load_registry().names) <= set(got)
+
+
+def test_unknown_user_is_404_json(redis_client, port):
+    status, headers, got = call(port, "GET", "/features/nobody")
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert got == {"detail": "unknown user"}
+    assert call(port, "GET", "/features/")[0] == 404
+
+
+def test_alias_and_stale(redis_client, port):
+    store(redis_client, "user-9", {"orders_lifetime": "2"}, updated_at=int(time.time() * 1000) - 120_000)
+    redis_client.set(alias_key(P, "anon 1"), "user-9")
+    status, _, got = call(port, "GET", "/features/anon%201")
+    assert status == 200 and got["user_id"] == "user-9" and got["alias_of"] == "anon 1"
+    assert got["orders_lifetime"] == 2 and got["stale"] is True
+
+
+@pytest.mark.parametrize("user_id,path", [
+    ("a:b*", "/features/a:b*"), ("a:b*", "/features/a%3Ab%2A"), ("x y", "/features/x%20y"),
+    ("a/b", "/features/a%2Fb"), ("a/b", "/features/a/b"), ("p%2Fq", "/features/p%252Fq"),
+    ("ü:☃", "/features/%C3%BC:%E2%98%83"), ("q?x=1#f", "/features/q%3Fx=1%23f"),
+])
+def test_weird_ids_read_their_own_key(redis_client, port, user_id, path):
+    store(redis_client, user_id, {"views_1h": "5"})
+    store(redis_client, "u1", {"views_1h": "1"})
+    status, _, got = call(port, "GET", path)
+    assert status == 200 and got["user_id"] == user_id and got["views_1h"] == 5
+
+
+@pytest.mark.parametrize("path", ["/features/*", "/features/u%2A", "/features/u%3F", "/features/u%5B1%5D",
+                                  "/features/u1%20", "/features/u1%0A", "/features/..%2Fu1",
+                                  f"/features/{P}:v1:user:u1", "/features/" + "u" * 129,
+                                  "/features/" + "x" * 4000])
+def test_hostile_ids_cannot_read_another_user(redis_client, port, path):
+    store(redis_client, "u1", {"views_1h": "1"})
+    redis_client.set(registry_key(P), "{}")
+    assert call(port, "GET", path)[0] == 404
+
+
+def test_post_batch(redis_client, port):
+    store(redis_client, "u1", {"views_1h": "3"})
+    store(redis_client, "a:b*", {"views_1h": "4"})
+    redis_client.set(alias_key(P, "anon"), "u1")
+    status, _, got = call(port, "POST", "/features", {"user_ids": ["u1", "nobody", "a:b*", "anon", "*"]})
+    assert status == 200 and list(got) == ["features"]
+    f = got["features"]
+    assert f["u1"]["views_1h"] == 3 and f["a:b*"]["views_1h"] == 4 and f["nobody"] is None
+    assert f["anon"]["user_id"] == "u1" and f["*"] is None
+    many = [f"m{i}" for i in range(MAX_BATCH)]
+    status, _, got = call(port, "POST", "/features", {"user_ids": many})
+    assert status == 200 and len(got["features"]) == MAX_BATCH
+    assert call(port, "POST", "/features", {"user_ids": many + ["one-more"]})[0] == 422
+    assert call(port, "POST", "/features", {"user_ids": "u1"})[0] == 422
+    assert call(port, "POST", "/features", {"ids": ["u1"]})[0] == 422
+
+
+def test_registry_and_healthz(redis_client, port):
+    local = load_registry().to_dict()
+    status, headers, got = call(port, "GET", "/registry")
+    assert status == 200 and headers["x-registry-source"] == "local" and got == json.loads(json.dumps(local))
+    assert call(port, "GET", "/healthz")[2] == {"status": "ok", "redis": "ok", "registry": "absent"}
+    redis_client.set(registry_key(P), json.dumps(local))
+    assert call(port, "GET", "/healthz")[2]["registry"] == "match"
+    redis_client.set(registry_key(P), json.dumps({**local, "registry_version": 2}))
+    status, headers, got = call(port, "GET", "/registry")
+    assert headers["x-registry-source"] == "redis" and got["registry_version"] == 2
+    assert call(port, "GET", "/healthz")[2]["registry"] == "differs"
+
+
+def test_openapi_documents_the_endpoints(port):
+    status, _, doc = call(port, "GET", "/openapi.json")
+    assert status == 200
+    paths = doc["paths"]
+    assert "get" in paths["/features/{user_id}"] and "post" in paths["/features"]
+    assert {"/registry", "/healthz"} <= set(paths)
+    ok = paths["/features/{user_id}"]["get"]["responses"]
+    assert ok["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/UserFeatures"}
+    assert "404" in ok
+    props = doc["components"]["schemas"]["UserFeatures"]["properties"]
+    assert props["views_1h"]["type"] == "integer" and props["stale"]["type"] == "boolean"
+    assert {"type": "number"} in props["aov_30d"]["anyOf"]
+    body = doc["components"]["schemas"]["FeaturesRequest"]["properties"]["user_ids"]
+    assert body["maxItems"] == MAX_BATCH
+
+
+def test_redis_down_is_503(redis_url):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    url = f"redis://127.0.0.1:{dead.getsockname()[1]}/0"
+    try:
+        with running(create_app(url, P)) as port:
+            status, _, got = call(port, "GET", "/healthz")
+            assert status == 503 and got["status"] == "unavailable"
+            assert call(port, "GET", "/features/u1")[0] == 503
+    finally:
+        dead.close()
+
+
+def test_cli_needs_a_redis_url_for_the_embedded_profile(monkeypatch):
+    monkeypatch.delenv("SURGEFLOW__REDIS__URL", raising=False)
+    monkeypatch.delenv("SURGEFLOW_CONFIG", raising=False)
+    result = CliRunner().invoke(cli, ["serve-features"])
+    assert result.exit_code == 2 and "--redis-url" in result.output
+
+
+def test_cli_serves_the_api(redis_client, redis_url):
+    store(redis_client, "u1", {"views_1h": "3"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SURGEFLOW__REDIS__KEY_PREFIX": P}
+    proc = subprocess.Popen([sys.executable, "-m", "surgeflow", "serve-features", "--redis-url", redis_url,
+                             "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                status, _, got = call(port, "GET", "/features/u1")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "serve-features did not answer"
+                time.sleep(0.1)
+        assert status == 200 and got["views_1h"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(10)
