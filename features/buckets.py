@@ -35,14 +35,16 @@ class MinuteBuckets:
         self.totals = array("q", bytes(8 * len(self._plan.slots)))
         self.now = NEVER  # the minute totals refer to
 
-    def add(self, minute: int, metric: int, value: int) -> None:
-        key = (minute << METRIC_BITS) | metric
+    def _put(self, key: int, value: int) -> None:
         i = bisect_left(self.keys, key)
         if i < len(self.keys) and self.keys[i] == key:
             self.vals[i] += value
         else:
             self.keys.insert(i, key)
             self.vals.insert(i, value)
+
+    def add(self, minute: int, metric: int, value: int) -> None:
+        self._put((minute << METRIC_BITS) | metric, value)
         totals = self.totals
         for slot, window in self._plan.by_metric[metric]:
             if window is None or (self.now - window < minute <= self.now):
@@ -93,12 +95,7 @@ class MinuteBuckets:
         """Add another profile's buckets (identity stitching); lifetime sums add up."""
         lifetime = [(s, other.totals[s]) for s, (_, w) in enumerate(self._plan.slots) if w is None]
         for key, value in zip(other.keys, other.vals):
-            i = bisect_left(self.keys, key)
-            if i < len(self.keys) and self.keys[i] == key:
-                self.vals[i] += value
-            else:
-                self.keys.insert(i, key)
-                self.vals.insert(i, value)
+            self._put(key, value)
         for s, v in lifetime:
             self.totals[s] += v
         self.now = max(self.now, other.now)

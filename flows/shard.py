@@ -431,6 +431,17 @@ class _Logic(StatefulBatchLogic):
         if self.state is not None:
             self.state.store.plan = plan
 
+    def _flushed(self, out: ShardOut):
+        self.state.store.flush(out)
+        return ([out] if out else []), False
+
+    def on_eof(self):
+        if self.state is None:
+            return [], False
+        out = ShardOut(self.state.shard)
+        self.state.finish(out)
+        return ([out] if out else []), False
+
     def snapshot(self) -> bytes | None:
         if self.state is None or not self.config.snapshots:
             return None  # no recovery store: pickling every shard each epoch would be wasted
@@ -448,15 +459,7 @@ class IngestLogic(_Logic):
         out = ShardOut(self.state.shard)
         for chunk in chunks:
             self.state.ingest(chunk, out)
-        self.state.store.flush(out)
-        return ([out] if out else []), False
-
-    def on_eof(self):
-        if self.state is None:
-            return [], False
-        out = ShardOut(self.state.shard)
-        self.state.finish(out)
-        return ([out] if out else []), False
+        return self._flushed(out)
 
 
 class ProfileLogic(_Logic):
@@ -466,12 +469,4 @@ class ProfileLogic(_Logic):
         out = ShardOut(self.state.shard)
         for h in handovers:
             self.state.receive(h, out)
-        self.state.store.flush(out)
-        return ([out] if out else []), False
-
-    def on_eof(self):
-        if self.state is None:
-            return [], False
-        out = ShardOut(self.state.shard)
-        self.state.finish(out)
-        return ([out] if out else []), False
+        return self._flushed(out)
