@@ -34,10 +34,12 @@ Resolved ambiguities (the engine must match these; see also the test module):
     events; they only stay out of profiles). No counted event at all -> no profiles.
 5.  Consent: only ``context.consent.profiling is False`` (JSON ``false``) withdraws. A consent
     object that is not an object, a missing key, ``"false"`` (string), ``0``, ``null``: counts.
-    A withdrawing event creates NO identity link, enters no profile, and deletes (in processing
-    order) every earlier event of the profile it resolves to -- resolved with the FINAL alias
-    map (so an anonymous withdrawal that is later linked to U deletes U's earlier events too,
-    including U's own user_id events processed before it). Aliases are not deleted.
+    A withdrawing event creates NO identity link, enters no profile, and deletes every earlier
+    event of the profile it belongs to AT THAT MOMENT: resolved with the links made by earlier
+    events (processing order), and only the earlier events that resolved to that profile with the
+    same links. So an anonymous visitor's withdrawal before they log in as U deletes only the
+    visitor's own events, never U's; after the link it deletes U's whole profile (the visitor's
+    merged events included). Aliases are not deleted.
 6.  Identity: profile id = user_id if the JSON has a non-null user_id, else anonymous_id (what
     ``decode`` puts in ``Event.user``). A link A -> U is made by a counted, non-withdrawing event
     with user_id U and an anonymous_id A that is a valid id (non-empty printable string of at most
@@ -166,25 +168,25 @@ def expected_profiles(records, registry, *, late_ids=frozenset(), end_ms=None):
     if end_ms is None:
         end_ms = default_end_ms(events)
 
-    aliases: dict[str, str] = {}
-    for e in events:
-        if e.withdraws or e.user_id is None or not _valid_id(e.anon_id) or e.anon_id == e.user_id:
-            continue
-        aliases.setdefault(e.anon_id, e.user_id)
+    aliases: dict[str, str] = {}  # grows in processing order
 
-    def resolve(e: Ev) -> str:
+    def resolve(e: Ev) -> str:  # with the links made so far
         return aliases.get(e.pid, e.pid) if e.anonymous_only else e.pid
 
-    members: dict[str, list[Ev]] = {}
+    kept: list[Ev] = []
     for e in events:
-        pid = resolve(e)
         if e.withdraws:
-            members.pop(pid, None)
-        else:
-            members.setdefault(pid, []).append(e)
+            gone = resolve(e)
+            kept = [x for x in kept if resolve(x) != gone]
+            continue
+        if e.user_id is not None and _valid_id(e.anon_id) and e.anon_id != e.user_id:
+            aliases.setdefault(e.anon_id, e.user_id)
+        kept.append(e)
 
-    profiles = {pid: compute_profile(pid, evs, registry, end_ms)
-                for pid, evs in members.items() if evs}
+    members: dict[str, list[Ev]] = {}
+    for e in kept:  # merged profiles: every surviving event under its final profile
+        members.setdefault(resolve(e), []).append(e)
+    profiles = {pid: compute_profile(pid, evs, registry, end_ms) for pid, evs in members.items()}
     return profiles, aliases
 
 

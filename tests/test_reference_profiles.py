@@ -341,6 +341,17 @@ def test_anonymous_withdrawal_deletes_the_linked_profile():
                                       "interactions_7d": "1", "interactions_30d": "1"}
 
 
+def test_a_visitor_withdrawal_before_the_login_deletes_only_the_visitor_events():
+    recs = [rec(ts=T0, user="U1"),
+            rec("search", T0 + MIN, user=None, anon="a1"),
+            rec(ts=T0 + 2 * MIN, user=None, anon="a1", consent={"profiling": False}),
+            rec("search", T0 + 3 * MIN, user=None, anon="a1"),
+            rec(ts=T0 + 4 * MIN, user="U1", anon="a1")]  # the login comes after the withdrawal
+    profiles, aliases = run(recs)
+    assert aliases == {"a1": "U1"} and set(profiles) == {"U1"}
+    assert profiles["U1"]["views_1h"] == "2" and profiles["U1"]["searches_1h"] == "1"
+
+
 def test_withdrawing_or_self_links_make_no_alias():
     recs = [rec(ts=T0, user=None, anon="a3"),
             rec(ts=T0 + MIN, user="U2", anon="a3", consent={"profiling": False}),
