@@ -143,6 +143,10 @@ class FlowSettings(Strict):
     max_future_s: float | None = Field(86_400.0, gt=0)
     # Bytewax epoch length: how often state is snapshotted (wall clock; not event time).
     epoch_interval_s: float = Field(10.0, gt=0)
+    # Bytewax recovery store (SQLite partitions); None = no snapshots. With it, a restarted run
+    # resumes every shard and source offset from the last completed epoch and replays from there;
+    # Redis writes are absolute values, so the replayed epoch rewrites the same bytes.
+    recovery_dir: Path | None = None
 
 
 class FeatureSettings(Strict):

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import zlib
@@ -114,7 +115,8 @@ class AlertLogic(op.StatefulBatchLogic):
             self.metrics, self.rule = resume
             return
         d = settings.detector
-        new = lambda: RollingGaussian(d.k, d.window, d.warmup, d.min_sigma, d.direction)  # noqa: E731
+        # A partial, not a lambda: the factory is part of the snapshot and must pickle.
+        new = functools.partial(RollingGaussian, d.k, d.window, d.warmup, d.min_sigma, d.direction)
         self.metrics = MinuteMetrics(shards, new)
         self.rule = EventsPerMinuteRule(new, d.per_channel)
 

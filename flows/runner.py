@@ -5,9 +5,11 @@ import gc
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import orjson
 import redis
+from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import cluster_main, run_main
 
 from config.settings import Settings
@@ -108,8 +110,9 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
     write_registry(redis_url, settings.redis.key_prefix, registry.to_dict())
     if source is None:
         source, partitions = make_source(settings)
+    recovery = recovery_config(settings.flow.recovery_dir)
     flow = build_flow(settings, source, make_outputs(settings, redis_url), partitions or 1,
-                      registry=registry)
+                      registry=registry, snapshots=recovery is not None)
     epoch = timedelta(seconds=settings.flow.epoch_interval_s)
     workers = workers or settings.flow.workers
     # The shards hold many small long-lived objects; Python's default GC threshold (700) makes it
@@ -119,18 +122,29 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
     gc.set_threshold(50_000, 20, 20)
     started = time.monotonic()
     try:
-        _run(flow, workers, epoch)
+        _run(flow, workers, epoch, recovery)
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()
     return RunResult(time.monotonic() - started)
 
 
-def _run(flow, workers: int, epoch: timedelta) -> None:
+def recovery_config(db_dir: Path | None) -> RecoveryConfig | None:
+    """The recovery store in ``db_dir``, created (one SQLite partition) on first use."""
+    if db_dir is None:
+        return None
+    db_dir.mkdir(parents=True, exist_ok=True)
+    if not any(db_dir.glob("part-*.sqlite3")):
+        init_db_dir(db_dir, 1)
+    return RecoveryConfig(db_dir)
+
+
+def _run(flow, workers: int, epoch: timedelta, recovery: RecoveryConfig | None) -> None:
     if workers == 1:
-        run_main(flow, epoch_interval=epoch)
+        run_main(flow, epoch_interval=epoch, recovery_config=recovery)
     else:
-        cluster_main(flow, [], 0, epoch_interval=epoch, worker_count_per_proc=workers)
+        cluster_main(flow, [], 0, epoch_interval=epoch, recovery_config=recovery,
+                     worker_count_per_proc=workers)
 
 
 def count_feature_users(redis_url: str, prefix: str) -> int:
