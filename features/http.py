@@ -1,8 +1,11 @@
 """Read-only HTTP API over the feature hashes (FastAPI; OpenAPI at ``/openapi.json``).
 
 - ``GET /features/{user_id}``: one user's typed features (404 when unknown; any characters,
-  percent-encoded: ``/features/a%2Fb`` reads the id ``a/b``);
-- ``POST /features`` ``{"user_ids": [...]}`` (at most 1000): ``{"features": {id: {...} | null}}``;
+  percent-encoded: ``/features/a%2Fb`` reads the id ``a/b``); ``?anonymous=true``: the id is an
+  anonymous id, merged visitors read their user's features (see :mod:`features.reader`: a user id
+  never follows an alias, since the events that create aliases are not authenticated);
+- ``POST /features`` ``{"user_ids": [...], "anonymous": false}`` (at most 1000 ids):
+  ``{"features": {id: {...} | null}}``;
 - ``GET /registry``: the registry the flow wrote to Redis (else the local one; header
   ``X-Registry-Source: redis|local``);
 - ``GET /healthz``: pings Redis (503 when it does not answer).
@@ -22,7 +25,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from redis.exceptions import RedisError
@@ -37,8 +40,17 @@ PY_TYPES = {"int": int, "money": float, "ratio": float, "score": float, "time_ms
             "label": str, "text": str}
 
 
+ANONYMOUS_DOC = ("true: anonymous ids, each read as its own profile, else as the user it was merged "
+                 "into (alias); false: user ids, which never follow an alias (events, which "
+                 "create aliases, are not authenticated)")
+# Query strings the fast path answers itself; any other goes to the route, whose validation
+# (FastAPI's bool: 422 for "maybe") is then the one rule.
+FAST_QUERIES = {b"": False, b"anonymous=false": False, b"anonymous=true": True}
+
+
 class FeaturesRequest(BaseModel):
     user_ids: list[str] = Field(max_length=MAX_BATCH, description=f"at most {MAX_BATCH} ids")
+    anonymous: bool = Field(False, strict=True, description=ANONYMOUS_DOC)
 
 
 class Error(BaseModel):
@@ -64,7 +76,8 @@ def features_model(registry: Registry) -> type[BaseModel]:
         updated_at=(int | None, Field(None, description="wall-clock time of the write, epoch ms")),
         stale=(bool, Field(description="not rewritten for more than max_age_s (see features.reader)")),
         user_id=(str, Field(description="the id whose hash was read (the alias target if merged)")),
-        alias_of=(str | None, Field(None, description="the id asked for, when it was merged")),
+        alias_of=(str | None, Field(None, description="the anonymous id asked for, when its alias "
+                                                      "was followed")),
     )
     return create_model("UserFeatures", __config__=ConfigDict(extra="allow"), **fields)
 
@@ -89,13 +102,14 @@ def route_path(scope: dict) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
-async def features_answer(reader: AsyncFeatureReader, scope: dict) -> tuple[int, bytes]:
+async def features_answer(reader: AsyncFeatureReader, scope: dict,
+                          anonymous: bool = False) -> tuple[int, bytes]:
     """Status and JSON body of ``GET /features/{id}``. The id is the whole rest of the decoded
     path (not Starlette's path parameter: its regex ends in `$`, which also matches before a
     final newline, so ``/features/u1%0A`` would read ``u1``)."""
     user_id = route_path(scope)[len(FEATURES):]
     try:
-        values = await reader.get(user_id)
+        values = await reader.get(user_id, anonymous=anonymous)
     except RedisError as exc:
         return 503, orjson.dumps({"detail": f"redis unavailable: {exc}"})
     if values is None:
@@ -107,15 +121,17 @@ class FastFeatureGet:
     """ASGI middleware answering ``GET /features/{id}`` itself. FastAPI's routing, dependency
     solving and response classes cost more CPU than the Redis read (server CPU per request on
     the development VM: ~630 us through the route, ~430 us here); the route stays for the
-    OpenAPI document and answers the same way."""
+    OpenAPI document and answers the same way. It answers only the query strings in
+    FAST_QUERIES (none, or ``anonymous=true|false``) and leaves any other to the route."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] == "http" and scope["method"] == "GET"
-                and route_path(scope).startswith(FEATURES)):
-            status, body = await features_answer(scope["app"].state.reader, scope)
+                and route_path(scope).startswith(FEATURES)
+                and (anonymous := FAST_QUERIES.get(scope.get("query_string", b""))) is not None):
+            status, body = await features_answer(scope["app"].state.reader, scope, anonymous)
             await send({"type": "http.response.start", "status": status, "headers": [
                 (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
             await send({"type": "http.response.body", "body": body})
@@ -150,16 +166,17 @@ def create_app(redis_url: str, prefix: str = "sf", max_age_s: float = 60,
     @app.get("/features/{user_id:path}", response_model=UserFeatures,
              responses={404: {"model": Error, "description": "unknown user"},
                         503: {"model": Error, "description": "Redis unavailable"}})
-    async def get_features(user_id: str, request: Request):
-        """One user's features; an anonymous id merged into a user reads that user's features.
-        (Served by :class:`FastFeatureGet`; this route documents it and answers the same.)"""
-        status, body = await features_answer(request.app.state.reader, request.scope)
+    async def get_features(user_id: str, request: Request,
+                           anonymous: bool = Query(False, description=ANONYMOUS_DOC)):
+        """One profile's features, by user id (default) or by anonymous id.
+        (Mostly served by :class:`FastFeatureGet`; this route documents it and answers the same.)"""
+        status, body = await features_answer(request.app.state.reader, request.scope, anonymous)
         return Response(body, status_code=status, media_type=JSON)
 
     @app.post("/features", response_model=FeaturesResponse)
     async def post_features(body: FeaturesRequest, request: Request):
-        """Features of many users in one call (null for unknown ids)."""
-        values = await request.app.state.reader.get_many(body.user_ids)
+        """Features of many users (or anonymous ids) in one call (null for unknown ids)."""
+        values = await request.app.state.reader.get_many(body.user_ids, anonymous=body.anonymous)
         return Response(orjson.dumps({"features": values}), media_type=JSON)
 
     @app.get("/registry", response_model=dict[str, Any])

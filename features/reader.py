@@ -5,6 +5,16 @@ convenience for Python services and the HTTP API (:mod:`features.http`).
 
     reader = FeatureReader(redis.Redis.from_url(url, protocol=2), prefix="sf")
     reader.get("u00042")   # {'views_1h': 3, 'revenue_24h': 129.9, ..., 'stale': False, ...} or None
+    reader.get("d-9f2c", anonymous=True)   # a visitor's device id: its profile, or its user's
+
+A lookup names the kind of id it holds. By user id (the default) only that user's hash is read.
+By anonymous id (``anonymous=True``) the id's own hash is read (a visitor not merged yet), else the
+alias ``<prefix>:v1:alias:<id>`` is followed once to the user it was merged into. The ids in
+tracking events are not authenticated: anyone can send ``{"user_id": "attacker",
+"anonymous_id": "u00042"}`` and so write ``alias:u00042 -> attacker``. A user-id lookup that fell
+back on aliases would then answer the attacker's features for ``u00042`` whenever that user's own
+hash is missing (consent withdrawn, expired, not written yet); so it never follows one, and only a
+caller holding an anonymous id, who asks for the profile that id was merged into, does.
 
 Any client works; a RESP2 client (``protocol=2``) is faster for batches: hiredis builds RESP3 maps
 (redis-py 8's default) at about twice the cost of RESP2's flat lists.
@@ -12,7 +22,8 @@ Any client works; a RESP2 client (``protocol=2``) is faster for batches: hiredis
 A result holds every registry feature (sparse counts / sums absent from the hash read as 0 / 0.0,
 other absent features as None), unknown hash fields as raw strings (e.g. written under an older
 registry), and ``as_of`` (event time of the values, epoch ms), ``updated_at`` (wall-clock time of
-the write, epoch ms), ``stale``, ``user_id`` (whose hash was read) and ``alias_of``.
+the write, epoch ms), ``stale``, ``user_id`` (whose hash was read) and ``alias_of`` (the anonymous
+id asked for when its alias was followed, else None).
 
 ``stale`` is True when ``now - updated_at > max_age_s`` (or ``updated_at`` is missing): the hash
 was not rewritten for ``max_age_s``, so it is stale from ``updated_at + max_age_s * 1000`` ms on.
@@ -142,22 +153,39 @@ class _Reader:
         out["alias_of"] = alias_of
         return out
 
-    def _lookup(self, user_ids: Iterable[str]) -> Plan:
+    def _lookup(self, ids: Iterable[str], anonymous: bool = False) -> Plan:
         """Yields command batches (one round trip each), receives their replies, returns the
-        results: the hashes; then, only for ids without one, their aliases; then the targets."""
-        out: dict[str, dict | None] = dict.fromkeys(user_ids)
-        ids = [u for u in out if is_valid_id(u)]
-        if not ids:
+        results: the hashes; then, for anonymous ids only and only those without a hash, their
+        aliases; then the aliases' targets.
+
+        >>> reader = _Reader(None, "sf")
+        >>> plan = reader._lookup(["u1"])  # by user id
+        >>> next(plan)
+        [('HGETALL', 'sf:v1:user:u1')]
+        >>> plan.send([[]])  # no hash: the answer, with no alias lookup
+        Traceback (most recent call last):
+        StopIteration: {'u1': None}
+        >>> plan = reader._lookup(["d1"], anonymous=True)
+        >>> next(plan)
+        [('HGETALL', 'sf:v1:user:d1')]
+        >>> plan.send([[]])  # no hash of its own: its alias
+        [('GET', 'sf:v1:alias:d1')]
+        >>> plan.send([b"u1"])  # then the user it names, whose hash is the answer
+        [('HGETALL', 'sf:v1:user:u1')]
+        """
+        out: dict[str, dict | None] = dict.fromkeys(ids)
+        valid = [u for u in out if is_valid_id(u)]
+        if not valid:
             return out
-        replies = yield [("HGETALL", user_key(self.prefix, u)) for u in ids]
+        replies = yield [("HGETALL", user_key(self.prefix, u)) for u in valid]
         now_ms = time.time() * 1000
         missing = []
-        for u, raw in zip(ids, replies):
+        for u, raw in zip(valid, replies):
             if raw:
                 out[u] = self.typed(raw, u, now_ms=now_ms)
             else:
                 missing.append(u)
-        if not missing:
+        if not (anonymous and missing):  # a user id never reaches an alias (module docstring)
             return out
         targets = yield [("GET", alias_key(self.prefix, u)) for u in missing]
         merged = [(u, _text(t)) for u, t in zip(missing, targets) if t]
@@ -173,14 +201,16 @@ class _Reader:
 class FeatureReader(_Reader):
     """Sync reader on a ``redis.Redis`` client (bytes or decoded responses)."""
 
-    def get(self, user_id: str) -> dict | None:
-        """One user's typed features, or None when unknown (an alias is followed once)."""
-        return self._run(self._lookup((user_id,)))[user_id]
+    def get(self, user_id: str, *, anonymous: bool = False) -> dict | None:
+        """Typed features of a user id, or None when it has no hash. With ``anonymous=True`` the
+        id is an anonymous id: its own hash, else the user its alias names (followed once)."""
+        return self._run(self._lookup((user_id,), anonymous))[user_id]
 
-    def get_many(self, user_ids: Iterable[str]) -> dict[str, dict | None]:
-        """Typed features per id (None when unknown): one pipeline round trip for the hashes,
-        one more for aliases only when some hash is missing, one for the alias targets."""
-        return self._run(self._lookup(user_ids))
+    def get_many(self, user_ids: Iterable[str], *, anonymous: bool = False) -> dict[str, dict | None]:
+        """Typed features per id (None when unknown), ids read as :meth:`get` does: one pipeline
+        round trip for the hashes; with ``anonymous=True``, one more for the aliases of the ids
+        without a hash (only when there are some) and one for the alias targets."""
+        return self._run(self._lookup(user_ids, anonymous))
 
     def stored_registry(self) -> bytes | None:
         """The registry JSON written by the flow, or None before its first start."""
@@ -217,11 +247,12 @@ class FeatureReader(_Reader):
 class AsyncFeatureReader(_Reader):
     """The same reader on a ``redis.asyncio.Redis`` client."""
 
-    async def get(self, user_id: str) -> dict | None:
-        return (await self._run(self._lookup((user_id,))))[user_id]
+    async def get(self, user_id: str, *, anonymous: bool = False) -> dict | None:
+        return (await self._run(self._lookup((user_id,), anonymous)))[user_id]
 
-    async def get_many(self, user_ids: Iterable[str]) -> dict[str, dict | None]:
-        return await self._run(self._lookup(user_ids))
+    async def get_many(self, user_ids: Iterable[str], *,
+                       anonymous: bool = False) -> dict[str, dict | None]:
+        return await self._run(self._lookup(user_ids, anonymous))
 
     async def stored_registry(self) -> bytes | None:
         return await self.client.get(registry_key(self.prefix))

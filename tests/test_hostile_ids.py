@@ -45,6 +45,7 @@ MISSING = object()  # a field left out of the event (unlike JSON null)
 
 VICTIMS = {"victim", "victim:2", "victim-anon"}  # ids that own a hash in the control run
 VICTIM_ALIASES = {"victim-login": "victim"}  # the victim's device id, merged at login
+ATTACKED = ("victim:2", "victim")  # victims' user ids a hostile record claims as its device id
 
 
 def victim_events() -> list[dict]:
@@ -135,6 +136,9 @@ def hostile_records() -> list[tuple[dict | bytes, tuple]]:
         {"user_id": "[a-z]*", "anonymous_id": "victim-anon?"},  # alias only (no visit before)
         {"user_id": "attacker", "anonymous_id": ""},  # empty device id: ignored, not an error
         {"user_id": "attacker", "anonymous_id": "attacker"},  # same id: no link
+        # a victim's USER id sent as a device id: writes alias:<victim> -> attacker (events are
+        # not authenticated); a user-id lookup must never follow it (test_victims_user_ids...)
+        *[{"user_id": "attacker", "anonymous_id": v} for v in ATTACKED],
     ]
     out: list[tuple[dict | bytes, tuple]] = [(f, ("dead", r)) for f, r in dead]
     out += [(t, ("raw", r)) for t, r in raw]
@@ -205,7 +209,7 @@ def keys_of(client: redis.Redis, prefix: str) -> dict[str, set[str]]:
 def expected_owners() -> tuple[set[str], dict[str, str]]:
     """The hostile run's own keys, from the identity rules: an event's profile is its user id,
     else its device id; a user id with another device id links (aliases) that device id, whose
-    anonymous profile (if any) merges into the user's."""
+    anonymous profile (if any) merges into the user's (a user's profile never does: ATTACKED)."""
     owners, links = set(), {}
     for spec, expect in hostile_records():
         if expect[0] != "ok":
@@ -264,6 +268,7 @@ def test_hostile_ids_end_to_end(runs):
     assert hst_keys["other"] == {registry_key(HST)}
     assert hst_keys["user"] == VICTIMS | owners
     assert hst_keys["alias"] == set(VICTIM_ALIASES) | set(links)
+    assert set(ATTACKED) <= set(links) and set(ATTACKED) <= hst_keys["user"]  # alias and own hash
     for anon, user in links.items():
         assert redis_client.get(alias_key(HST, anon)) == user.encode()
     # So a key holds control or glob characters only when its id is valid (is_valid_id) and
@@ -308,60 +313,107 @@ def hostile_probes() -> list:
     return unique
 
 
-def check_answer(client: redis.Redis, reader: FeatureReader, ident, got) -> None:
-    """An answer for a hostile id is None, or the hostile id's own hash (or its alias target's),
-    never a victim's."""
+def check_answer(client: redis.Redis, reader: FeatureReader, ident, got, anonymous: bool) -> None:
+    """An answer for a hostile id is None or the id's own hash; by anonymous id it may also be
+    the hash of the user the id's alias names. Never a victim's."""
     owners, links = expected_owners()
-    if not is_valid_id(ident) or (ident not in owners and ident not in links):
-        assert got is None, repr(ident)
+    if not is_valid_id(ident):
+        target = None
+    elif ident in owners:
+        target = ident
+    else:  # a user id never follows an alias, whoever wrote it
+        target = links.get(ident) if anonymous else None
+    if target is None:
+        assert got is None, (ident, anonymous)
         return
-    target = links.get(ident, ident)
-    assert got is not None and got["user_id"] == target, repr(ident)
+    assert got is not None and got["user_id"] == target, (ident, anonymous)
     assert target not in VICTIMS and target not in VICTIM_ALIASES
-    assert got["alias_of"] == (ident if ident in links else None)
+    assert got["alias_of"] == (None if target == ident else ident)
     raw = client.hgetall(user_key(HST, target))
     assert {k: v for k, v in got.items() if k != "stale"} == {
         k: v for k, v in reader.typed(raw, target, got["alias_of"]).items() if k != "stale"}
 
 
+def victims_read_their_own(got: dict, want: dict) -> None:
+    for v, answer in got.items():
+        assert {**answer, "stale": None} == {**want[v], "stale": None}, v
+
+
 def test_reader_and_http_never_answer_a_victim_for_a_hostile_id(runs, redis_url):
     redis_client = runs["client"]
     reader = FeatureReader(redis.Redis.from_url(redis_url, protocol=2), HST)
-    victims = reader.get_many(sorted(VICTIMS | set(VICTIM_ALIASES)))
+    # the victims' own answers: user ids by user id, the login device id by anonymous id
+    victims = {**reader.get_many(sorted(VICTIMS)),
+               **reader.get_many(sorted(VICTIM_ALIASES), anonymous=True)}
     assert all(v is not None for v in victims.values())
+    assert all(victims[a]["user_id"] == u for a, u in VICTIM_ALIASES.items())
+    assert reader.get_many(sorted(VICTIM_ALIASES)) == dict.fromkeys(VICTIM_ALIASES)
     probes = hostile_probes()
     hashable = [p for p in probes if not isinstance(p, (list, dict))]
 
-    for p in hashable:
-        check_answer(redis_client, reader, p, reader.get(p))
-    many = reader.get_many(hashable + sorted(victims))
-    for p in hashable:
-        check_answer(redis_client, reader, p, many[p])
-    for v, want in victims.items():  # the victims in the same batch still read their own
-        assert {**many[v], "stale": None} == {**want, "stale": None}
+    for anonymous in (False, True):
+        for p in hashable:
+            check_answer(redis_client, reader, p, reader.get(p, anonymous=anonymous), anonymous)
+        many = reader.get_many(hashable + sorted(VICTIMS), anonymous=anonymous)
+        for p in hashable:
+            check_answer(redis_client, reader, p, many[p], anonymous)
+        # the victims in the same batch still read their own, by either kind of lookup
+        victims_read_their_own({v: many[v] for v in VICTIMS}, victims)
     for p in probes:
         if isinstance(p, (list, dict)):  # unhashable: a clear error, no Redis lookup
             with pytest.raises(TypeError):
                 reader.get(p)
             with pytest.raises(TypeError):
-                reader.get_many(["victim", p])
+                reader.get_many(["victim", p], anonymous=True)
 
     # HTTP on a real uvicorn (Starlette's TestClient decodes the path twice: %250A reads "\n").
     strings = [p for p in hashable if isinstance(p, str)]
     with serving(create_app(redis_url, HST)) as port:
-        for p in strings:
-            status, body = call(port, "GET", "/features/" + quote(p, safe=""))
-            if status == 200:
-                check_answer(redis_client, reader, p, body)
-            else:
-                assert (status, body) == (404, {"detail": "unknown user"}), repr(p)
-                check_answer(redis_client, reader, p, None)
-        status, body = call(port, "POST", "/features", {"user_ids": strings[:1000]})
-        assert status == 200 and len(body["features"]) == len(strings)
-        for p, got in body["features"].items():
-            check_answer(redis_client, reader, p, got)
+        for anonymous, query in ((False, ""), (False, "?anonymous=false"), (True, "?anonymous=true")):
+            for p in strings:
+                status, body = call(port, "GET", "/features/" + quote(p, safe="") + query)
+                if status == 200:
+                    check_answer(redis_client, reader, p, body, anonymous)
+                else:
+                    assert (status, body) == (404, {"detail": "unknown user"}), (p, query)
+                    check_answer(redis_client, reader, p, None, anonymous)
+            status, body = call(port, "POST", "/features",
+                                {"user_ids": strings[:1000], "anonymous": anonymous})
+            assert status == 200 and len(body["features"]) == len(strings)
+            for p, got in body["features"].items():
+                check_answer(redis_client, reader, p, got, anonymous)
         for bad in ([7], [None], [["victim"]], [{"$ne": None}], "victim"):
             assert call(port, "POST", "/features", {"user_ids": bad})[0] == 422
+
+
+def test_victims_user_ids_never_read_the_attackers_alias(runs, redis_url):
+    """The flow wrote alias:<victim user id> -> attacker (hostile records with the victims' user
+    ids as device ids). By user id a victim reads their own hash; and when that hash is missing
+    (expired, consent withdrawn: simulated by moving it away) the answer is "unknown", never the
+    attacker's. Only a lookup by anonymous id follows the alias, to the attacker."""
+    client = runs["client"]
+    reader = FeatureReader(redis.Redis.from_url(redis_url, protocol=2), HST)
+    with serving(create_app(redis_url, HST)) as port:
+        for v in ATTACKED:
+            assert client.get(alias_key(HST, v)) == b"attacker"
+            own = reader.typed(client.hgetall(user_key(HST, v)), v)
+            for anonymous in (False, True):  # the id's own hash comes first either way
+                got = reader.get(v, anonymous=anonymous)
+                assert {**got, "stale": None} == {**own, "stale": None}, (v, anonymous)
+            moved = f"moved:{uuid.uuid4().hex}"
+            client.rename(user_key(HST, v), moved)
+            try:
+                assert reader.get(v) is None and reader.get_many([v, "attacker"])[v] is None
+                path = "/features/" + quote(v, safe="")
+                assert call(port, "GET", path) == (404, {"detail": "unknown user"})
+                status, body = call(port, "POST", "/features", {"user_ids": [v]})
+                assert status == 200 and body["features"][v] is None
+                got = reader.get(v, anonymous=True)
+                assert got["user_id"] == "attacker" and got["alias_of"] == v
+                status, body = call(port, "GET", path + "?anonymous=true")
+                assert status == 200 and body["user_id"] == "attacker"
+            finally:
+                client.rename(moved, user_key(HST, v))
 
 
 @contextmanager
@@ -466,9 +518,11 @@ def test_sink_writes_any_valid_id_only_under_its_own_key(hyp_redis, ident):
         new = set(client.keys("hyp:*")) - before
         assert new == {user_key("hyp", ident).encode(), alias_key("hyp", ident + "-dev").encode()}
         assert client.hgetall(user_key("hyp", "victim")) == victim
-        got = reader.get_many([ident, ident + "-dev", "victim", "victim-anon"])
+        ids = [ident, ident + "-dev", "victim", "victim-anon"]
+        got, by_anon = reader.get_many(ids), reader.get_many(ids, anonymous=True)
         assert got[ident]["views_1h"] == 9 and got[ident]["user_id"] == ident
-        assert got[ident + "-dev"]["user_id"] == ident
-        assert got["victim"]["views_1h"] == 3 and got["victim-anon"]["user_id"] == "victim"
+        assert got[ident + "-dev"] is None and by_anon[ident + "-dev"]["user_id"] == ident
+        assert got["victim"]["views_1h"] == 3 and by_anon["victim"]["user_id"] == "victim"
+        assert got["victim-anon"] is None and by_anon["victim-anon"]["user_id"] == "victim"
     finally:
         client.delete(*new)

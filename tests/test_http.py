@@ -94,12 +94,43 @@ def test_unknown_user_is_404_json(redis_client, port):
     assert call(port, "GET", "/features/")[0] == 404
 
 
-def test_alias_and_stale(redis_client, port):
+def test_anonymous_id_follows_its_alias_and_stale(redis_client, port):
     store(redis_client, "user-9", {"orders_lifetime": "2"}, updated_at=int(time.time() * 1000) - 120_000)
     redis_client.set(alias_key(P, "anon 1"), "user-9")
-    status, _, got = call(port, "GET", "/features/anon%201")
+    status, _, got = call(port, "GET", "/features/anon%201?anonymous=true")
     assert status == 200 and got["user_id"] == "user-9" and got["alias_of"] == "anon 1"
     assert got["orders_lifetime"] == 2 and got["stale"] is True
+    assert call(port, "GET", "/features/anon%201")[0] == 404  # by user id: no alias
+
+
+def test_user_id_never_follows_an_alias(redis_client, port):
+    """The attack (see tests/test_reader.py): alias:victim:2 -> attacker, written by an
+    unauthenticated event, and no hash for victim:2. By user id: 404 / null, never the attacker."""
+    store(redis_client, "attacker", {"views_1h": "666"})
+    redis_client.set(alias_key(P, "victim:2"), "attacker")
+    unknown = (404, {"detail": "unknown user"})
+    for query in ("", "?anonymous=false", "?anonymous=0", "?anonymous=False", "?x=1"):
+        status, _, got = call(port, "GET", "/features/victim:2" + query)
+        assert (status, got) == unknown, query
+    for query in ("?anonymous=true", "?anonymous=1", "?anonymous=True", "?x=1&anonymous=true"):
+        status, _, got = call(port, "GET", "/features/victim:2" + query)
+        assert status == 200 and got["user_id"] == "attacker" and got["alias_of"] == "victim:2", query
+    for query in ("?anonymous=maybe", "?anonymous=", "?anonymous"):
+        status, _, got = call(port, "GET", "/features/victim:2" + query)
+        assert status == 422 and got["detail"][0]["loc"] == ["query", "anonymous"], query
+    for body in ({}, {"anonymous": False}):
+        status, _, got = call(port, "POST", "/features", {"user_ids": ["victim:2", "attacker"], **body})
+        assert status == 200 and got["features"]["victim:2"] is None, body
+        assert got["features"]["attacker"]["user_id"] == "attacker"
+    status, _, got = call(port, "POST", "/features", {"user_ids": ["victim:2"], "anonymous": True})
+    assert status == 200 and got["features"]["victim:2"]["user_id"] == "attacker"
+    for flag in ("true", 1, None):  # JSON has booleans: nothing else switches the mode
+        assert call(port, "POST", "/features", {"user_ids": ["victim:2"], "anonymous": flag})[0] == 422
+    # once victim:2 has a hash, both lookups read it
+    store(redis_client, "victim:2", {"views_1h": "1"})
+    for query in ("", "?anonymous=true"):
+        status, _, got = call(port, "GET", "/features/victim:2" + query)
+        assert status == 200 and got["user_id"] == "victim:2" and got["alias_of"] is None
 
 
 @pytest.mark.parametrize("user_id,path", [
@@ -128,11 +159,15 @@ def test_post_batch(redis_client, port):
     store(redis_client, "u1", {"views_1h": "3"})
     store(redis_client, "a:b*", {"views_1h": "4"})
     redis_client.set(alias_key(P, "anon"), "u1")
-    status, _, got = call(port, "POST", "/features", {"user_ids": ["u1", "nobody", "a:b*", "anon", "*"]})
+    ids = ["u1", "nobody", "a:b*", "anon", "*"]
+    status, _, got = call(port, "POST", "/features", {"user_ids": ids})
     assert status == 200 and list(got) == ["features"]
     f = got["features"]
     assert f["u1"]["views_1h"] == 3 and f["a:b*"]["views_1h"] == 4 and f["nobody"] is None
-    assert f["anon"]["user_id"] == "u1" and f["*"] is None
+    assert f["anon"] is None and f["*"] is None
+    status, _, got = call(port, "POST", "/features", {"user_ids": ids, "anonymous": True})
+    assert status == 200 and got["features"]["anon"] == {**f["u1"], "alias_of": "anon"}
+    assert got["features"]["u1"] == f["u1"] and got["features"]["nobody"] is None
     many = [f"m{i}" for i in range(MAX_BATCH)]
     status, _, got = call(port, "POST", "/features", {"user_ids": many})
     assert status == 200 and len(got["features"]) == MAX_BATCH
@@ -166,8 +201,14 @@ def test_openapi_documents_the_endpoints(port):
     props = doc["components"]["schemas"]["UserFeatures"]["properties"]
     assert props["views_1h"]["type"] == "integer" and props["stale"]["type"] == "boolean"
     assert {"type": "number"} in props["aov_30d"]["anyOf"]
-    body = doc["components"]["schemas"]["FeaturesRequest"]["properties"]["user_ids"]
-    assert body["maxItems"] == MAX_BATCH
+    body = doc["components"]["schemas"]["FeaturesRequest"]["properties"]
+    assert body["user_ids"]["maxItems"] == MAX_BATCH
+    assert body["anonymous"]["type"] == "boolean" and body["anonymous"]["default"] is False
+    params = {p["name"]: p for p in paths["/features/{user_id}"]["get"]["parameters"]}
+    anonymous = params["anonymous"]
+    assert anonymous["in"] == "query" and not anonymous.get("required")
+    assert anonymous["schema"]["type"] == "boolean" and anonymous["schema"]["default"] is False
+    assert "alias" in anonymous["description"]
 
 
 def test_redis_down_is_503(redis_url):

@@ -81,36 +81,63 @@ def test_missing_users_and_get_many(redis_client):
     assert reader.get_many([]) == {}
 
 
-def test_get_many_asks_aliases_only_for_missing_hashes(redis_client):
+def test_get_many_asks_aliases_only_for_missing_anonymous_hashes(redis_client):
     ids = [f"u{i}" for i in range(100)]
     for u in ids:
         store(redis_client, u, {"views_1h": "1"})
     reader = FeatureReader(redis_client, P)
+    for anonymous in (False, True):
+        redis_client.config_resetstat()
+        assert all(v is not None for v in reader.get_many(ids, anonymous=anonymous).values())
+        stats = redis_client.info("commandstats")
+        assert stats["cmdstat_hgetall"]["calls"] == 100 and "cmdstat_get" not in stats
     redis_client.config_resetstat()
-    assert all(v is not None for v in reader.get_many(ids).values())
-    stats = redis_client.info("commandstats")
-    assert stats["cmdstat_hgetall"]["calls"] == 100 and "cmdstat_get" not in stats
+    reader.get_many(ids + ["gone1", "gone2"])  # user ids: a missing hash is the answer
+    assert "cmdstat_get" not in redis_client.info("commandstats")
     redis_client.config_resetstat()
-    reader.get_many(ids + ["gone1", "gone2"])
+    reader.get_many(ids + ["gone1", "gone2"], anonymous=True)
     assert redis_client.info("commandstats")["cmdstat_get"]["calls"] == 2
 
 
-def test_alias_is_followed_once(redis_client):
+def test_anonymous_lookup_follows_an_alias_once(redis_client):
     store(redis_client, "user-9", {"orders_lifetime": "2"})
     redis_client.set(alias_key(P, "anon-1"), "user-9")
     redis_client.set(alias_key(P, "anon-2"), "anon-1")  # alias of an alias: not followed
     redis_client.set(alias_key(P, "anon-3"), "deleted-user")
     reader = FeatureReader(redis_client, P)
-    got = reader.get("anon-1")
+    got = reader.get("anon-1", anonymous=True)
     assert got["orders_lifetime"] == 2 and got["user_id"] == "user-9" and got["alias_of"] == "anon-1"
-    assert reader.get("user-9")["alias_of"] is None
-    assert reader.get("anon-2") is None and reader.get("anon-3") is None
-    many = reader.get_many(["anon-1", "user-9", "anon-2", "anon-3"])
+    assert reader.get("user-9", anonymous=True)["alias_of"] is None  # its own hash
+    assert reader.get("anon-2", anonymous=True) is None and reader.get("anon-3", anonymous=True) is None
+    many = reader.get_many(["anon-1", "user-9", "anon-2", "anon-3"], anonymous=True)
     assert many["anon-1"] == {**many["user-9"], "alias_of": "anon-1"}
     assert many["anon-2"] is None and many["anon-3"] is None
     # the anonymous profile's own hash, while it still exists, wins over the alias
     store(redis_client, "anon-1", {"orders_lifetime": "0"})
-    assert reader.get("anon-1")["user_id"] == "anon-1"
+    assert reader.get("anon-1", anonymous=True)["user_id"] == "anon-1"
+    with pytest.raises(TypeError):  # keyword-only: a stray positional True cannot switch modes
+        reader.get("anon-1", True)
+
+
+def test_user_id_lookup_never_follows_an_alias(redis_client):
+    """The attack: an unauthenticated event {"user_id": "attacker", "anonymous_id": "victim:2"}
+    made the flow write alias:victim:2 -> attacker; victim:2's own hash is missing (consent
+    withdrawn, expired, not written yet). Asked by user id, the answer is "unknown", never the
+    attacker's features; only a lookup by anonymous id follows the alias."""
+    store(redis_client, "attacker", {"views_1h": "666"})
+    redis_client.set(alias_key(P, "victim:2"), "attacker")
+    reader = FeatureReader(redis_client, P)
+    assert reader.get("victim:2") is None
+    assert reader.get("victim:2", anonymous=False) is None
+    assert reader.get_many(["victim:2", "attacker"])["victim:2"] is None
+    by_anon = reader.get("victim:2", anonymous=True)
+    assert by_anon["user_id"] == "attacker" and by_anon["alias_of"] == "victim:2"
+    assert reader.get_many(["victim:2"], anonymous=True)["victim:2"] == by_anon
+    # once the victim's hash exists, both lookups read it, never the alias
+    store(redis_client, "victim:2", {"views_1h": "1"})
+    for anonymous in (False, True):
+        got = reader.get("victim:2", anonymous=anonymous)
+        assert got["user_id"] == "victim:2" and got["alias_of"] is None and got["views_1h"] == 1
 
 
 def test_stale_after_max_age(redis_client):
@@ -132,7 +159,7 @@ def test_hostile_ids_cannot_reach_other_keys(redis_client):
     assert reader.get("a:b*")["views_1h"] == 7 and reader.get("a:b*")["user_id"] == "a:b*"
     for probe in ["*", "u*", "u?", "u[1]", "a", "a:b", "a:b?", "u1 ", " u1", "U1", "u1\n", "u1\x00",
                   "../u1", f"{P}:v1:user:u1", ":u1", "x" * 129, "x" * 10_000, ""]:
-        assert reader.get(probe) is None, repr(probe)
+        assert reader.get(probe) is None and reader.get(probe, anonymous=True) is None, repr(probe)
     # the registry key is not reachable as a user either, nor through a crafted alias id
     assert reader.get("../registry") is None and reader.get_many(["*", "?"]) == {"*": None, "?": None}
 
@@ -140,7 +167,8 @@ def test_hostile_ids_cannot_reach_other_keys(redis_client):
 def test_invalid_ids_do_not_reach_redis(redis_client):
     reader = FeatureReader(redis_client, P)
     redis_client.config_resetstat()
-    assert reader.get_many(["", "x" * 129, "a\nb", "tab\t"]) == dict.fromkeys(["", "x" * 129, "a\nb", "tab\t"])
+    bad = ["", "x" * 129, "a\nb", "tab\t"]
+    assert reader.get_many(bad) == reader.get_many(bad, anonymous=True) == dict.fromkeys(bad)
     assert "cmdstat_hgetall" not in redis_client.info("commandstats")
 
 
@@ -148,19 +176,24 @@ def test_async_reader_matches_sync(redis_client, redis_url):
     store(redis_client, "u1", full_hash(), updated_at=1)
     redis_client.set(alias_key(P, "anon"), "u1")
     sync = FeatureReader(redis_client, P)
+    ids = ["u1", "anon", "nobody"]
 
     async def read():
         client = aioredis.Redis.from_url(redis_url)
         try:
             reader = AsyncFeatureReader(client, P)
-            return (await reader.get("u1"), await reader.get_many(["u1", "anon", "nobody"]),
-                    await reader.stored_registry())
+            return (await reader.get("u1"), await reader.get("anon"),
+                    await reader.get("anon", anonymous=True), await reader.get_many(ids),
+                    await reader.get_many(ids, anonymous=True), await reader.stored_registry())
         finally:
             await client.aclose()
 
-    one, many, stored = asyncio.run(read())
-    assert one == sync.get("u1") and many == sync.get_many(["u1", "anon", "nobody"]) and stored is None
-    assert many["anon"]["alias_of"] == "anon" and many["nobody"] is None
+    one, anon, anon_by_anon, many, many_by_anon, stored = asyncio.run(read())
+    assert one == sync.get("u1") and stored is None
+    assert anon is None and anon_by_anon == sync.get("anon", anonymous=True)
+    assert many == sync.get_many(ids) and many_by_anon == sync.get_many(ids, anonymous=True)
+    assert many["anon"] is None and many_by_anon["anon"]["alias_of"] == "anon"
+    assert many["nobody"] is None and many_by_anon["nobody"] is None
 
 
 def test_feature_names_may_not_clash_with_reader_fields(redis_client):
