@@ -23,7 +23,6 @@ maxima, event-time sessions), so a replay or another worker count gives the same
 from __future__ import annotations
 
 from array import array
-from bisect import insort
 from typing import Callable
 
 from config.registry import Registry
@@ -62,6 +61,33 @@ def quantity(props: dict) -> int:
     return q if isinstance(q, int) and not isinstance(q, bool) and q >= 1 else 1
 
 
+def join_session(sess: array, start: int, end: int, views: int, gap_ms: int) -> None:
+    """Add the events spanning [start, end] (``views`` page views, one chain) to the sessions.
+
+    Sessions are kept as sorted (start, end, views) triples more than ``gap_ms`` apart. Two
+    chains of events whose spans overlap or come within the gap form one chain, so adding an event
+    (a point) or merging another profile's sessions is interval merging: exact, and in any order.
+
+    >>> s = array("q")
+    >>> for ts, v in [(0, 1), (10, 1), (100, 0), (55, 1)]:  # gap 50: 55 bridges 10 and 100
+    ...     join_session(s, ts, ts, v, 50)
+    ...     print(list(s))
+    [0, 0, 1]
+    [0, 10, 2]
+    [0, 10, 2, 100, 100, 0]
+    [0, 100, 3]
+    """
+    i = len(sess) // 3
+    while i and sess[3 * i - 2] + gap_ms >= start:  # back to the first session ending near enough
+        i -= 1
+    j = i
+    n = len(sess) // 3
+    while j < n and sess[3 * j] - gap_ms <= end:  # every session within the gap of the span joins
+        start, end, views = min(start, sess[3 * j]), max(end, sess[3 * j + 1]), views + sess[3 * j + 2]
+        j += 1
+    sess[3 * i:3 * j] = array("q", (start, end, views))
+
+
 class Profile:
     __slots__ = ("buckets", "times", "sess", "cart", "last_order", "last_checkout", "cart_updated",
                  "first_touch", "last_touch", "as_of", "next_due", "arrival_ms", "written",
@@ -70,7 +96,7 @@ class Profile:
     def __init__(self, buckets: MinuteBuckets, n_times: int):
         self.buckets = buckets
         self.times: list[int | None] = [None] * n_times
-        self.sess = array("q")  # ts * 2 + is_view, sorted: the sessions that may still change
+        self.sess = array("q")  # sessions as flat (start, end, views) triples, see join_session
         self.cart: list[tuple[int, int, int]] = []  # (ts, +/- quantity, +/- cents) after last order
         self.last_order: int | None = None
         self.last_checkout: int | None = None
@@ -84,30 +110,6 @@ class Profile:
         self.active = False  # an event since the last write: refresh the key's TTL
         self.last_event = 0  # latest event time (state eviction)
         self.pending_examples = None  # the model's unlabelled examples, while the profile moves
-
-    def merge(self, other: "Profile") -> None:
-        """Absorb another profile (an anonymous visitor who logged in)."""
-        self.buckets.merge(other.buckets)
-        for i, b in enumerate(other.times):
-            if b is not None:
-                a = self.times[i]
-                self.times[i] = b if a is None else min(a, b) if self._first_mask[i] else max(a, b)
-        for v in other.sess:
-            insort(self.sess, v)
-        orders = [t for t in (self.last_order, other.last_order) if t is not None]
-        self.last_order = max(orders) if orders else None
-        self.cart = sorted(c for c in self.cart + other.cart
-                           if self.last_order is None or c[0] > self.last_order)
-        self.last_checkout = _max(self.last_checkout, other.last_checkout)
-        self.cart_updated = _max(self.cart_updated, other.cart_updated)
-        self.first_touch = _min(self.first_touch, other.first_touch)
-        self.last_touch = _max(self.last_touch, other.last_touch)
-        self.as_of = max(self.as_of, other.as_of)
-        self.last_event = max(self.last_event, other.last_event)
-        self.arrival_ms = max(self.arrival_ms, other.arrival_ms)
-        self.active = True
-
-    _first_mask: tuple[bool, ...] = ()
 
 
 def _max(a, b):
@@ -125,6 +127,7 @@ class FeaturePlan:
         self.registry = registry
         params = registry.params
         self.gap_ms = int(params["session_gap_min"] * MINUTE_MS)
+        self.session_horizon_ms = max(registry.windows.values()) * MINUTE_MS + self.gap_ms
         metrics: dict[tuple, int] = {}
         slots: list[tuple[int, int | None]] = []
         self.slot_of: dict[str, int] = {}
@@ -142,7 +145,6 @@ class FeaturePlan:
                 self.view_events = frozenset(f.events)
         self.metrics = list(metrics)
         self.first_mask = tuple(t[3] for t in self.times)
-        Profile._first_mask = self.first_mask
         self._slots = MinuteBuckets(slots).__getstate__()[4]
         self._metric_cache: dict[str, tuple] = {}
         self._time_cache: dict[str, tuple] = {}
@@ -195,7 +197,7 @@ class FeaturePlan:
             t = times[i]
             if t is None or (ts < t if first else ts > t):
                 times[i] = ts
-        insort(p.sess, ts * 2 + (name in self.view_events))
+        join_session(p.sess, ts, ts, name in self.view_events, self.gap_ms)
         if name in (CART_ADD, CART_REMOVE, ORDER, CHECKOUT):
             self._cart(p, e, ts, name)
         if e.campaign:
@@ -232,34 +234,45 @@ class FeaturePlan:
             p.as_of = now_ms
         p.buckets.advance(p.as_of // MINUTE_MS)
 
-    def session(self, p: Profile) -> tuple[int, int, int] | None:
+    def merge(self, p: Profile, other: Profile) -> None:
+        """Absorb another profile into ``p`` (an anonymous visitor who logged in)."""
+        p.buckets.merge(other.buckets)
+        for i, b in enumerate(other.times):
+            if b is not None:
+                a = p.times[i]
+                p.times[i] = b if a is None else min(a, b) if self.first_mask[i] else max(a, b)
+        o = other.sess
+        for k in range(0, len(o), 3):
+            join_session(p.sess, o[k], o[k + 1], o[k + 2], self.gap_ms)
+        orders = [t for t in (p.last_order, other.last_order) if t is not None]
+        p.last_order = max(orders) if orders else None
+        p.cart = sorted(c for c in p.cart + other.cart if p.last_order is None or c[0] > p.last_order)
+        p.last_checkout = _max(p.last_checkout, other.last_checkout)
+        p.cart_updated = _max(p.cart_updated, other.cart_updated)
+        p.first_touch = _min(p.first_touch, other.first_touch)
+        p.last_touch = _max(p.last_touch, other.last_touch)
+        p.as_of = max(p.as_of, other.as_of)
+        p.last_event = max(p.last_event, other.last_event)
+        p.arrival_ms = max(p.arrival_ms, other.arrival_ms)
+        p.active = True
+
+    @staticmethod
+    def session(p: Profile) -> tuple[int, int, int] | None:
         """(start, last, views) of the latest session, in event time."""
         sess = p.sess
-        if not sess:
-            return None
-        i = len(sess) - 1
-        last = sess[i] >> 1
-        views = sess[i] & 1
-        while i > 0 and (sess[i] >> 1) - (sess[i - 1] >> 1) <= self.gap_ms:
-            i -= 1
-            views += sess[i] & 1
-        return sess[i] >> 1, last, views
+        return (sess[-3], sess[-2], sess[-1]) if sess else None
 
     def prune_sessions(self, p: Profile, watermark: int) -> None:
-        """Forget sessions that no on-time event can join or bridge any more (keep the latest)."""
+        """Forget sessions ended more than the longest window before "now" (keep the latest).
+
+        Not at the lateness horizon: a visitor's profile merged later may hold older events that
+        bridge two of the user's sessions, and the result must not depend on when the merge
+        arrives. A chain bridging that far back would need events every gap for the window."""
         sess = p.sess
-        n = len(sess)
-        if n < 2:
-            return
-        limit = watermark - self.gap_ms
-        i = n - 1
+        limit = watermark - self.session_horizon_ms
         cut = 0
-        while i > 0:
-            if (sess[i] >> 1) - (sess[i - 1] >> 1) > self.gap_ms:  # a session ends at i - 1
-                if (sess[i - 1] >> 1) < limit:
-                    cut = i
-                    break
-            i -= 1
+        while cut < len(sess) - 3 and sess[cut + 1] < limit:
+            cut += 3
         if cut:
             del sess[:cut]
 

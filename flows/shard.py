@@ -154,7 +154,7 @@ class ProfileStore:
             self.users[user] = other
             other.next_due = None
         else:
-            p.merge(other)
+            self.plan.merge(p, other)
         self.model.adopt(user, other.pending_examples)
         other.pending_examples = None
         self.dirty.add(user)

@@ -1,5 +1,6 @@
 """Pure logic of features and time: sliding windows, watermark, timers, dedupe, late events,
 identity stitching and consent, through both keyed stages (tests/engine_harness.py)."""
+from array import array
 import pickle
 
 from hypothesis import given, settings, strategies as st
@@ -118,6 +119,20 @@ def test_a_visitor_who_logs_in_is_merged_into_the_user():
     assert u["session_pages"] == "3"  # one session across the login
 
 
+def test_a_merged_visitor_bridges_sessions_the_user_closed_long_ago():
+    """The visitor's older events join the user's sessions on both sides when the login merges
+    them, however far "now" has moved since: the same session whatever the arrival order."""
+    m = 60_000
+    h = Harness(ShardConfig(lateness_ms=60_000, ingest_shards=2, profile_shards=3))
+    h.feed([ev(1, "u9", "page_view", T0), ev(2, "u9", "page_view", T0 + 5 * m)])
+    h.feed([ev(3, "anon-1", "page_view", T0 + 20 * m), ev(4, "anon-1", "page_view", T0 + 45 * m)])
+    h.feed([ev(5, "u9", "page_view", T0 + 70 * m), ev(6, "clock", "push_sent", T0 + 90 * m)])
+    h.feed([ev(7, "u9", "login", T0 + 95 * m, anon="anon-1")])  # u9's first session is long shut
+    h.finish()
+    u = h.features("u9")
+    assert (u["session_started_at"], u["session_pages"]) == (str(T0), "5")
+
+
 def test_without_profiling_consent_there_is_no_profile_and_withdrawal_deletes_it():
     h = Harness()
     h.feed([ev(1, "u1", "page_view", T0), ev(2, "u2", "page_view", T0, consent=False),
@@ -167,3 +182,44 @@ def test_batching_and_restore_do_not_change_final_features(events, size):
         return {u: h.features(u) for u in h.redis}, h.aliases
 
     assert run(len(items), False) == run(size, True)
+
+
+def brute_sessions(events, gap):
+    """(start, end, views) of every chain of events no more than ``gap`` apart, by definition."""
+    out = []
+    for ts, view in sorted(events):
+        if out and ts - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], ts, out[-1][2] + view)
+        else:
+            out.append((ts, ts, view))
+    return out
+
+
+def triples(sess):
+    return [tuple(sess[i:i + 3]) for i in range(0, len(sess), 3)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5_000), st.integers(0, 1)), max_size=40),
+       st.integers(0, 200), st.randoms(use_true_random=False))
+def test_sessions_as_intervals_equal_the_chains_of_their_events_in_any_order(events, gap, rnd):
+    """Adding events in any order, or merging two profiles' sessions (a visitor who logs in),
+    gives the sessions of the union, so the result does not depend on arrival order."""
+    from features.profile import join_session
+
+    shuffled = events[:]
+    rnd.shuffle(shuffled)
+    whole = array("q")
+    for ts, view in shuffled:
+        join_session(whole, ts, ts, view, gap)
+    assert triples(whole) == brute_sessions(events, gap)
+
+    cut = rnd.randint(0, len(shuffled))
+    mine, theirs = array("q"), array("q")
+    for ts, view in shuffled[:cut]:
+        join_session(mine, ts, ts, view, gap)
+    for ts, view in shuffled[cut:]:
+        join_session(theirs, ts, ts, view, gap)
+    for s, e, v in triples(theirs):
+        join_session(mine, s, e, v, gap)
+    assert triples(mine) == brute_sessions(events, gap)
