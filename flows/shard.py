@@ -206,6 +206,14 @@ class ProfileStore:
                 self.dirty.add(name)
         self.flush(out)
 
+    def resumed(self) -> None:
+        """After a restart from a snapshot, Redis may hold fields written after that snapshot
+        which the replay never rewrites (its flushes fall elsewhere): each profile's next write
+        removes every field it does not set."""
+        every = sum(self.plan.bit.values())
+        for p in self.users.values():
+            p.written = every
+
     # -- output ----------------------------------------------------------------------------
     def flush(self, out: ShardOut) -> None:
         """Values of every profile touched since the last flush, as absolute values."""
@@ -430,6 +438,7 @@ class _Logic(StatefulBatchLogic):
         self.state = pickle.loads(resume) if resume is not None else None
         if self.state is not None:
             self.state.store.plan = plan
+            self.state.store.resumed()
 
     def _flushed(self, out: ShardOut):
         self.state.store.flush(out)

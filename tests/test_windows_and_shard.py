@@ -5,13 +5,16 @@ import pickle
 
 from hypothesis import given, settings, strategies as st
 
+from config.registry import load_registry
 from features.buckets import MinuteBuckets
+from features.profile import FeaturePlan
 from flows.shard import Chunk, IngestShard, ShardConfig, ShardOut
 from tests.engine_harness import Harness, event as ev
 
 H = 3_600_000
 DAY = 86_400_000
-T0 = 1_795_392_000_000  # 2026-11-24T00:00Z
+T0 = 1_795_392_000_000  # 2026-11-23T00:00Z
+PLAN = FeaturePlan(load_registry())
 
 
 @settings(max_examples=200, deadline=None)
@@ -223,3 +226,20 @@ def test_sessions_as_intervals_equal_the_chains_of_their_events_in_any_order(eve
     for s, e, v in triples(theirs):
         join_session(mine, s, e, v, gap)
     assert triples(mine) == brute_sessions(events, gap)
+
+
+def test_after_a_restart_the_first_write_removes_every_field_it_does_not_set():
+    """Fields written after the snapshot the flow restarts from are unknown to the restored
+    state: the first write after the restart deletes whatever it does not set."""
+    from flows.shard import IngestLogic
+
+    cfg = ShardConfig(lateness_ms=0, ingest_shards=1, profile_shards=1, snapshots=True)
+    logic = IngestLogic(cfg, PLAN, None)
+    logic.on_batch([Chunk(0, [ev(1, "anon-1", "page_view", T0)], {0: T0}, 1)])
+    restarted = IngestLogic(cfg, PLAN, logic.snapshot())
+    (out,), _ = restarted.on_batch([Chunk(0, [ev(2, "anon-1", "search", T0 + 1000)], {0: T0 + 1000}, 1)])
+    (write,) = [w for w in out.features if w.user == "anon-1"]
+    assert set(write.removed) == set(PLAN.fields) - set(write.values) and "orders_30d" in write.removed
+    # without a restart, only fields that were written and fell to 0 are removed
+    (out,), _ = restarted.on_batch([Chunk(0, [ev(3, "anon-1", "search", T0 + 2000)], {0: T0 + 2000}, 1)])
+    assert [w.removed for w in out.features if w.user == "anon-1"] == [()]
