@@ -47,11 +47,13 @@ LABELS = {"rfm_r": ["high", "low"], "rfm_f": ["high", "low"], "rfm_m": ["high", 
           "activity": ["silent", "active", "highly_active"]}
 
 
-def fake_hash(rng: random.Random, registry, now_ms: int) -> dict[str, str]:
-    """About 40 fields: most non-sparse features, 40 % of the counts and sums (others are 0)."""
+def fake_hash(rng: random.Random, registry, now_ms: int, density: float = 1.0) -> dict[str, str]:
+    """About 40 fields at density 1: 80 % of the non-sparse features, 40 % of the counts and sums
+    (others are 0). Density 0.55 gives the ~24 fields per hash that the flow wrote for the
+    synthetic users of bench/bench_memory.py."""
     out = {}
     for f in registry.features:
-        if rng.random() > (0.4 if f.sparse else 0.8):
+        if rng.random() > (0.4 if f.sparse else 0.8) * density:
             continue
         t = f.type
         if t == "int":
@@ -76,7 +78,7 @@ def fake_hash(rng: random.Random, registry, now_ms: int) -> dict[str, str]:
     return out
 
 
-def populate(client: redis.Redis, users: int, seed: int) -> float:
+def populate(client: redis.Redis, users: int, seed: int, density: float = 1.0) -> float:
     """HSET every user in pipelined batches of 1000 (raw packed commands); mean fields per hash."""
     rng = random.Random(seed)
     registry = load_registry()
@@ -87,7 +89,7 @@ def populate(client: redis.Redis, users: int, seed: int) -> float:
         for start in range(0, users, 1000):
             batch = []
             for i in range(start, min(start + 1000, users)):
-                h = fake_hash(rng, registry, now_ms)
+                h = fake_hash(rng, registry, now_ms, density)
                 fields += len(h)
                 batch.append(pack_command(("HSET", user_key(PREFIX, f"u{i:06d}"),
                                            *[x for kv in h.items() for x in kv])))
@@ -285,11 +287,13 @@ def main() -> None:
     ap.add_argument("--post-rate", type=float, default=100, help="POST (100 ids) per second; 0: skip")
     ap.add_argument("--connections", type=int, default=32, help="keep-alive client connections")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--density", type=float, default=1.0,
+                    help="share of fields kept (1: ~43 fields per hash; 0.55: ~24, as the flow writes)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-reader-") as tmp, EmbeddedRedis(Path(tmp)) as server:
         client = redis.Redis.from_url(server.url)
         t = time.monotonic()
-        mean_fields = populate(client, args.users, args.seed)
+        mean_fields = populate(client, args.users, args.seed, args.density)
         result = {"users": args.users, "mean_fields_per_hash": round(mean_fields, 1),
                   "populate_s": round(time.monotonic() - t, 1),
                   "redis_used_memory_mb": round(client.info("memory")["used_memory"] / 2**20, 1)}
