@@ -261,6 +261,7 @@ class IngestShard:
         self.config = config
         self.store = ProfileStore(plan, config)  # anonymous visitors
         self.links: dict[str, str] = {}  # anonymous id -> user id
+        self.swept: set[str] | None = None  # after a restart: linked visitors' hashes deleted
         self.seen: dict[str, int] = {}  # event_id -> ts, kept while a duplicate could be on time
         self.part_max: dict[int, int] = {}
         self.partitions = 1
@@ -302,6 +303,11 @@ class IngestShard:
         e.raw = b""  # the original bytes are only needed for a late event's dead letter
         profile_shards = self.config.profile_shards
         if not e.identified and e.user in self.links:
+            if self.swept is not None and e.user not in self.swept:
+                # Before the crash this event may have come before its visitor's login (the two
+                # partitions interleave differently) and written the visitor's own hash.
+                self.swept.add(e.user)
+                out.features.append(Write(e.user, None))
             e.user = self.links[e.user]
             e.identified = True
         if e.consent is False:  # no profiling, and no identity link either
@@ -323,6 +329,10 @@ class IngestShard:
             ops.setdefault(shard_of(e.user, profile_shards), []).append(e)
         else:
             self.store.apply(e, out)
+
+    def resumed(self) -> None:
+        self.store.resumed()
+        self.swept = set()
 
     def _aggregate(self, e: Event, ts: int) -> None:
         minute = ts // MINUTE_MS
@@ -417,6 +427,9 @@ class ProfileShard:
             return None
         return min(self.clocks.values())
 
+    def resumed(self) -> None:
+        self.store.resumed()
+
     def finish(self, out: ShardOut) -> None:
         clock = self.clock()
         self.store.finish(clock if clock is not None else self.store.watermark, out)
@@ -438,7 +451,7 @@ class _Logic(StatefulBatchLogic):
         self.state = pickle.loads(resume) if resume is not None else None
         if self.state is not None:
             self.state.store.plan = plan
-            self.state.store.resumed()
+            self.state.resumed()
 
     def _flushed(self, out: ShardOut):
         self.state.store.flush(out)

@@ -243,3 +243,22 @@ def test_after_a_restart_the_first_write_removes_every_field_it_does_not_set():
     # without a restart, only fields that were written and fell to 0 are removed
     (out,), _ = restarted.on_batch([Chunk(0, [ev(3, "anon-1", "search", T0 + 2000)], {0: T0 + 2000}, 1)])
     assert [w.removed for w in out.features if w.user == "anon-1"] == [()]
+
+
+def test_after_a_restart_a_linked_visitor_s_own_hash_is_deleted_once():
+    """Replayed after a restart, a visitor's anonymous event may come after their login (the
+    partitions interleave differently), so it joins the user; before the crash it may have come
+    first and written the visitor's own hash, which must not stay behind."""
+    from flows.shard import IngestLogic
+
+    cfg = ShardConfig(lateness_ms=0, ingest_shards=1, profile_shards=1, snapshots=True)
+    logic = IngestLogic(cfg, PLAN, None)
+    logic.on_batch([Chunk(0, [ev(1, "u0", "page_view", T0)], {0: T0}, 2)])
+    restarted = IngestLogic(cfg, PLAN, logic.snapshot())
+    login = ev(2, "u9", "login", T0 + 1000, anon="anon-1", partition=1)
+    visit = ev(3, "anon-1", "page_view", T0 + 500)
+    later = ev(4, "anon-1", "page_view", T0 + 2000)
+    (out,), _ = restarted.on_batch([Chunk(0, [login, visit, later], {0: T0 + 2000, 1: T0 + 1000}, 2)])
+    assert [w.user for w in out.features if w.values is None] == ["anon-1"]
+    ops = [op for _, h in out.handovers for op in h.ops]
+    assert [op.user for op in ops if hasattr(op, "user")] == ["u9", "u9", "u9"]
