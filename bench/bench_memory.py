@@ -39,7 +39,7 @@ from connectors.synthetic import SyntheticSpec, generate
 from features.layout import alias_key, user_key_pattern
 from flows.events import Event, decode
 from flows.pipeline import shard_config
-from flows.shard import IngestLogic, ProfileLogic, ProfileShard, ShardOut
+from flows.shard import IngestLogic, ProfileLogic, ShardOut
 from surgeflow.stats import STATS
 from tests.engine_harness import Harness
 
@@ -94,14 +94,7 @@ class RedisHarness(Harness):
         if out.features or out.aliases:
             self.pending.append((out.features, out.aliases))  # the pipeline's "feature_values"
         self.writes += len(out.features)
-        for _, h in out.handovers:
-            shard = self.profiles.get(h.shard)
-            if shard is None:
-                shard = self.profiles[h.shard] = ProfileShard(h.shard, self.config, self.plan)
-            o = ShardOut(h.shard)
-            shard.receive(h, o)
-            shard.store.flush(o)
-            self._collect(o)
+        self._route(out)
 
     def write(self) -> None:
         """One source batch -> one write_batch, as the Redis sink gets it in the flow."""

@@ -64,6 +64,10 @@ class Harness:
         self.actions.extend(out.actions)
         self.dead.extend(out.dead)
         self.aggregates.extend(out.aggregates)
+        self._route(out)
+
+    def _route(self, out: ShardOut) -> None:
+        """The handovers of a result to their profile shards, as the dataflow routes them."""
         for _, h in out.handovers:
             shard = self.profiles.get(h.shard)
             if shard is None:

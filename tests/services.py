@@ -262,6 +262,46 @@ def start_redis(tmpdir: Path):
     return server
 
 
+@contextlib.contextmanager
+def serve_app(app):
+    """Serve an ASGI ``app`` with uvicorn in a thread on a free loopback port; yields the port."""
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def http_call(port: int, method: str, path: str, body=None):
+    """(status, headers, JSON body) of one request; ``path`` is sent as given (pre-encoded)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, dict(resp.getheaders()), (json.loads(raw) if raw else None)
+    finally:
+        conn.close()
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["fetch-kafka"]:
         print(ensure_kafka_libs())

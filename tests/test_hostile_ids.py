@@ -10,21 +10,15 @@ each hostile record must become (rejected with a reason, or stored under its own
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import re
-import socket
-import threading
-import time
 import uuid
 from collections import Counter
-from contextlib import contextmanager
 from urllib.parse import quote
 
 import orjson
 import pytest
 import redis
-import uvicorn
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -37,6 +31,7 @@ from features.reader import FeatureReader
 from flows.events import Event, decode
 from flows.runner import run
 from flows.shard import Write
+from tests.services import http_call, serve_app
 
 CTL, HST = "ctl", "hst"  # key prefixes of the control run and of the hostile run
 T0 = 1_795_392_000_000
@@ -368,7 +363,7 @@ def test_reader_and_http_never_answer_a_victim_for_a_hostile_id(runs, redis_url)
 
     # HTTP on a real uvicorn (Starlette's TestClient decodes the path twice: %250A reads "\n").
     strings = [p for p in hashable if isinstance(p, str)]
-    with serving(create_app(redis_url, HST)) as port:
+    with serve_app(create_app(redis_url, HST)) as port:
         for anonymous, query in ((False, ""), (False, "?anonymous=false"), (True, "?anonymous=true")):
             for p in strings:
                 status, body = call(port, "GET", "/features/" + quote(p, safe="") + query)
@@ -393,7 +388,7 @@ def test_victims_user_ids_never_read_the_attackers_alias(runs, redis_url):
     attacker's. Only a lookup by anonymous id follows the alias, to the attacker."""
     client = runs["client"]
     reader = FeatureReader(redis.Redis.from_url(redis_url, protocol=2), HST)
-    with serving(create_app(redis_url, HST)) as port:
+    with serve_app(create_app(redis_url, HST)) as port:
         for v in ATTACKED:
             assert client.get(alias_key(HST, v)) == b"attacker"
             own = reader.typed(client.hgetall(user_key(HST, v)), v)
@@ -416,40 +411,10 @@ def test_victims_user_ids_never_read_the_attackers_alias(runs, redis_url):
                 client.rename(moved, user_key(HST, v))
 
 
-@contextmanager
-def serving(app):
-    """``app`` on a real uvicorn in a thread, on a free loopback port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 def call(port: int, method: str, path: str, body=None) -> tuple[int, object]:
-    """(status, JSON body or None) of one request; ``path`` is sent as given (pre-encoded)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, json.loads(raw) if raw else None
-        except ValueError:
-            return resp.status, None
-    finally:
-        conn.close()
+    """(status, JSON body) of one request; ``path`` is sent as given (pre-encoded)."""
+    status, _, got = http_call(port, method, path, body)
+    return status, got
 
 
 # -- properties ---------------------------------------------------------------------------------

@@ -1,59 +1,23 @@
 """The feature HTTP API served by a real uvicorn on a loopback port, over a real Redis."""
-import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from config.registry import load_registry
 from features.http import MAX_BATCH, create_app
 from features.layout import alias_key, registry_key, user_key
 from surgeflow.cli import app as cli
+from tests.services import http_call, serve_app
 
 P = "ht"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def running(app):
-    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields the port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def call(port, method, path, body=None):
-    """(status, headers, JSON body) of one request; ``path`` is sent as given (pre-encoded)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, dict(resp.getheaders()), (json.loads(raw) if raw else None)
-    finally:
-        conn.close()
 
 
 @pytest.fixture(scope="module", params=["fast-path", "route"])
@@ -63,7 +27,7 @@ def port(request, redis_url):
     app = create_app(redis_url, P, max_age_s=60)
     if request.param == "route":
         app.user_middleware.clear()
-    with running(app) as port:
+    with serve_app(app) as port:
         yield port
 
 
@@ -77,7 +41,7 @@ def test_get_typed_features_and_defaults(redis_client, port):
     store(redis_client, "u1", {"views_1h": "3", "revenue_30d": "129.90", "aov_30d": "64.9500",
                                "rfm_tier": "important-value", "checkout_pending": "1",
                                "p_purchase_24h": "0.123456", "legacy": "x"})
-    status, headers, got = call(port, "GET", "/features/u1")
+    status, headers, got = http_call(port, "GET", "/features/u1")
     assert status == 200 and headers["content-type"] == "application/json"
     assert got["views_1h"] == 3 and got["revenue_30d"] == 129.9 and got["aov_30d"] == 64.95
     assert got["rfm_tier"] == "important-value" and got["checkout_pending"] == 1
@@ -88,19 +52,19 @@ def test_get_typed_features_and_defaults(redis_client, port):
 
 
 def test_unknown_user_is_404_json(redis_client, port):
-    status, headers, got = call(port, "GET", "/features/nobody")
+    status, headers, got = http_call(port, "GET", "/features/nobody")
     assert status == 404 and headers["content-type"] == "application/json"
     assert got == {"detail": "unknown user"}
-    assert call(port, "GET", "/features/")[0] == 404
+    assert http_call(port, "GET", "/features/")[0] == 404
 
 
 def test_anonymous_id_follows_its_alias_and_stale(redis_client, port):
     store(redis_client, "user-9", {"orders_lifetime": "2"}, updated_at=int(time.time() * 1000) - 120_000)
     redis_client.set(alias_key(P, "anon 1"), "user-9")
-    status, _, got = call(port, "GET", "/features/anon%201?anonymous=true")
+    status, _, got = http_call(port, "GET", "/features/anon%201?anonymous=true")
     assert status == 200 and got["user_id"] == "user-9" and got["alias_of"] == "anon 1"
     assert got["orders_lifetime"] == 2 and got["stale"] is True
-    assert call(port, "GET", "/features/anon%201")[0] == 404  # by user id: no alias
+    assert http_call(port, "GET", "/features/anon%201")[0] == 404  # by user id: no alias
 
 
 def test_user_id_never_follows_an_alias(redis_client, port):
@@ -110,26 +74,26 @@ def test_user_id_never_follows_an_alias(redis_client, port):
     redis_client.set(alias_key(P, "victim:2"), "attacker")
     unknown = (404, {"detail": "unknown user"})
     for query in ("", "?anonymous=false", "?anonymous=0", "?anonymous=False", "?x=1"):
-        status, _, got = call(port, "GET", "/features/victim:2" + query)
+        status, _, got = http_call(port, "GET", "/features/victim:2" + query)
         assert (status, got) == unknown, query
     for query in ("?anonymous=true", "?anonymous=1", "?anonymous=True", "?x=1&anonymous=true"):
-        status, _, got = call(port, "GET", "/features/victim:2" + query)
+        status, _, got = http_call(port, "GET", "/features/victim:2" + query)
         assert status == 200 and got["user_id"] == "attacker" and got["alias_of"] == "victim:2", query
     for query in ("?anonymous=maybe", "?anonymous=", "?anonymous"):
-        status, _, got = call(port, "GET", "/features/victim:2" + query)
+        status, _, got = http_call(port, "GET", "/features/victim:2" + query)
         assert status == 422 and got["detail"][0]["loc"] == ["query", "anonymous"], query
     for body in ({}, {"anonymous": False}):
-        status, _, got = call(port, "POST", "/features", {"user_ids": ["victim:2", "attacker"], **body})
+        status, _, got = http_call(port, "POST", "/features", {"user_ids": ["victim:2", "attacker"], **body})
         assert status == 200 and got["features"]["victim:2"] is None, body
         assert got["features"]["attacker"]["user_id"] == "attacker"
-    status, _, got = call(port, "POST", "/features", {"user_ids": ["victim:2"], "anonymous": True})
+    status, _, got = http_call(port, "POST", "/features", {"user_ids": ["victim:2"], "anonymous": True})
     assert status == 200 and got["features"]["victim:2"]["user_id"] == "attacker"
     for flag in ("true", 1, None):  # JSON has booleans: nothing else switches the mode
-        assert call(port, "POST", "/features", {"user_ids": ["victim:2"], "anonymous": flag})[0] == 422
+        assert http_call(port, "POST", "/features", {"user_ids": ["victim:2"], "anonymous": flag})[0] == 422
     # once victim:2 has a hash, both lookups read it
     store(redis_client, "victim:2", {"views_1h": "1"})
     for query in ("", "?anonymous=true"):
-        status, _, got = call(port, "GET", "/features/victim:2" + query)
+        status, _, got = http_call(port, "GET", "/features/victim:2" + query)
         assert status == 200 and got["user_id"] == "victim:2" and got["alias_of"] is None
 
 
@@ -141,7 +105,7 @@ def test_user_id_never_follows_an_alias(redis_client, port):
 def test_weird_ids_read_their_own_key(redis_client, port, user_id, path):
     store(redis_client, user_id, {"views_1h": "5"})
     store(redis_client, "u1", {"views_1h": "1"})
-    status, _, got = call(port, "GET", path)
+    status, _, got = http_call(port, "GET", path)
     assert status == 200 and got["user_id"] == user_id and got["views_1h"] == 5
 
 
@@ -152,7 +116,7 @@ def test_weird_ids_read_their_own_key(redis_client, port, user_id, path):
 def test_hostile_ids_cannot_read_another_user(redis_client, port, path):
     store(redis_client, "u1", {"views_1h": "1"})
     redis_client.set(registry_key(P), "{}")
-    assert call(port, "GET", path)[0] == 404
+    assert http_call(port, "GET", path)[0] == 404
 
 
 def test_post_batch(redis_client, port):
@@ -160,37 +124,37 @@ def test_post_batch(redis_client, port):
     store(redis_client, "a:b*", {"views_1h": "4"})
     redis_client.set(alias_key(P, "anon"), "u1")
     ids = ["u1", "nobody", "a:b*", "anon", "*"]
-    status, _, got = call(port, "POST", "/features", {"user_ids": ids})
+    status, _, got = http_call(port, "POST", "/features", {"user_ids": ids})
     assert status == 200 and list(got) == ["features"]
     f = got["features"]
     assert f["u1"]["views_1h"] == 3 and f["a:b*"]["views_1h"] == 4 and f["nobody"] is None
     assert f["anon"] is None and f["*"] is None
-    status, _, got = call(port, "POST", "/features", {"user_ids": ids, "anonymous": True})
+    status, _, got = http_call(port, "POST", "/features", {"user_ids": ids, "anonymous": True})
     assert status == 200 and got["features"]["anon"] == {**f["u1"], "alias_of": "anon"}
     assert got["features"]["u1"] == f["u1"] and got["features"]["nobody"] is None
     many = [f"m{i}" for i in range(MAX_BATCH)]
-    status, _, got = call(port, "POST", "/features", {"user_ids": many})
+    status, _, got = http_call(port, "POST", "/features", {"user_ids": many})
     assert status == 200 and len(got["features"]) == MAX_BATCH
-    assert call(port, "POST", "/features", {"user_ids": many + ["one-more"]})[0] == 422
-    assert call(port, "POST", "/features", {"user_ids": "u1"})[0] == 422
-    assert call(port, "POST", "/features", {"ids": ["u1"]})[0] == 422
+    assert http_call(port, "POST", "/features", {"user_ids": many + ["one-more"]})[0] == 422
+    assert http_call(port, "POST", "/features", {"user_ids": "u1"})[0] == 422
+    assert http_call(port, "POST", "/features", {"ids": ["u1"]})[0] == 422
 
 
 def test_registry_and_healthz(redis_client, port):
     local = load_registry().to_dict()
-    status, headers, got = call(port, "GET", "/registry")
+    status, headers, got = http_call(port, "GET", "/registry")
     assert status == 200 and headers["x-registry-source"] == "local" and got == json.loads(json.dumps(local))
-    assert call(port, "GET", "/healthz")[2] == {"status": "ok", "redis": "ok", "registry": "absent"}
+    assert http_call(port, "GET", "/healthz")[2] == {"status": "ok", "redis": "ok", "registry": "absent"}
     redis_client.set(registry_key(P), json.dumps(local))
-    assert call(port, "GET", "/healthz")[2]["registry"] == "match"
+    assert http_call(port, "GET", "/healthz")[2]["registry"] == "match"
     redis_client.set(registry_key(P), json.dumps({**local, "registry_version": 2}))
-    status, headers, got = call(port, "GET", "/registry")
+    status, headers, got = http_call(port, "GET", "/registry")
     assert headers["x-registry-source"] == "redis" and got["registry_version"] == 2
-    assert call(port, "GET", "/healthz")[2]["registry"] == "differs"
+    assert http_call(port, "GET", "/healthz")[2]["registry"] == "differs"
 
 
 def test_openapi_documents_the_endpoints(port):
-    status, _, doc = call(port, "GET", "/openapi.json")
+    status, _, doc = http_call(port, "GET", "/openapi.json")
     assert status == 200
     paths = doc["paths"]
     assert "get" in paths["/features/{user_id}"] and "post" in paths["/features"]
@@ -216,10 +180,10 @@ def test_redis_down_is_503(redis_url):
     dead.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
     url = f"redis://127.0.0.1:{dead.getsockname()[1]}/0"
     try:
-        with running(create_app(url, P)) as port:
-            status, _, got = call(port, "GET", "/healthz")
+        with serve_app(create_app(url, P)) as port:
+            status, _, got = http_call(port, "GET", "/healthz")
             assert status == 503 and got["status"] == "unavailable"
-            assert call(port, "GET", "/features/u1")[0] == 503
+            assert http_call(port, "GET", "/features/u1")[0] == 503
     finally:
         dead.close()
 
@@ -245,7 +209,7 @@ def test_cli_serves_the_api(redis_client, redis_url):
         while True:
             assert proc.poll() is None, proc.stderr.read().decode()
             try:
-                status, _, got = call(port, "GET", "/features/u1")
+                status, _, got = http_call(port, "GET", "/features/u1")
                 break
             except OSError:
                 assert time.monotonic() < deadline, "serve-features did not answer"
