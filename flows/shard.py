@@ -128,6 +128,7 @@ class ProfileStore:
         self.timers: list[tuple[int, str]] = []
         self.dirty: set[str] = set()
         self.watermark = -END_OF_TIME
+        self.unknown_fields = 0  # after a restart: fields a new profile's hash may already hold
         self.rule = SessionPageViews(config.trigger_pages, config.trigger_channel)
         self.model = PurchasePropensity(config.horizon_ms, config.learning_rate)
 
@@ -135,6 +136,7 @@ class ProfileStore:
         p = self.users.get(e.user)
         if p is None:
             p = self.users[e.user] = self.plan.new_profile()
+            p.written = self.unknown_fields
         self.plan.apply(p, e)
         self.dirty.add(e.user)
         if e.name in self.plan.view_events:
@@ -153,6 +155,7 @@ class ProfileStore:
         if p is None:
             self.users[user] = other
             other.next_due = None
+            other.written = self.unknown_fields  # its bits described the visitor's hash
         else:
             self.plan.merge(p, other)
         self.model.adopt(user, other.pending_examples)
@@ -209,8 +212,9 @@ class ProfileStore:
     def resumed(self) -> None:
         """After a restart from a snapshot, Redis may hold fields written after that snapshot
         which the replay never rewrites (its flushes fall elsewhere): each profile's next write
-        removes every field it does not set."""
-        every = sum(self.plan.bit.values())
+        removes every field it does not set. That holds for profiles the snapshot does not know
+        as well: one first seen between the snapshot and the crash was written then too."""
+        every = self.unknown_fields = sum(self.plan.bit.values())
         for p in self.users.values():
             p.written = every
 
@@ -453,6 +457,14 @@ class _Logic(StatefulBatchLogic):
             self.state.store.plan = plan
             self.state.resumed()
 
+    def _created(self, state):
+        """A shard's state made from its first item. With a recovery store it may be a restart
+        after all, of a shard that had no snapshot yet (Bytewax passes no resume state either
+        way), so it cleans up as a resumed one does."""
+        self.state = state
+        if self.config.snapshots:
+            state.resumed()
+
     def _flushed(self, out: ShardOut):
         self.state.store.flush(out)
         return ([out] if out else []), False
@@ -477,7 +489,7 @@ class _Logic(StatefulBatchLogic):
 class IngestLogic(_Logic):
     def on_batch(self, chunks: list[Chunk]):
         if self.state is None:
-            self.state = IngestShard(chunks[0].shard, self.config, self.plan)
+            self._created(IngestShard(chunks[0].shard, self.config, self.plan))
         out = ShardOut(self.state.shard)
         for chunk in chunks:
             self.state.ingest(chunk, out)
@@ -487,7 +499,7 @@ class IngestLogic(_Logic):
 class ProfileLogic(_Logic):
     def on_batch(self, handovers: list[Handover]):
         if self.state is None:
-            self.state = ProfileShard(handovers[0].shard, self.config, self.plan)
+            self._created(ProfileShard(handovers[0].shard, self.config, self.plan))
         out = ShardOut(self.state.shard)
         for h in handovers:
             self.state.receive(h, out)
