@@ -24,6 +24,18 @@ config.registry.RegistryError: invalid feature registry:
   views: unknown window '2h' (declared: 1h)
   aov: refers to unknown feature 'revenue_1h'
   aov: refers to unknown feature 'views_1h'
+
+A derived feature may not depend on itself (it could never be computed):
+
+>>> load_registry(doc={"windows": {"1h": 60}, "features": [
+...     {"name": "views", "aggregation": "count", "events": ["page_view"], "windows": ["1h"],
+...      "description": "views"},
+...     {"name": "a", "aggregation": "ratio", "of": ["b", "views_1h"], "description": "x"},
+...     {"name": "b", "aggregation": "ratio", "of": ["a", "views_1h"], "description": "y"}]})
+Traceback (most recent call last):
+...
+config.registry.RegistryError: invalid feature registry:
+  a: derived from itself (a -> b -> a)
 """
 from __future__ import annotations
 
@@ -181,9 +193,30 @@ def load_registry(path: str | Path | None = None, doc: dict | None = None) -> Re
         for ref in f.of:
             if ref not in by_name:
                 errors.append(f"{f.name}: refers to unknown feature {ref!r}")
+    errors.extend(_cycles(by_name))
     if errors:
         raise RegistryError("invalid feature registry:\n" + "\n".join(f"  {e}" for e in errors))
     return Registry(parsed.registry_version, dict(parsed.windows), params, tuple(features), by_name)
+
+
+def _cycles(by_name: dict[str, Feature]) -> list[str]:
+    """Derived features (``of``) that depend on themselves, one message per cycle found."""
+    errors, done = [], set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycle = path[path.index(name):] + [name]
+            errors.append(f"{name}: derived from itself ({' -> '.join(cycle)})")
+            return
+        if name in done or name not in by_name:
+            return
+        for ref in by_name[name].of:
+            visit(ref, path + [name])
+        done.add(name)
+
+    for name in by_name:
+        visit(name, [])
+    return errors
 
 
 def _expand(e: _Entry, windows: dict[str, int], params: dict, errors: list[str]) -> list[Feature]:

@@ -1,6 +1,8 @@
 """Writes feature values to Redis: one round trip per batch, absolute values, TTL refreshed.
 
-Writes are idempotent: a replay writes the same values again instead of adding to them. Hashes are
+Writes are idempotent: a replay writes the same values again instead of adding to them. A write
+sets the fields that changed since the user's previous write (all of them at times, see
+FeaturePlan.delta); several writes of one user in a batch are merged into one. Hashes are
 sparse: fields that became 0 or undefined are removed (HDEL). A key's time to live restarts when
 its user was active; a write caused only by time passing keeps the running TTL (EXPIRE NX).
 """
@@ -49,9 +51,13 @@ class _RedisPartition(StatelessSinkPartition):
                 entry = pending.get(w.user)
                 if entry is None:
                     pending[w.user] = [False, w.values, set(w.removed), w.refresh_ttl]
-                else:
-                    entry[1] = w.values
-                    entry[2] = (entry[2] | set(w.removed)) - w.values.keys()
+                elif entry[1] is None:  # deleted earlier in the batch
+                    entry[1], entry[2], entry[3] = w.values, set(w.removed), True
+                else:  # a write holds the fields that changed: later ones win field by field
+                    entry[1] = {**entry[1], **w.values}  # (a copy: the Write's dict is not ours)
+                    for f in w.removed:
+                        entry[1].pop(f, None)
+                    entry[2] = (entry[2] - w.values.keys()) | set(w.removed)
                     entry[3] = entry[3] or w.refresh_ttl
         if not pending and not aliases:
             return

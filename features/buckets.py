@@ -26,7 +26,7 @@ NEVER = -(2**62)
 
 
 class MinuteBuckets:
-    __slots__ = ("keys", "vals", "totals", "now", "_plan")
+    __slots__ = ("keys", "vals", "totals", "now", "_plan", "dirty")
 
     def __init__(self, slots: list[tuple[int, int | None]] | None = None, plan: "SlotPlan | None" = None):
         self._plan = plan if plan is not None else SlotPlan(slots or [])
@@ -34,6 +34,7 @@ class MinuteBuckets:
         self.vals = array("q")
         self.totals = array("q", bytes(8 * len(self._plan.slots)))
         self.now = NEVER  # the minute totals refer to
+        self.dirty = 0  # bit mask of the slots whose total moved since the owner last looked
 
     def _put(self, key: int, value: int) -> None:
         i = bisect_left(self.keys, key)
@@ -45,10 +46,12 @@ class MinuteBuckets:
 
     def add(self, minute: int, metric: int, value: int) -> None:
         self._put((minute << METRIC_BITS) | metric, value)
-        totals = self.totals
+        totals, dirty = self.totals, self.dirty
         for slot, window in self._plan.by_metric[metric]:
             if window is None or (self.now - window < minute <= self.now):
                 totals[slot] += value
+                dirty |= 1 << slot
+        self.dirty = dirty
 
     def advance(self, minute: int) -> None:
         """Move "now" forward to ``minute``: buckets leave (and, after a merge, enter) windows."""
@@ -60,6 +63,7 @@ class MinuteBuckets:
         if old == NEVER:
             self._rebuild()
         else:
+            dirty = self.dirty
             for window, slots in plan.by_window.items():
                 lo = bisect_right(keys, ((old - window) << METRIC_BITS) | (MAX_METRICS - 1))
                 hi = bisect_right(keys, (min(minute - window, old) << METRIC_BITS) | (MAX_METRICS - 1))
@@ -67,6 +71,7 @@ class MinuteBuckets:
                     s = slots[keys[i] & (MAX_METRICS - 1)]
                     if s >= 0:
                         totals[s] -= vals[i]
+                        dirty |= 1 << s
                 lo = bisect_right(keys, (old << METRIC_BITS) | (MAX_METRICS - 1))
                 hi = bisect_right(keys, (minute << METRIC_BITS) | (MAX_METRICS - 1))
                 for i in range(lo, hi):  # entering (only buckets ahead of "now", after a merge)
@@ -74,6 +79,8 @@ class MinuteBuckets:
                     s = slots[keys[i] & (MAX_METRICS - 1)]
                     if s >= 0 and m > minute - window:
                         totals[s] += vals[i]
+                        dirty |= 1 << s
+            self.dirty = dirty
         cut = bisect_right(keys, ((minute - plan.longest) << METRIC_BITS) | (MAX_METRICS - 1))
         if cut:
             del keys[:cut]
@@ -82,6 +89,7 @@ class MinuteBuckets:
     def _rebuild(self) -> None:
         """Windowed totals from the buckets (lifetime slots are kept: pruned buckets count there)."""
         plan, totals = self._plan, self.totals
+        self.dirty = (1 << len(plan.slots)) - 1
         for slot, (_, window) in enumerate(plan.slots):
             if window is not None:
                 totals[slot] = 0
@@ -97,7 +105,7 @@ class MinuteBuckets:
         for key, value in zip(other.keys, other.vals):
             self._put(key, value)
         for s, v in lifetime:
-            self.totals[s] += v
+            self.totals[s] += v  # (_rebuild marks every slot dirty)
         self.now = max(self.now, other.now)
         self._rebuild()
 
@@ -121,6 +129,7 @@ class MinuteBuckets:
 
     def __setstate__(self, state):
         self.keys, self.vals, self.totals, self.now, self._plan = state
+        self.dirty = (1 << len(self._plan.slots)) - 1  # not kept: a restored profile writes in full
 
 
 class SlotPlan:

@@ -32,6 +32,9 @@ from triggers.rules import idempotency_key
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 CART_ADD, CART_REMOVE, ORDER, CHECKOUT = "add_to_cart", "remove_from_cart", "order_completed", "checkout_started"
+# Inputs a feature may read besides the window totals (Profile.changed bits, see FeaturePlan.delta)
+IN_SESSION, IN_CART, IN_TOUCH, IN_TIME0 = 1, 2, 4, 8  # then one bit per first/last time
+FULL_EVERY_MS = DAY_MS  # a profile is written in full at least once per event-time day
 
 
 def cents(value) -> int:
@@ -91,7 +94,7 @@ def join_session(sess: array, start: int, end: int, views: int, gap_ms: int) -> 
 class Profile:
     __slots__ = ("buckets", "times", "sess", "cart", "last_order", "last_checkout", "cart_updated",
                  "first_touch", "last_touch", "as_of", "next_due", "arrival_ms", "written",
-                 "active", "last_event", "pending_examples")
+                 "active", "last_event", "pending_examples", "changed", "sent_as_of")
 
     def __init__(self, buckets: MinuteBuckets, n_times: int):
         self.buckets = buckets
@@ -110,6 +113,8 @@ class Profile:
         self.active = False  # an event since the last write: refresh the key's TTL
         self.last_event = 0  # latest event time (state eviction)
         self.pending_examples = None  # the model's unlabelled examples, while the profile moves
+        self.changed = 0  # inputs other than the window totals moved since the last write (IN_*)
+        self.sent_as_of: int | None = None  # as_of of the last write; None: write in full next
 
 
 def _max(a, b):
@@ -158,8 +163,11 @@ class FeaturePlan:
                     raise ValueError(f"{f.name}: days_since needs first_time / last_time features")
                 self._day_anchors.append([time_index[o] for o in f.of])
         self.computes = [(f, _COMPUTE[f.aggregation](self, f)) for f in registry.features]
+        self._compute_of = {f.name: c for f, c in self.computes}
+        self._init_inputs(registry, time_index)
         self.count_features = [f.name for f in registry.features if f.sparse]
-        self._model_slots = [(f.name, self.slot_of[f.name], f.aggregation == "sum")
+        # the model's inputs as (name, slot, money in cents), in model_x order
+        self.model_inputs = [(f.name, self.slot_of[f.name], f.aggregation == "sum")
                              for f in registry.features if f.sparse]
 
     def new_profile(self) -> Profile:
@@ -193,19 +201,25 @@ class FeaturePlan:
             if value:
                 b.add(minute, metric, value)
         times = p.times
+        changed = p.changed | IN_SESSION
         for i, first in self._time_cache[name]:
             t = times[i]
             if t is None or (ts < t if first else ts > t):
                 times[i] = ts
+                changed |= IN_TIME0 << i
         join_session(p.sess, ts, ts, name in self.view_events, self.gap_ms)
         if name in (CART_ADD, CART_REMOVE, ORDER, CHECKOUT):
             self._cart(p, e, ts, name)
+            changed |= IN_CART
         if e.campaign:
             touch = (ts, e.campaign)
             if p.first_touch is None or touch < p.first_touch:
                 p.first_touch = touch
+                changed |= IN_TOUCH
             if p.last_touch is None or touch > p.last_touch:
                 p.last_touch = touch
+                changed |= IN_TOUCH
+        p.changed = changed
         if e.arrival_ms > p.arrival_ms:
             p.arrival_ms = e.arrival_ms
         p.active = True
@@ -255,6 +269,7 @@ class FeaturePlan:
         p.last_event = max(p.last_event, other.last_event)
         p.arrival_ms = max(p.arrival_ms, other.arrival_ms)
         p.active = True
+        p.sent_as_of = None  # anything may have moved: the next write is a full one
 
     @staticmethod
     def session(p: Profile) -> tuple[int, int, int] | None:
@@ -280,8 +295,8 @@ class FeaturePlan:
     def values(self, user: str, p: Profile) -> tuple[dict[str, str], dict[str, float]]:
         """(stored values, numeric values by name)."""
         out: dict[str, str] = {}
-        num: dict[str, float | None] = {}
         ctx = _Ctx(user, p, self)
+        num = _Num(ctx)
         for f, compute in self.computes:
             value, text = compute(ctx, num)
             num[f.name] = value
@@ -289,6 +304,111 @@ class FeaturePlan:
                 out[f.name] = text
         out["as_of"] = str(p.as_of)
         return out, num
+
+    def _init_inputs(self, registry: Registry, time_index: dict[str, int]) -> None:
+        """Which inputs each feature reads, as one bit mask: the window slots (bits of
+        MinuteBuckets.dirty), then Profile.changed bits, then one bit per days_since feature
+        (its whole-day count moved); derived features read what their ``of`` features read."""
+        n = len(self._slots.slots)
+        day_bit = (IN_TIME0 << len(self.times)) << n
+        self._day_bits: list[tuple[int, list[int]]] = []
+        reads: dict[str, int] = {}
+        by_name = registry.by_name
+
+        def of(name: str, path: tuple[str, ...]) -> int:
+            nonlocal day_bit
+            if name in reads:
+                return reads[name]
+            if name in path:
+                raise ValueError(f"{name}: its `of` features refer back to it ({' -> '.join(path)})")
+            f = by_name[name]
+            a = f.aggregation
+            if a in ("count", "sum"):
+                r = 1 << self.slot_of[name]
+            elif a in ("first_time", "last_time"):
+                r = (IN_TIME0 << time_index[name]) << n
+            elif a in ("session", "cart", "touch"):
+                r = {"session": IN_SESSION, "cart": IN_CART, "touch": IN_TOUCH}[a] << n
+            elif a == "model":
+                r = 0  # scored by the shard on every write
+            else:
+                r = 0
+                for o in f.of:
+                    r |= of(o, path + (name,))
+                if a == "days_since":
+                    r |= day_bit
+                    self._day_bits.append((day_bit, [time_index[o] for o in f.of]))
+                    day_bit <<= 1
+            reads[name] = r
+            return r
+
+        for f in registry.features:
+            of(f.name, ())
+        reads_list = [reads[f.name] for f in registry.features]
+        width = max((r.bit_length() for r in reads_list), default=0)
+        self._readers = [sum(1 << i for i, r in enumerate(reads_list) if r >> b & 1)
+                         for b in range(width)]  # input bit -> features reading it
+        self._todo: dict[int, list] = {}
+
+    def delta(self, user: str, p: Profile) -> tuple[dict[str, str], list[str]]:
+        """What changed in the stored hash since this profile's last write: (fields to set,
+        fields to remove). Only features whose inputs moved are computed. The first write, the
+        first after a merge or a restart, and one per event-time day are full: every field, and
+        every field not set is removed if it was written (``written``), so a hash that lost a
+        write heals."""
+        b = p.buckets
+        as_of, sent = p.as_of, p.sent_as_of
+        if sent is None or as_of // FULL_EVERY_MS != sent // FULL_EVERY_MS:
+            changed = -1
+        else:
+            changed = b.dirty | (p.changed << len(b.totals))
+            if as_of != sent:
+                times = p.times
+                for bit, anchors in self._day_bits:
+                    t = next((times[i] for i in anchors if times[i] is not None), None)
+                    if t is not None and (as_of - t) // DAY_MS != (sent - t) // DAY_MS:
+                        changed |= bit
+        b.dirty = 0
+        p.changed = 0
+        todo = self._todo.get(changed)
+        if todo is None:
+            todo = self._todo_for(changed)
+        out: dict[str, str] = {}
+        removed: list[str] = []
+        written = p.written
+        ctx = _Ctx(user, p, self)
+        num = _Num(ctx)
+        for bit, name, compute in todo:
+            value, text = compute(ctx, num)
+            num[name] = value
+            if text is not None:
+                out[name] = text
+                written |= bit
+            elif written & bit:
+                removed.append(name)
+                written ^= bit
+        p.written = written
+        if as_of != sent:
+            out["as_of"] = str(as_of)
+        p.sent_as_of = as_of
+        return out, removed
+
+    def _todo_for(self, changed: int) -> list:
+        """The features to compute when these inputs moved (-1: all), memoised per mask."""
+        if changed == -1:
+            features = -1
+        else:
+            features, m = 0, changed
+            while m:
+                low = m & -m
+                features |= self._readers[low.bit_length() - 1]
+                m ^= low
+        todo = [(self.bit[f.name], f.name, compute) for i, (f, compute) in enumerate(self.computes)
+                if features >> i & 1 and f.aggregation != "model"]
+        if len(self._todo) > 4096:
+            self._todo.clear()  # bounded: the masks seen in practice are a few hundred
+        self._todo[changed] = todo
+        return todo
 
     def day_due(self, p: Profile) -> int | None:
         """The next time a "days since" value changes (a timer, so silent users age too)."""
@@ -305,7 +425,7 @@ class FeaturePlan:
         """The model's inputs straight from the running totals (same values as model_x)."""
         totals = p.buckets.totals
         x = {name: (totals[slot] / 100 if money_ else float(totals[slot]))
-             for name, slot, money_ in self._model_slots}
+             for name, slot, money_ in self.model_inputs}
         x["session_pages"] = float(session_pages)
         return x
 
@@ -313,6 +433,19 @@ class FeaturePlan:
         x = {name: float(num[name]) for name in self.count_features}
         x["session_pages"] = float(num.get("session_pages") or 0)
         return x
+
+
+class _Num(dict):
+    """Numeric values by feature name; one not computed in this pass is computed on first use
+    (a write computes only the features whose inputs moved, a derived one may need the rest)."""
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __missing__(self, name):
+        value = self[name] = self.ctx.plan._compute_of[name](self.ctx, self)[0]
+        return value
 
 
 class _Ctx:
@@ -347,10 +480,10 @@ def _ratio(plan, f):
     floor = plan.registry.params["min_denominator"]
 
     def compute(ctx, num):
-        den = num.get(b)
+        den = num[b]
         if not den or den <= 0 or den < floor:
             return None, None
-        v = (num.get(a) or 0) / den
+        v = (num[a] or 0) / den
         return v, f"{v:.4f}"
     return compute
 
@@ -366,7 +499,7 @@ def _time(plan, f):
 
 def _days_since(plan, f):
     def compute(ctx, num):
-        anchor = next((num[o] for o in f.of if num.get(o) is not None), None)
+        anchor = next((num[o] for o in f.of if num[o] is not None), None)
         if anchor is None:
             return None, None
         days = (ctx.p.as_of - anchor) // DAY_MS
@@ -379,11 +512,11 @@ def _rfm(plan, f):
     p = plan.registry.params
 
     def compute(ctx, num):
-        if not num.get(orders):
+        if not num[orders]:
             return None, None
-        r = num.get(ds) is not None and num[ds] < p["rfm_recency_days"]
+        r = num[ds] is not None and num[ds] < p["rfm_recency_days"]
         fr = num[orders] >= p["rfm_frequency_orders"]
-        m = (num.get(spend) or 0) >= p["rfm_monetary"]
+        m = (num[spend] or 0) >= p["rfm_monetary"]
         if f.part != "tier":
             high = {"r": r, "f": fr, "m": m}[f.part]
             return high, "high" if high else "low"
@@ -397,7 +530,7 @@ def _lifecycle(plan, f):
     p = plan.registry.params
 
     def compute(ctx, num):
-        a7, a30, days = num.get(i7) or 0, num.get(i30) or 0, num.get(age) or 0
+        a7, a30, days = num[i7] or 0, num[i30] or 0, num[age] or 0
         if a30 == 0:
             stage = "churned"
         elif days < p["new_user_days"]:
@@ -417,7 +550,7 @@ def _activity(plan, f):
     p = plan.registry.params
 
     def compute(ctx, num):
-        a7, a30 = num.get(i7) or 0, num.get(i30) or 0
+        a7, a30 = num[i7] or 0, num[i30] or 0
         level = ("silent" if a30 == 0 else "highly_active" if a7 >= p["interactions_highly_active"]
                  else "active")
         return None, level
@@ -428,7 +561,7 @@ def _at_least(plan, f):
     (of,), cut = f.of, plan.registry.params[f.param]
 
     def compute(ctx, num):
-        flag = int((num.get(of) or 0) >= cut)
+        flag = int((num[of] or 0) >= cut)
         return flag, str(flag)
     return compute
 
@@ -471,7 +604,7 @@ def _argmax(plan, f):
     def compute(ctx, num):
         best = None
         for name, label in zip(f.of, f.labels):
-            v = num.get(name)
+            v = num[name]
             if v is not None and (best is None or v > best[0]):
                 best = (v, label)
         return (None, best[1]) if best else (None, None)

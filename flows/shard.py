@@ -156,6 +156,7 @@ class ProfileStore:
             self.users[user] = other
             other.next_due = None
             other.written = self.unknown_fields  # its bits described the visitor's hash
+            other.sent_as_of = None  # and so did what it last wrote: write in full
         else:
             self.plan.merge(p, other)
         self.model.adopt(user, other.pending_examples)
@@ -217,26 +218,23 @@ class ProfileStore:
         every = self.unknown_fields = sum(self.plan.bit.values())
         for p in self.users.values():
             p.written = every
+            p.sent_as_of = None
 
     # -- output ----------------------------------------------------------------------------
     def flush(self, out: ShardOut) -> None:
         """Values of every profile touched since the last flush, as absolute values."""
-        plan, bit = self.plan, self.plan.bit
+        plan, model = self.plan, self.model
+        score_bit, inputs = plan.bit["p_purchase_24h"], plan.model_inputs
         for name in sorted(self.dirty):
             p = self.users.get(name)
             if p is None:
                 continue
             plan.prune_sessions(p, self.watermark)
-            values, num = plan.values(name, p)
-            values["p_purchase_24h"] = f"{self.model.predict_one(plan.model_x(num)):.6f}"
-            mask = 0
-            for f in values:
-                mask |= bit.get(f, 0)
-            removed = p.written & ~mask
-            out.features.append(Write(
-                name, values, tuple(f for f in plan.fields if bit[f] & removed) if removed else (),
-                p.active, p.arrival_ms))
-            p.written = mask
+            values, removed = plan.delta(name, p)  # only the fields that changed, mostly
+            s = plan.session(p)
+            values["p_purchase_24h"] = f"{model.score_totals(inputs, p.buckets.totals, s[2] if s else 0):.6f}"
+            p.written |= score_bit
+            out.features.append(Write(name, values, tuple(removed), p.active, p.arrival_ms))
             p.active = False
             p.arrival_ms = 0
             self._schedule(name, p)

@@ -19,6 +19,8 @@ True
 """
 from __future__ import annotations
 
+import math
+
 from river import linear_model, optim, preprocessing
 
 
@@ -31,9 +33,52 @@ class PurchasePropensity:
         )
         self.pending: dict[str, list[tuple[int, dict[str, float]]]] = {}
         self.learned = 0
+        self._compiled = None  # the scaler and weights per input as of `learned`: score_totals
 
     def predict_one(self, x: dict[str, float]) -> float:
         return self.model.predict_proba_one(x).get(True, 0.0)
+
+    def score_totals(self, inputs: list[tuple[str, int, bool]], totals, session_pages: int) -> float:
+        """``predict_one`` of the inputs read from a profile's window totals (``inputs``: name,
+        slot, money in cents, in the model's x order; then ``session_pages``), without building
+        the two dicts River's pipeline builds per call. It does the same float operations in
+        the same order as River's scaler, dot product and sigmoid, so the result is equal
+        (tests/test_model.py checks it bit for bit).
+
+        >>> m = PurchasePropensity(horizon_ms=1)
+        >>> m.remember("u", 0, {"orders_30d": 2.0, "session_pages": 3.0}); m.expire("u", 1)
+        1
+        >>> m.score_totals([("orders_30d", 0, False)], [2], 3) == m.predict_one(
+        ...     {"orders_30d": 2.0, "session_pages": 3.0})
+        True
+        """
+        compiled = self._compiled
+        if compiled is None or compiled[0] != self.learned or compiled[1] is not inputs:
+            compiled = self._compiled = self._compile(inputs)
+        z = 0.0
+        for slot, money_, mean, sd, w in compiled[2]:
+            if w:
+                z += w * (((totals[slot] / 100 if money_ else float(totals[slot])) - mean) / sd)
+        mean, sd, w = compiled[3]
+        if w:
+            z += w * ((float(session_pages) - mean) / sd)
+        z += compiled[4]
+        if z < -30:
+            return 0.0
+        if z > 30:
+            return 1.0
+        return 1 / (1 + math.exp(-z))
+
+    def _compile(self, inputs: list[tuple[str, int, bool]]) -> tuple:
+        scaler, regression = self.model.steps.values()
+        means, vars_, weights = scaler.means, scaler.vars, regression._weights
+
+        def one(name: str) -> tuple[float, float, float]:
+            var = vars_.get(name, 0.0)
+            # a zero variance scales the input to 0.0, which adds nothing to the dot product
+            return means.get(name, 0.0), (var ** 0.5 if var else 1.0), (weights.get(name, 0.0) if var else 0.0)
+        return (self.learned, inputs, [(slot, money_, *one(name)) for name, slot, money_ in inputs],
+                one("session_pages"), regression.intercept)
 
     def remember(self, user: str, ts_ms: int, x: dict[str, float]) -> None:
         """Keep an example whose label is not known yet."""

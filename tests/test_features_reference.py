@@ -59,6 +59,7 @@ def test_engine_equals_the_reference(steps, batch, refuse, idle_days):
     events = [decode(r) for r in raws]
     for i in range(0, len(events), batch):
         h.feed(events[i:i + batch])
+        assert_writes_equal_a_full_recompute(h)
     end = max(e.ts_ms for e in events) + idle_days * 86_400_000
     if idle_days:  # time passes with no event of these users: another user's event moves it
         tick = orjson.dumps({"event_id": "tick", "type": "track", "event": "push_sent",
@@ -71,3 +72,15 @@ def test_engine_equals_the_reference(steps, batch, refuse, idle_days):
     got = {u: h.features(u) for u in h.redis}
     assert got == profiles
     assert h.aliases == aliases
+    assert_writes_equal_a_full_recompute(h)
+
+
+def assert_writes_equal_a_full_recompute(h: Harness) -> None:
+    """Writes carry only the fields whose inputs moved (FeaturePlan.delta): what they add up to
+    in Redis must be every value computed afresh from the profile's state."""
+    stores = [s.store for s in h.ingest] + [s.store for s in h.profiles.values()]
+    for store in stores:
+        for user, p in store.users.items():
+            full, _ = h.plan.values(user, p)
+            stored = {k: v for k, v in h.redis[user].items() if k != "p_purchase_24h"}
+            assert stored == full, user
