@@ -27,6 +27,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import shutil
@@ -491,6 +492,41 @@ def print_profile(summary: dict) -> None:
 # the benchmark
 
 
+def live_producer(conn, bootstrap: str, topic: str, spec: SyntheticSpec, origin: int) -> None:
+    """The live phase's producer, in its own process: generates the records, reports their
+    count, waits for (t0, end of warm-up) and produces them paced to the wall clock, stamped
+    "now"; sends back how many were sent in the warm-up and in the measured part."""
+    records: list = []
+    for r in generate(spec):
+        if records or r.ts_ms >= origin:
+            records.append(r)
+    conn.send(len(records))
+    t0, warm_end_ms = conn.recv()
+    shift = t0 - origin
+    counts = {"warmup": 0, "measured": 0}
+    marks = {"start": time.time(), "measure_start": None}
+
+    def paced():
+        latest = t0
+        for r in records:
+            ts = r.ts_ms + shift
+            if ts > latest:
+                latest = ts
+            ahead = latest - time.time() * 1000
+            if ahead > 1:
+                time.sleep(ahead / 1000)
+            if latest >= warm_end_ms:
+                if marks["measure_start"] is None:
+                    marks["measure_start"] = time.time()
+                counts["measured"] += 1
+            else:
+                counts["warmup"] += 1
+            yield r.key, restamp(r, shift)
+
+    kafka.produce([bootstrap], topic, paced())
+    conn.send({**counts, "measured_s": time.time() - (marks["measure_start"] or marks["start"])})
+
+
 def restamp(record, shift_ms: int) -> bytes:
     """The record's bytes with its event time moved by ``shift_ms`` (same format: epoch ms or
     ISO-8601 UTC). Malformed records are sent unchanged; equal inputs give equal outputs, so a
@@ -714,35 +750,40 @@ class Bench:
                 "files": files, "by_category": summary["by_category"],
                 "top_self": summary["top_self"][:12]}
 
-    def live_records(self) -> tuple[list, int]:
-        """The live phase's records, generated before the flow starts (the generator shares the
-        GIL with the flow otherwise). A synthetic stream needs a few minutes of event time to
-        reach its steady rate (sessions last minutes), so it starts ``live_prime_s`` earlier and
-        only the records after that are kept. Returns (records, event-time origin of the kept
-        part); timestamps are moved to the wall clock when produced (see ``restamp``)."""
+    def live_spec(self) -> tuple[SyntheticSpec, int]:
+        """The live phase's synthetic stream and the event-time origin of its measured part. A
+        synthetic stream needs a few minutes of event time to reach its steady rate (sessions
+        last minutes), so it starts ``live_prime_s`` earlier and only the records after that
+        are kept; timestamps are moved to the wall clock when produced (see ``restamp``)."""
         a = self.args
         origin = int(time.time() * 1000)
-        total_s = a.live_warmup_s + a.live_seconds
         spec = SyntheticSpec(
             seed=a.seed + 1, users=a.users, start_ms=origin - int(a.live_prime_s * 1000),
             events_per_s=a.live_rate / rhythm(origin),  # ~live_rate records/s at this hour
-            duration_s=a.live_prime_s + total_s, malformed_share=0.001, duplicate_share=0.001,
-            max_disorder_ms=2000)
-        kept: list = []
-        started = time.monotonic()
-        for r in generate(spec):
-            if kept or r.ts_ms >= origin:
-                kept.append(r)
-        log(f"live: generated {len(kept):,} records for {total_s:g} s "
-            f"(+{a.live_prime_s:g} s priming) in {time.monotonic() - started:.1f}s")
-        return kept, origin
+            duration_s=a.live_prime_s + a.live_warmup_s + a.live_seconds, malformed_share=0.001,
+            duplicate_share=0.001, max_disorder_ms=2000)
+        return spec, origin
 
     def live(self) -> dict:
-        """Full flow following a fresh topic while events stamped "now" are produced at a rate."""
+        """Full flow following a fresh topic while events stamped "now" are produced at a rate.
+
+        The producer is another process, as in production: in this one it would share the GIL
+        with the flow and lower the rate the flow can follow."""
         a = self.args
-        records, origin = self.live_records()
+        spec, origin = self.live_spec()
         topic = self.broker.create_topic(f"bench-live-{uuid.uuid4().hex[:8]}", partitions=a.partitions)
         settings = self.settings(topic, tail=True, database="bench_live")
+        ctx = multiprocessing.get_context("spawn")
+        conn, child_conn = ctx.Pipe()
+        producer = ctx.Process(target=live_producer, name="live-producer", daemon=True,
+                               args=(child_conn, self.broker.bootstrap, topic, spec, origin))
+        producer.start()
+        started = time.monotonic()
+        if not conn.poll(600):
+            raise RuntimeError("live producer did not generate its records within 600 s")
+        log(f"live: producer generated {conn.recv():,} records for "
+            f"{a.live_warmup_s + a.live_seconds:g} s (+{a.live_prime_s:g} s priming) in "
+            f"{time.monotonic() - started:.1f}s")
         stop = StopAt()
         source = StoppableKafkaSource(
             kafka.events_source([self.broker.bootstrap], topic, tail=True, from_beginning=True,
@@ -766,31 +807,15 @@ class Bench:
         time.sleep(1.0)  # consumer assigned and polling
 
         t0 = int(time.time() * 1000) + 300
-        shift = t0 - origin
-        stamped = [(r.ts_ms + shift, r.key, restamp(r, shift)) for r in records]
         warm_end_ms = t0 + int(a.live_warmup_s * 1000)
-        counts = {"warmup": 0, "measured": 0}
-        marks: dict[str, float] = {}
-
-        def paced():
-            latest = t0
-            warm = True
-            for ts, key, value in stamped:
-                if ts > latest:
-                    latest = ts
-                ahead = latest - time.time() * 1000
-                if ahead > 1:
-                    time.sleep(ahead / 1000)
-                if warm and latest >= warm_end_ms:
-                    warm = False
-                    STATS.reset()  # latency samples of the warm-up are dropped
-                    marks["measure_start"] = time.monotonic()
-                counts["warmup" if warm else "measured"] += 1
-                yield key, value
-
-        started = time.monotonic()
-        kafka.produce([self.broker.bootstrap], topic, paced())
-        produced_s = time.monotonic() - marks.get("measure_start", started)
+        conn.send((t0, warm_end_ms))
+        time.sleep(max(0.0, warm_end_ms / 1000 - time.time()))
+        STATS.reset()  # latency samples of the warm-up are dropped
+        if not conn.poll(a.live_seconds + 600):
+            raise RuntimeError("live producer did not finish")
+        counts = conn.recv()
+        producer.join(timeout=30)
+        produced_s = counts.pop("measured_s")
         ends = end_offsets(self.broker.bootstrap, topic)
         stop.set(ends)
         log(f"live: produced {sum(counts.values()):,} ({counts['measured']:,} measured in "
