@@ -156,17 +156,13 @@ class FeaturePlan:
         self.fields = registry.names
         self.bit = {name: 1 << i for i, name in enumerate(self.fields)}
         time_index = {t[0]: i for i, t in enumerate(self.times)}
-        self._day_anchors = []
         for f in registry.features:
-            if f.aggregation == "days_since":
-                if any(o not in time_index for o in f.of):
-                    raise ValueError(f"{f.name}: days_since needs first_time / last_time features")
-                self._day_anchors.append([time_index[o] for o in f.of])
+            if f.aggregation == "days_since" and any(o not in time_index for o in f.of):
+                raise ValueError(f"{f.name}: days_since needs first_time / last_time features")
         self.computes = [(f, _COMPUTE[f.aggregation](self, f)) for f in registry.features]
         self._compute_of = {f.name: c for f, c in self.computes}
         self._init_inputs(registry, time_index)
-        self.count_features = [f.name for f in registry.features if f.sparse]
-        # the model's inputs as (name, slot, money in cents), in model_x order
+        # the model's inputs as (name, slot, money in cents), in the order of model_x_of
         self.model_inputs = [(f.name, self.slot_of[f.name], f.aggregation == "sum")
                              for f in registry.features if f.sparse]
 
@@ -315,12 +311,10 @@ class FeaturePlan:
         reads: dict[str, int] = {}
         by_name = registry.by_name
 
-        def of(name: str, path: tuple[str, ...]) -> int:
+        def of(name: str) -> int:  # (the registry rejects features derived from themselves)
             nonlocal day_bit
             if name in reads:
                 return reads[name]
-            if name in path:
-                raise ValueError(f"{name}: its `of` features refer back to it ({' -> '.join(path)})")
             f = by_name[name]
             a = f.aggregation
             if a in ("count", "sum"):
@@ -334,7 +328,7 @@ class FeaturePlan:
             else:
                 r = 0
                 for o in f.of:
-                    r |= of(o, path + (name,))
+                    r |= of(o)
                 if a == "days_since":
                     r |= day_bit
                     self._day_bits.append((day_bit, [time_index[o] for o in f.of]))
@@ -343,7 +337,7 @@ class FeaturePlan:
             return r
 
         for f in registry.features:
-            of(f.name, ())
+            of(f.name)
         reads_list = [reads[f.name] for f in registry.features]
         width = max((r.bit_length() for r in reads_list), default=0)
         self._readers = [sum(1 << i for i, r in enumerate(reads_list) if r >> b & 1)
@@ -413,7 +407,7 @@ class FeaturePlan:
     def day_due(self, p: Profile) -> int | None:
         """The next time a "days since" value changes (a timer, so silent users age too)."""
         best = None
-        for anchors in self._day_anchors:
+        for _, anchors in self._day_bits:
             t = next((p.times[i] for i in anchors if p.times[i] is not None), None)
             if t is not None:
                 due = t + ((p.as_of - t) // DAY_MS + 1) * DAY_MS
@@ -422,17 +416,13 @@ class FeaturePlan:
         return best
 
     def model_x_of(self, p: Profile, session_pages: int) -> dict[str, float]:
-        """The model's inputs straight from the running totals (same values as model_x)."""
+        """The model's inputs straight from the running totals (what score_totals reads)."""
         totals = p.buckets.totals
         x = {name: (totals[slot] / 100 if money_ else float(totals[slot]))
              for name, slot, money_ in self.model_inputs}
         x["session_pages"] = float(session_pages)
         return x
 
-    def model_x(self, num: dict) -> dict[str, float]:
-        x = {name: float(num[name]) for name in self.count_features}
-        x["session_pages"] = float(num.get("session_pages") or 0)
-        return x
 
 
 class _Num(dict):
