@@ -1,15 +1,9 @@
-"""Per-minute metric series merged from the shards, judged by dynamic-threshold detectors.
+"""The events-per-minute rule: complete minutes (flows/minutes.py) judged per series by
+dynamic-threshold detectors, with the alert lifecycle (firing, then resolved).
 
-Each shard reports, as its watermark passes, the minutes it has closed and its counts per series
-(``all``, ``channel=<name>``). A minute is complete once every shard has closed it; missing
-counts are zeros. Complete minutes are judged in order, so the alerts do not depend on how
-shards are spread over workers.
-
->>> m = MinuteMetrics(shards=2, detector=lambda: RollingGaussian(k=3, window=10, warmup=3))
->>> m.report(0, 10, {10: {"all": 5}})
-[]
->>> [minute for minute, _ in m.report(1, 10, {10: {"all": 7}})]
-[10]
+>>> rule = EventsPerMinuteRule(lambda: RollingGaussian(k=3, window=10, warmup=3), per_channel=False)
+>>> [a.status for m, v in enumerate([10, 11, 9, 10, 10, 90, 10]) for a in rule.judge(m, {"all": v})]
+['firing', 'resolved']
 """
 from __future__ import annotations
 
@@ -39,39 +33,6 @@ class Alert:
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-
-class MinuteMetrics:
-    """Merges shard reports into complete minutes: ``[(minute, {series: total})]``."""
-
-    def __init__(self, shards: int, detector: Callable[[], RollingGaussian]):
-        self.shards = shards
-        self.new_detector = detector
-        self.closed: dict[int, int] = {}
-        self.pending: dict[int, dict[str, int]] = {}
-        self.done_through: int | None = None
-        self.known_series: set[str] = {"all"}
-
-    def report(self, shard: int, closed_through: int, counts: dict[int, dict[str, int]]):
-        for minute, series in counts.items():
-            into = self.pending.setdefault(minute, {})
-            for name, n in series.items():
-                into[name] = into.get(name, 0) + n
-                self.known_series.add(name)
-        self.closed[shard] = max(closed_through, self.closed.get(shard, closed_through))
-        if len(self.closed) < self.shards:
-            return []
-        complete = min(self.closed.values())
-        if self.done_through is None:
-            if not self.pending:
-                return []
-            self.done_through = min(self.pending) - 1
-        ready = []
-        for minute in range(self.done_through + 1, complete + 1):
-            series = self.pending.pop(minute, {})
-            ready.append((minute, {name: series.get(name, 0) for name in sorted(self.known_series)}))
-        self.done_through = max(self.done_through, complete)
-        return ready
 
 
 class EventsPerMinuteRule:

@@ -81,6 +81,21 @@ class ClickHouseSettings(Strict):
     database: str = Field("surgeflow", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     insert_batch_rows: int = Field(5000, ge=1)  # insert when this many rows wait...
     flush_interval_s: float = Field(1.0, gt=0)  # ...or when the oldest has waited this long
+    # Reporting time zone: where days, weeks and months start (fixed when the database is created).
+    timezone: str = "UTC"
+    raw_events: bool = True  # keep masked raw events (events_raw, 30-day TTL) for drill-down
+    # During an outage, rows beyond this many wait on disk in spool_dir instead of in memory.
+    max_buffer_rows: int = Field(500_000, ge=1000)
+    spool_dir: Path = Path(".surgeflow/spool")
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        import zoneinfo
+
+        if value not in zoneinfo.available_timezones():
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Shanghai)")
+        return value
 
     @field_validator("dsn")
     @classmethod
@@ -129,6 +144,13 @@ class OutputSettings(Strict):
     # Where dead letters, actions and alerts go: Kafka topics, or JSON-lines files (embedded).
     kind: Literal["files", "kafka"] = "files"
     dir: Path = Path(".surgeflow/out")
+
+
+class DashboardSettings(Strict):
+    # The built-in page (`surgeflow dashboard`; the demo starts it too). Loopback by default.
+    host: str = "127.0.0.1"
+    port: int = Field(8050, ge=0, le=65535)
+    in_demo: bool = True
 
 
 class FlowSettings(Strict):
@@ -184,6 +206,7 @@ class Settings(Strict):
     model: ModelSettings = ModelSettings()
     detector: DetectorSettings = DetectorSettings()
     trigger: TriggerSettings = TriggerSettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
 
 def _set_path(doc: dict, path: list[str], value: Any) -> None:

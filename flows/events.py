@@ -54,6 +54,8 @@ class Event:
     partition: int = 0  # source partition, for the stream clock
     arrival_ms: int = 0  # wall time the record reached the system, for latency figures only
     raw: bytes = b""  # the original record, kept for a dead letter if the event turns out late
+    creative: str = ""  # properties.creative_id, else the UTM content
+    country: str = ""  # context.geo.country
 
 
 @dataclass(slots=True)
@@ -202,6 +204,7 @@ def decode(
         if not isinstance(utm, dict):
             raise Reject("bad_field", "context.campaign must be an object")
         campaign = _text(props, "campaign_id") or _text(utm, "name")
+        geo = ctx.get("geo")
         consent = ctx.get("consent")
         profiling = consent.get("profiling") if isinstance(consent, dict) else None
         return Event(
@@ -220,6 +223,8 @@ def decode(
             identified=user_id is not None,
             consent=profiling if isinstance(profiling, bool) else None,
             raw=raw,
+            creative=_text(props, "creative_id") or _text(utm, "content"),
+            country=_text(geo, "country") if isinstance(geo, dict) else "",
         )
     except Reject as rej:
         return DeadLetter(rej.reason, rej.detail, raw, key, source)

@@ -11,10 +11,13 @@
                          trigger rule, propensity model; event-time timers fire as the
                          watermark passes them (windows decay, days pass, state expires)
       -> features_to_redis        one sparse hash per profile, absolute values, pipelined
-      -> aggregates_to_clickhouse minute partial rows per ingest shard (merged at query time)
+      -> raw_events_to_clickhouse masked copies of the accepted events (events_raw, 30-day TTL)
       -> actions_to_*             trigger actions: Kafka topic or JSON lines, and ClickHouse
       -> dead_letters_to_*        decode failures and late events
-    detect_anomalies     complete minutes merged from all ingest shards, mu +/- k*sigma
+    close_minutes        the ingest shards' closed minutes merged once every shard closed them
+      -> aggregates_to_clickhouse one insert per complete minute, deduplicated by the minute
+                                  (hour / day rollups, funnel, user days follow in ClickHouse)
+    detect_anomalies     complete minutes in order, mu +/- k*sigma per series
       -> alerts_to_*              Kafka topic or JSON lines, ClickHouse, the log
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -33,11 +37,12 @@ from bytewax.inputs import Source
 from bytewax.outputs import DynamicSink
 
 from alerts.detectors import RollingGaussian
-from alerts.minute_metrics import EventsPerMinuteRule, MinuteMetrics
+from alerts.minute_metrics import EventsPerMinuteRule
 from config.settings import Settings
 from flows.events import DeadLetter, Event, decode
 from config.registry import Registry, load_registry
 from features.profile import FeaturePlan
+from flows.minutes import CompleteMinute, MinuteCloser, series_of
 from flows.shard import Chunk, IngestLogic, ProfileLogic, ShardConfig, ShardOut
 from surgeflow.stats import STATS
 
@@ -55,6 +60,8 @@ def shard_config(settings: Settings) -> ShardConfig:
         state_ttl_ms=int(settings.redis.ttl_days * 86_400_000),
         profile_shards=settings.flow.profile_shards,
         ingest_shards=settings.flow.shards,
+        raw_events=settings.clickhouse.raw_events,
+        pii_key=os.environ["SURGEFLOW_PII_KEY"].encode() if os.environ.get("SURGEFLOW_PII_KEY") else None,
     )
 
 
@@ -107,24 +114,46 @@ class DecodeAndRoute:
         return out
 
 
-class AlertLogic(op.StatefulBatchLogic):
-    """Single-key step: merges shard minute reports and runs the per-series detectors."""
+class MinuteLogic(op.StatefulBatchLogic):
+    """Single-key step: merges the ingest shards' minute parts into complete minutes."""
 
-    def __init__(self, shards: int, settings: Settings, resume):
+    def __init__(self, shards: int, resume):
+        self.closer = resume if resume is not None else MinuteCloser(shards)
+
+    def on_batch(self, parts: list) -> tuple[list, bool]:
+        done = [m for part in parts for m in self.closer.add(part)]
+        now_ms = int(time.time() * 1000)
+        for m in done:
+            m.closed_at_ms = now_ms
+        return ([done] if done else []), False
+
+    def snapshot(self):
+        return self.closer
+
+
+class AlertLogic(op.StatefulBatchLogic):
+    """Single-key step: the per-series detectors over complete minutes, in minute order."""
+
+    def __init__(self, settings: Settings, resume):
         if resume is not None:
-            self.metrics, self.rule = resume
+            self.rule, self.known_series = resume
             return
         d = settings.detector
         # A partial, not a lambda: the factory is part of the snapshot and must pickle.
         new = functools.partial(RollingGaussian, d.k, d.window, d.warmup, d.min_sigma, d.direction)
-        self.metrics = MinuteMetrics(shards, new)
         self.rule = EventsPerMinuteRule(new, d.per_channel)
+        self.known_series: set[str] = {"all"}  # a channel that goes quiet counts as zero
 
-    def on_batch(self, reports: list) -> tuple[list, bool]:
+    def on_batch(self, batches: list[list[CompleteMinute]]) -> tuple[list, bool]:
         alerts = []
-        for shard, closed_through, counts in reports:
-            for minute, series in self.metrics.report(shard, closed_through, counts):
-                alerts.extend(a.to_dict() for a in self.rule.judge(minute, series))
+        for minutes in batches:
+            for m in minutes:
+                if m.partial:
+                    continue  # cut short by the end of the input: not a drop in traffic
+                series = series_of(m.rows)
+                self.known_series.update(series)
+                values = {name: series.get(name, 0) for name in sorted(self.known_series)}
+                alerts.extend(a.to_dict() for a in self.rule.judge(m.minute, values))
         for a in alerts:
             log.warning("alert %s %s %s value=%.0f mu=%.1f sigma=%.1f z=%.1f", a["status"],
                         a["rule"], a["series"], a["value"], a["mu"], a["sigma"], a["z"])
@@ -132,7 +161,7 @@ class AlertLogic(op.StatefulBatchLogic):
         return ([alerts] if alerts else []), False
 
     def snapshot(self):
-        return (self.metrics, self.rule)
+        return (self.rule, self.known_series)
 
 
 @dataclass
@@ -140,7 +169,8 @@ class Outputs:
     """Where each kind of result goes; each list may hold several sinks (e.g. Kafka and ClickHouse)."""
 
     features: DynamicSink
-    aggregates: DynamicSink
+    aggregates: DynamicSink  # complete minutes
+    raw_events: DynamicSink | None = None
     actions: list[tuple[str, DynamicSink]] = field(default_factory=list)
     alerts: list[tuple[str, DynamicSink]] = field(default_factory=list)
     dead_letters: list[tuple[str, DynamicSink]] = field(default_factory=list)
@@ -174,8 +204,14 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     features = op.filter_map("feature_values", results,
                              lambda o: (o.features, o.aliases) if o.features or o.aliases else None)
     op.output("features_to_redis", features, outputs.features)
-    aggregates = op.filter_map("minute_aggregates", results, lambda o: o.aggregates or None)
-    op.output("aggregates_to_clickhouse", aggregates, outputs.aggregates)
+    parts = op.filter_map("minute_parts", results,
+                          lambda o: ("all-minutes", o.minutes) if o.minutes else None)
+    minutes = op.stateful_batch("close_minutes", parts, lambda resume: MinuteLogic(shards, resume))
+    minutes = op.map("complete_minutes", minutes, lambda kv: kv[1])
+    op.output("aggregates_to_clickhouse", minutes, outputs.aggregates)
+    if outputs.raw_events is not None:
+        raw = op.filter_map("raw_events", results, lambda o: o.raw or None)
+        op.output("raw_events_to_clickhouse", raw, outputs.raw_events)
     actions = op.filter_map("actions", results, _counted_actions)
     for name, sink in outputs.actions:
         op.output(f"actions_to_{name}", actions, sink)
@@ -184,10 +220,8 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     for name, sink in outputs.dead_letters:
         op.output(f"dead_letters_to_{name}", dead, sink)
 
-    reports = op.filter_map("minute_reports", results,
-                            lambda o: ("all-series", o.report) if o.report else None)
-    alerts = op.stateful_batch("detect_anomalies", reports,
-                               lambda resume: AlertLogic(shards, settings, resume))
+    alerts = op.stateful_batch("detect_anomalies", op.key_on("all-series", minutes, lambda _: "all"),
+                               lambda resume: AlertLogic(settings, resume))
     alerts = op.map("alert_records", alerts, lambda kv: kv[1])
     for name, sink in outputs.alerts:
         op.output(f"alerts_to_{name}", alerts, sink)

@@ -63,12 +63,14 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
 
     def table(name: str) -> clickhouse.ClickHouseSink:
         return clickhouse.ClickHouseSink(ch.dsn, ch.database, name, ch.insert_batch_rows,
-                                         ch.flush_interval_s)
+                                         ch.flush_interval_s, ch.max_buffer_rows,
+                                         ch.spool_dir.resolve())
 
     out = Outputs(
         features=RedisFeatureSink(redis_url, settings.redis.key_prefix,
                                   int(settings.redis.ttl_days * 86_400)),
         aggregates=table("events_minute_in"),
+        raw_events=table("events_raw") if ch.raw_events else None,
         actions=[("clickhouse", table("actions"))],
         alerts=[("clickhouse", table("alerts"))],
     )
@@ -98,7 +100,8 @@ class RunResult:
 def run(settings: Settings, redis_url: str, workers: int | None = None, source=None,
         partitions: int | None = None) -> RunResult:
     """Builds and runs the dataflow in this process (1..n worker threads) until its input ends."""
-    clickhouse.ensure_schema(settings.clickhouse.dsn, settings.clickhouse.database)
+    ch = settings.clickhouse
+    clickhouse.ensure_schema(ch.dsn, ch.database, ch.timezone)
     if settings.output.kind == "kafka" or settings.source.kind == "kafka":
         k = settings.kafka
         kafka.check_brokers(k.brokers, k.client_config)

@@ -29,8 +29,10 @@ from bytewax.operators import StatefulBatchLogic
 
 from features.profile import MINUTE_MS, FeaturePlan, Profile
 from flows.events import DeadLetter, Event
+from flows.minutes import MinutePart
 from models.propensity import PurchasePropensity
 from triggers.rules import SessionPageViews
+from warehouse.raw_events import raw_row
 
 END_OF_TIME = 2**62
 
@@ -93,6 +95,8 @@ class ShardConfig:
     ingest_shards: int = 8
     # Snapshots are only worth their cost when a recovery store keeps them.
     snapshots: bool = False
+    raw_events: bool = True  # keep a masked copy of each accepted event for events_raw
+    pii_key: bytes | None = None  # keyed hash of e-mail / phone in events_raw (None: dropped)
 
 
 @dataclass
@@ -103,18 +107,18 @@ class ShardOut:
     features: list[Write] = field(default_factory=list)
     aliases: list[tuple[str, str]] = field(default_factory=list)  # anonymous id -> user id
     actions: list[dict] = field(default_factory=list)  # "_"-prefixed keys are not published
-    aggregates: list[tuple] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
-    # (shard, closed_through_minute, {minute: {series: count}}) for the metric detectors
-    report: tuple[int, int, dict[int, dict[str, int]]] | None = None
+    # The minutes this ingest shard closed: a MinutePart for flows.minutes.MinuteCloser
+    minutes: MinutePart | None = None
+    raw: list[tuple] = field(default_factory=list)  # events_raw rows
     handovers: list[tuple[str, Handover]] = field(default_factory=list)
     events: int = 0
     duplicates: int = 0
     consent_denied: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.features or self.aliases or self.actions or self.aggregates or self.dead
-                    or self.report or self.handovers or self.events or self.duplicates
+        return bool(self.features or self.aliases or self.actions or self.minutes or self.dead
+                    or self.raw or self.handovers or self.events or self.duplicates
                     or self.consent_denied)
 
 
@@ -270,9 +274,9 @@ class IngestShard:
         self.watermark = -END_OF_TIME
         self.clock: int | None = None
         self.sent_clock: dict[int, int | None] = {}
-        # minute -> (channel, campaign, event name) -> [events, revenue, cost, users]
-        self.minutes: dict[int, dict[tuple[str, str, str], list]] = {}
-        self.closed_through = -END_OF_TIME  # last minute reported to the detectors
+        # minute -> (channel, campaign, creative, event name) -> [events, revenue, cost, orders, users]
+        self.minutes: dict[int, dict[tuple[str, str, str, str], list]] = {}
+        self.closed_through = -END_OF_TIME  # last minute reported as closed
         self.late_events = 0
 
     # -- input ---------------------------------------------------------------------------
@@ -301,6 +305,8 @@ class IngestShard:
             return
         self.seen[e.event_id] = ts
         out.events += 1
+        if self.config.raw_events:
+            out.raw.append(raw_row(e, self.config.pii_key))
         self._aggregate(e, ts)
         e.raw = b""  # the original bytes are only needed for a late event's dead letter
         profile_shards = self.config.profile_shards
@@ -341,13 +347,19 @@ class IngestShard:
         rows = self.minutes.get(minute)
         if rows is None:
             rows = self.minutes[minute] = {}
-        row = rows.get((e.channel, e.campaign, e.name))
+        key = (e.channel, e.campaign, e.creative, e.name)
+        row = rows.get(key)
         if row is None:
-            row = rows[(e.channel, e.campaign, e.name)] = [0, 0.0, 0.0, set()]
+            row = rows[key] = [0, 0.0, 0.0, 0, set()]
         row[0] += 1
         row[1] += e.revenue
         row[2] += e.cost
-        row[3].add(e.user)
+        if e.name == "order_completed":
+            row[3] += 1
+        # Users as sent (user id, else anonymous id): stitching depends on how partitions
+        # interleave, and counts must not. No profiling consent: counted, but not as a user.
+        if e.consent is not False:
+            row[4].add(e.user)
 
     def _hand_over(self, ops: dict[int, list], out: ShardOut, final: bool = False) -> None:
         """Send each profile shard its operations, and the clock when it moved a minute (or at
@@ -376,21 +388,10 @@ class IngestShard:
             closed_rows = sorted(self.minutes)  # end of input: flush even partial minutes
         else:
             closed_rows = sorted(m for m in self.minutes if m <= closed)
-        report: dict[int, dict[str, int]] = {}
-        for m in closed_rows:
-            rows = self.minutes.pop(m)
-            series: dict[str, int] = {}
-            for (channel, campaign, name), (n, revenue, cost, users) in rows.items():
-                out.aggregates.append((m * MINUTE_MS, channel, campaign, name, self.shard, n,
-                                       revenue, cost, sorted(users)))
-                series["all"] = series.get("all", 0) + n
-                key = f"channel={channel}"
-                series[key] = series.get(key, 0) + n
-            if m <= closed:
-                report[m] = series
-        if closed > self.closed_through:
-            self.closed_through = closed
-            out.report = (self.shard, closed, report)
+        parts = {m: self.minutes.pop(m) for m in closed_rows}
+        if closed > self.closed_through or parts or final:
+            self.closed_through = max(self.closed_through, closed)
+            out.minutes = MinutePart(self.shard, self.closed_through, parts, final)
         if previous_minute is None or minute_of(self.watermark) != previous_minute:
             self.seen = {k: v for k, v in self.seen.items() if v >= self.watermark}
 

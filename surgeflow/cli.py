@@ -139,6 +139,9 @@ def demo(config: Optional[Path] = ConfigOption,
     console.print(f"surgeflow demo\n  Redis       {redis_url} (data in {redis_dir})\n"
                   f"  ClickHouse  {normalize_dsn(settings.clickhouse.dsn)}\n"
                   f"  outputs     {settings.output.dir.resolve()}", highlight=False)
+    page = None
+    if settings.dashboard.in_demo:
+        page = _start_dashboard(settings)
     console.print("Ctrl-C stops" + (f"; stopping after {seconds:g} s" if seconds else ""))
     _graceful_stop(seconds)
     try:
@@ -150,9 +153,29 @@ def demo(config: Optional[Path] = ConfigOption,
             "outputs_dir": str(settings.output.dir.resolve()),
         })
     finally:
+        if page is not None:
+            page[0].should_exit = True
+            page[1].join(5)
         if server is not None:
             server.stop()
     _finish(summary)
+
+
+def _start_dashboard(settings: Settings):
+    """The built-in page in this process (chDB allows one process per data directory)."""
+    from connectors.clickhouse import ensure_schema
+    from dashboards.server import start_in_thread
+
+    ch, d = settings.clickhouse, settings.dashboard
+    ensure_schema(ch.dsn, ch.database, ch.timezone)
+    try:
+        page = start_in_thread(ch.dsn, ch.database, d.host, d.port)
+    except Exception as exc:  # noqa: BLE001 - the demo runs on without its page
+        console.print(f"[yellow]dashboard not started: {exc}[/yellow]")
+        return None
+    port = page[0].servers[0].sockets[0].getsockname()[1]
+    console.print(f"  dashboard   http://{d.host}:{port}/", highlight=False)
+    return page
 
 
 @app.command(name="run")
@@ -243,3 +266,91 @@ def serve_features(config: Optional[Path] = ConfigOption,
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def migrate(config: Optional[Path] = ConfigOption):
+    """Apply the ClickHouse schema migrations that are missing (also done at start-up)."""
+    from connectors.clickhouse import ensure_schema, normalize_dsn
+    from warehouse.migrate import MigrationError
+
+    settings = _settings(config)
+    ch = settings.clickhouse
+    try:
+        applied = ensure_schema(ch.dsn, ch.database, ch.timezone)
+    except MigrationError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    where = f"{normalize_dsn(ch.dsn).split('@')[-1]} database {ch.database}"
+    console.print(f"applied migrations {applied} to {where}" if applied
+                  else f"{where} is up to date", highlight=False)
+
+
+@app.command()
+def dashboard(config: Optional[Path] = ConfigOption,
+              host: Optional[str] = typer.Option(None, help="default: dashboard.host"),
+              port: Optional[int] = typer.Option(None, help="default: dashboard.port")):
+    """The built-in live dashboard page on ClickHouse (traffic, funnel, campaign KPIs, alerts)."""
+    from connectors.clickhouse import ensure_schema
+    from dashboards.server import serve
+
+    settings = _settings(config)
+    ch, d = settings.clickhouse, settings.dashboard
+    ensure_schema(ch.dsn, ch.database, ch.timezone)
+    console.print(f"dashboard on http://{host or d.host}:{port or d.port}/", highlight=False)
+    serve(ch.dsn, ch.database, host or d.host, port if port is not None else d.port)
+
+
+@app.command()
+def report(period: str = typer.Option("day", "--period", "-p", help="day, week or month"),
+           date: Optional[str] = typer.Option(None, help="a day in the period, YYYY-MM-DD "
+                                              "(default: the newest data)"),
+           out: Optional[Path] = typer.Option(None, help="CSV folder (default: <output.dir>/reports)"),
+           config: Optional[Path] = ConfigOption):
+    """The KPI summary of a day, week or month: printed, and written as two CSV files."""
+    import datetime as dt
+
+    from rich.table import Table
+
+    from connectors.clickhouse import connect, ensure_schema
+    from warehouse.kpi import KpiError
+    from warehouse.report import CAMPAIGN_COLUMNS, build_report, write_csv
+
+    settings = _settings(config)
+    ch = settings.clickhouse
+    try:
+        day = dt.date.fromisoformat(date) if date else None
+    except ValueError:
+        console.print(f"[red]--date {date!r} is not YYYY-MM-DD[/red]")
+        raise typer.Exit(2) from None
+    ensure_schema(ch.dsn, ch.database, ch.timezone)
+    client, lock = connect(ch.dsn)
+    try:
+        with lock:
+            rep = build_report(client, ch.database, period, day)
+    except KpiError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    out_console = Console()
+    title = f"{rep.period} report {rep.start:%Y-%m-%d %H:%M} .. {rep.end:%Y-%m-%d %H:%M} {rep.start.tzname()}"
+    summary = Table("metric", "value", title=title)
+    for key, value in rep.summary.items():
+        summary.add_row(key, _fmt(value))
+    out_console.print(summary)
+    campaigns = Table(*CAMPAIGN_COLUMNS, title="campaigns, all channels (by revenue; the CSV "
+                      "also has each channel)")
+    for row in rep.campaigns:
+        if row["all_channels"]:
+            row = dict(row, campaign=row["campaign"] or "(organic)", channel="all")
+            campaigns.add_row(*(_fmt(row.get(c)) for c in CAMPAIGN_COLUMNS))
+    out_console.print(campaigns)
+    paths = write_csv(rep, out or settings.output.dir / "reports")
+    console.print("written: " + ", ".join(str(p) for p in paths), highlight=False)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.4f}".rstrip("0").rstrip(".") if abs(value) < 1 else f"{value:,.2f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)

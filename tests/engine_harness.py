@@ -22,7 +22,7 @@ class Harness:
         self.aliases: dict[str, str] = {}
         self.actions: list[dict] = []
         self.dead = []
-        self.aggregates = []
+        self.minute_parts = []
         self.writes = 0
 
     def feed(self, events: list[Event]) -> None:
@@ -63,7 +63,8 @@ class Harness:
         self.aliases.update(out.aliases)
         self.actions.extend(out.actions)
         self.dead.extend(out.dead)
-        self.aggregates.extend(out.aggregates)
+        if out.minutes is not None:
+            self.minute_parts.append(out.minutes)
         self._route(out)
 
     def _route(self, out: ShardOut) -> None:

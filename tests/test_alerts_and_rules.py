@@ -4,7 +4,8 @@ import random
 from hypothesis import given, settings, strategies as st
 
 from alerts.detectors import RollingGaussian
-from alerts.minute_metrics import EventsPerMinuteRule, MinuteMetrics
+from alerts.minute_metrics import EventsPerMinuteRule
+from flows.minutes import MinuteCloser, MinutePart, series_of
 
 
 @settings(max_examples=100, deadline=None)
@@ -37,21 +38,32 @@ def test_direction_down_only():
     assert not d.score_one(100).breach and d.score_one(-50).breach
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 5), st.integers(0, 9)), max_size=40))
-def test_minutes_are_complete_only_when_all_shards_closed_them(reports):
-    m = MinuteMetrics(3, lambda: RollingGaussian())
-    closed = {}
-    done = []
-    totals = {}
-    for shard, minute, n in reports:
-        through = max(closed.get(shard, -1), minute)
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3),
+                          st.dictionaries(st.integers(0, 3), st.integers(1, 9), max_size=3)),
+                max_size=30))
+def test_minutes_are_complete_only_when_all_shards_closed_them(steps):
+    """Shards close minutes at their own pace (each minute once, as in the flow); every minute up
+    to the slowest shard's is released exactly once, in order, with every shard's events."""
+    closer = MinuteCloser(3)
+    closed = {0: 99, 1: 99, 2: 99}  # minutes start at 100
+    sent: dict[int, int] = {}
+    released = []
+    for shard, advance, counts in steps:
+        through = closed[shard] + advance
+        parts = {}
+        for offset, n in counts.items():
+            minute = closed[shard] + 1 + offset
+            if minute <= through:
+                parts[minute] = {("web", "c", "", "page_view"): [n, 0.0, 0.0, 0, {f"u{shard}"}]}
+                sent[minute] = sent.get(minute, 0) + n
         closed[shard] = through
-        counts = {minute: {"all": n}}
-        if minute <= through:
-            totals[minute] = totals.get(minute, 0) + n
-        done += m.report(shard, through, counts)
-    minutes = [mi for mi, _ in done]
-    assert minutes == sorted(set(minutes))  # each once, in order
-    if len(closed) == 3 and done:
-        assert minutes[-1] == min(closed.values())
+        released += closer.add(MinutePart(shard, through, parts))
+    minutes = [m.minute for m in released]
+    assert minutes == sorted(set(minutes))
+    if released:
+        assert minutes == list(range(minutes[0], min(closed.values()) + 1))
+        assert minutes[0] == min(sent)
+    for m in released:
+        assert series_of(m.rows)["all"] == sent.get(m.minute, 0)
+        assert not m.partial

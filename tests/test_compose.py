@@ -137,7 +137,8 @@ def depends(service: dict) -> dict[str, str]:
 
 def test_compose_spec_without_version_key(compose):
     assert "version" not in compose, "the compose spec has no `version:` key (obsolete, warns)"
-    assert {"kafka", "kafka-init", "redis", "clickhouse", "surgeflow", "producer"} <= set(compose["services"])
+    assert {"kafka", "kafka-init", "redis", "clickhouse", "surgeflow", "producer", "grafana"} <= \
+        set(compose["services"])
 
 
 def test_images_are_pinned(services):
@@ -318,6 +319,146 @@ def test_producer_runs_on_demand_with_the_same_image(services):
     assert int(option(producer["command"], "--events")) > 0
     assert depends(producer).get("kafka-init") == "service_completed_successfully"
     load_settings(PRODUCTION, env=env_of(producer))  # its environment is valid too
+
+
+# --- Grafana ------------------------------------------------------------------------------------
+
+GRAFANA_PLUGIN = "grafana-clickhouse-datasource"
+GRAFANA_DATASOURCES = "/etc/grafana/provisioning/datasources"
+GRAFANA_DASHBOARDS = "/etc/grafana/provisioning/dashboards"
+
+
+def bind_mounts(service: dict) -> dict[str, tuple[Path, bool]]:
+    """container path -> (path on the host, read-only) for a service's bind mounts."""
+    out = {}
+    for v in service.get("volumes") or []:
+        if isinstance(v, dict):
+            if v.get("type") != "bind":
+                continue
+            source, target, read_only = v["source"], v["target"], bool(v.get("read_only"))
+        else:
+            source, target, *mode = str(v).split(":")
+            if not source.startswith((".", "/", "~")):
+                continue  # a named volume
+            read_only = bool(mode) and "ro" in mode[0].split(",")
+        out[target] = ((COMPOSE_FILE.parent / source).resolve(), read_only)
+    return out
+
+
+def grafana_plugins(env: Mapping[str, str]) -> dict[str, str]:
+    """plugin id -> pinned version ('' when unpinned) from the plugin install variables:
+    GF_PLUGINS_PREINSTALL(_SYNC) take `id@version`, GF_INSTALL_PLUGINS `id version`."""
+    out = {}
+    for name in ("GF_PLUGINS_PREINSTALL_SYNC", "GF_PLUGINS_PREINSTALL", "GF_INSTALL_PLUGINS"):
+        for item in filter(None, (i.strip() for i in env.get(name, "").split(","))):
+            plugin, _, version = item.partition("@") if "@" in item else item.partition(" ")
+            out[plugin] = version.split("@")[0].strip()
+    return out
+
+
+def grafana_expand(value: str, env: Mapping[str, str]) -> str:
+    """Grafana's environment expansion in provisioning files: $VAR and ${VAR}."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), ""), value)
+
+
+def provisioned(services: dict, container_dir: str) -> list[dict]:
+    """The provisioning documents Grafana reads from the directory mounted at ``container_dir``."""
+    host, _ = bind_mounts(services["grafana"])[container_dir]
+    assert host.is_dir(), f"{container_dir} is mounted from {host}, which is not a directory"
+    docs = [yaml.safe_load(path.read_text()) for path in sorted(host.glob("*.y*ml"))]
+    assert docs and all(doc.get("apiVersion") == 1 for doc in docs), host
+    return docs
+
+
+def clickhouse_datasource(services: dict) -> dict:
+    found = [ds for doc in provisioned(services, GRAFANA_DATASOURCES) for ds in doc.get("datasources") or []
+             if ds["type"] == GRAFANA_PLUGIN]
+    assert len(found) == 1, f"one {GRAFANA_PLUGIN} data source is provisioned, found {len(found)}"
+    return found[0]
+
+
+def test_grafana_service_is_pinned_published_and_read_only(compose, services):
+    grafana = services["grafana"]
+    repository, _, tag = grafana["image"].rpartition(":")
+    assert repository in ("grafana/grafana", "grafana/grafana-oss")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", tag), f"{grafana['image']}: pin an exact Grafana release"
+    assert int(tag.split(".")[0]) in (11, 12), f"{grafana['image']}: tested with Grafana 11 and 12"
+    env = env_of(grafana)
+    plugins = grafana_plugins(env)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", plugins.get(GRAFANA_PLUGIN, "")), \
+        f"{GRAFANA_PLUGIN} must be installed at a pinned version: {plugins}"
+    assert published(grafana).get(3000) == 3000
+    assert depends(grafana) == {"clickhouse": "service_healthy"}
+    assert grafana["restart"] == "unless-stopped"
+    # Grafana's own state on a declared named volume; everything from the repository read-only.
+    named = [str(v).split(":")[0] for v in grafana.get("volumes") or [] if not isinstance(v, dict)
+             and str(v).split(":")[1:2] == ["/var/lib/grafana"]]
+    assert named and named[0] in (compose.get("volumes") or {}), "grafana keeps its data on a named volume"
+    mounts = bind_mounts(grafana)
+    assert {GRAFANA_DATASOURCES, GRAFANA_DASHBOARDS} <= set(mounts)
+    for target, (host, read_only) in mounts.items():
+        assert host.exists(), f"{target} is mounted from {host}, which is not in the repository"
+        assert host.is_relative_to(ROOT), f"{target}: mount files of this repository, not {host}"
+        assert read_only, f"{target} must be mounted read-only"
+    # Who may do what: anonymous visitors only look; the admin password is a secret.
+    raw = env_of(yaml.safe_load(COMPOSE_FILE.read_text())["services"]["grafana"])
+    if env.get("GF_AUTH_ANONYMOUS_ENABLED", "false").lower() == "true":
+        assert env.get("GF_AUTH_ANONYMOUS_ORG_ROLE") == "Viewer", "anonymous users must not edit"
+    assert raw.get("GF_SECURITY_ADMIN_PASSWORD", "").startswith("${GRAFANA_ADMIN_PASSWORD"), \
+        "the admin password comes from the environment"
+
+
+@pytest.mark.parametrize("host_env", [{}, {"CLICKHOUSE_PASSWORD": "s3cret-Pw_1"}], ids=["default", "from-env"])
+def test_grafana_datasource_reaches_the_clickhouse_service(host_env):
+    settings = load_settings(PRODUCTION, env={})
+    services = load_compose(host_env)["services"]
+    ds = clickhouse_datasource(services)
+    data = ds["jsonData"]
+    dsn = urlsplit(settings.clickhouse.dsn)
+    ch_env = env_of(services["clickhouse"])
+    # The engine's address: the clickhouse service, over the same protocol and port.
+    assert data["host"] == dsn.hostname == "clickhouse" and data["host"] in services
+    assert data["protocol"] in ("http", "native")
+    port = int(data["port"])
+    if data["protocol"] == "http":
+        assert dsn.scheme == "http" and port == dsn.port
+        assert not data.get("secure"), "the compose network speaks plain HTTP"
+    else:
+        assert port == 9000
+    assert port in container_ports(services["clickhouse"])
+    assert data["username"] == dsn.username == ch_env["CLICKHOUSE_USER"]
+    assert data["defaultDatabase"] == settings.clickhouse.database
+    # The password is the clickhouse service's, passed to the grafana container by compose.
+    secret = ds["secureJsonData"]["password"]
+    assert secret in ("${CLICKHOUSE_PASSWORD}", "$CLICKHOUSE_PASSWORD"), "no password in the repository"
+    grafana_env = env_of(services["grafana"])
+    assert grafana_expand(secret, grafana_env) == ch_env["CLICKHOUSE_PASSWORD"]
+    assert ch_env["CLICKHOUSE_PASSWORD"] == host_env.get("CLICKHOUSE_PASSWORD", "surgeflow")
+    assert ds.get("uid"), "the dashboard refers to the data source by uid"
+
+
+def test_grafana_loads_the_dashboard_of_the_repository(services):
+    grafana = services["grafana"]
+    mounts = bind_mounts(grafana)
+    providers = [p for doc in provisioned(services, GRAFANA_DASHBOARDS) for p in doc.get("providers") or []]
+    assert len(providers) == 1 and providers[0]["type"] == "file"
+    folder = providers[0]["options"]["path"].rstrip("/")
+    shown = {target: host for target, (host, _) in mounts.items()
+             if target == folder or target.startswith(folder + "/")}
+    files: list[Path] = []
+    for host in shown.values():
+        files += [host] if host.is_file() else sorted(host.rglob("*.json"))
+    assert ROOT / "dashboards" / "grafana" / "surgeflow.json" in files, \
+        f"the provider reads {folder}, where surgeflow.json is not mounted"
+    uid = clickhouse_datasource(services)["uid"]
+    for path in files:
+        board = json.loads(path.read_text())
+        used = {p["datasource"]["uid"] for p in board["panels"]
+                if p.get("datasource", {}).get("type") == GRAFANA_PLUGIN}
+        assert used == {uid}, f"{path.name}: panels use data source {used}, provisioned is {uid}"
+    home = env_of(grafana).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        assert home in mounts and mounts[home][0].is_file(), f"home dashboard {home} is not mounted"
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def reference(messages) -> dict:
         for e in evs:
             key = (e["ts"] // 60000 * 60000, e["channel"], e["campaign"], e["name"])
             minutes[key][0] += 1
-            minutes[key][1].add(user)
+            if e["profiling"]:
+                minutes[key][1].add(user)
             minutes[key][2] += e["revenue"]
             if not e["profiling"]:
                 continue  # no profile, no session, no action without profiling consent
@@ -139,9 +140,9 @@ def redis_features(redis_url, prefix) -> dict[str, dict[str, str]]:
 
 def minute_rows(client, database) -> dict:
     rows = client.query(
-        f"SELECT toUnixTimestamp(minute) * 1000, channel, campaign, event_name, sum(events), "
+        f"SELECT toUnixTimestamp(ts) * 1000, channel, campaign, event_name, sum(events), "
         f"uniqExactMerge(users), round(sum(revenue), 2) FROM {database}.events_minute FINAL "
-        f"GROUP BY minute, channel, campaign, event_name").result_rows
+        f"GROUP BY ts, channel, campaign, event_name").result_rows
     return {(m, c, k, e): (n, u, r) for m, c, k, e, n, u, r in rows}
 
 

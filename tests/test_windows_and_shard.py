@@ -90,10 +90,10 @@ def test_minutes_close_only_when_every_partition_passed_them():
     s = IngestShard(0, ShardConfig(lateness_ms=0, profile_shards=1, ingest_shards=1), Harness().plan)
     out = ShardOut(0)
     s.ingest(Chunk(0, [ev(1, "a", "page_view", T0)], {0: T0 + 5 * 60_000}, 2), out)
-    assert out.aggregates == [] and out.report is None  # partition 1 not heard from yet
+    assert out.minutes is None  # partition 1 not heard from yet
     s.ingest(Chunk(0, [], {1: T0 + 3 * 60_000}, 2), out)
-    assert [row[0] for row in out.aggregates] == [T0]
-    assert out.report[1] == (T0 + 3 * 60_000) // 60_000 - 1
+    assert list(out.minutes.minutes) == [T0 // 60_000]
+    assert out.minutes.closed_through == (T0 + 3 * 60_000) // 60_000 - 1
 
 
 def test_third_view_of_a_session_fires_once_and_a_new_session_fires_again():
