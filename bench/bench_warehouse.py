@@ -158,23 +158,23 @@ def bench_flow(client, dsn: str, args) -> dict:
 
 
 def seed_days(client, db: str, days: int, end: dt.datetime) -> int:
-    """``days`` of minutes up to ``end``: 8 channels x 12 campaigns x 3 event names per minute."""
+    """``days`` of minutes up to ``end``: 8 channels x 6 campaigns x 3 event names per minute."""
     minutes = days * 1440
     first = int(end.timestamp()) // 60 - minutes
     client.command(f"""
         INSERT INTO {db}.events_minute_in
-        SELECT toDateTime((intDiv(number, 288) + {first}) * 60) AS ts,
+        SELECT toDateTime((intDiv(number, 144) + {first}) * 60) AS ts,
                ['app','web','mini_program','ad','push','sms','email','store'][number % 8 + 1] AS channel,
-               concat('cmp-', leftPad(toString(intDiv(number, 8) % 12), 2, '0')) AS campaign,
+               concat('cmp-', leftPad(toString(intDiv(number, 8) % 6), 2, '0')) AS campaign,
                '' AS creative,
-               ['product_viewed','add_to_cart','order_completed'][intDiv(number, 96) % 3 + 1] AS event_name,
+               ['product_viewed','add_to_cart','order_completed'][intDiv(number, 48) % 3 + 1] AS event_name,
                1 + number % 9 AS events,
                if(event_name = 'order_completed', 20.0 * (number % 5), 0) AS revenue,
                0.1 * (number % 3) AS cost,
                if(event_name = 'order_completed', events, 0) AS orders,
                arrayMap(k -> concat('u', toString((number * 7 + k) % 100000)), range(3)) AS users
-        FROM numbers({minutes * 288})""")
-    return minutes * 288
+        FROM numbers({minutes * 144})""")
+    return minutes * 144
 
 
 def bench_dashboard(client, dsn: str, args) -> dict:

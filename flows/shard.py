@@ -391,7 +391,12 @@ class IngestShard:
         parts = {m: self.minutes.pop(m) for m in closed_rows}
         if closed > self.closed_through or parts or final:
             self.closed_through = max(self.closed_through, closed)
-            out.minutes = MinutePart(self.shard, self.closed_through, parts, final)
+            if out.minutes is None:
+                out.minutes = MinutePart(self.shard, self.closed_through, parts, final)
+            else:  # several chunks in one batch: one part with all the minutes they closed
+                out.minutes.minutes.update(parts)
+                out.minutes.closed_through = self.closed_through
+                out.minutes.final = out.minutes.final or final
         if previous_minute is None or minute_of(self.watermark) != previous_minute:
             self.seen = {k: v for k, v in self.seen.items() if v >= self.watermark}
 

@@ -204,4 +204,7 @@ def test_same_results_with_one_and_two_workers(kafka, stream, redis_url, chdb_ds
         feats = {u: {k: v for k, v in f.items() if k not in VOLATILE}
                  for u, f in redis_features(redis_url, prefix).items()}
         results.append((feats, minute_rows(chdb_client, database)))
+    a, b = results[0][1], results[1][1]
+    diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert not diff, f"minute rows differ (1 worker, 2 workers): {sorted(diff.items())[:20]}"
     assert results[0][0] and results[0] == results[1]

@@ -96,6 +96,17 @@ def test_minutes_close_only_when_every_partition_passed_them():
     assert out.minutes.closed_through == (T0 + 3 * 60_000) // 60_000 - 1
 
 
+def test_chunks_of_one_batch_close_minutes_into_one_part():
+    """Several chunks in one batch (as with 2 workers): every minute they close is in the part."""
+    s = IngestShard(0, ShardConfig(lateness_ms=0, profile_shards=1, ingest_shards=1), Harness().plan)
+    out = ShardOut(0)
+    s.ingest(Chunk(0, [ev(1, "a", "page_view", T0)], {0: T0}, 1), out)
+    s.ingest(Chunk(0, [ev(2, "a", "page_view", T0 + 60_000)], {0: T0 + 90_000}, 1), out)
+    s.ingest(Chunk(0, [ev(3, "a", "page_view", T0 + 120_000)], {0: T0 + 150_000}, 1), out)
+    assert sorted(out.minutes.minutes) == [T0 // 60_000, T0 // 60_000 + 1]
+    assert out.minutes.closed_through == T0 // 60_000 + 1
+
+
 def test_third_view_of_a_session_fires_once_and_a_new_session_fires_again():
     h = Harness()
     times = [0, 10_000, 20_000, 30_000, 40 * 60_000, 41 * 60_000, 42 * 60_000]

@@ -1,0 +1,55 @@
+"""Versioned migrations on chDB: applied once and recorded, idempotent, guarded against edited
+migrations, a changed time zone and a database from before versioned migrations."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from warehouse.migrate import MigrationError, load_migrations, migrate
+
+
+def tables(client, db) -> set[str]:
+    return {r[0] for r in client.query("SELECT name FROM system.tables WHERE database = {db:String}",
+                                        parameters={"db": db}).result_rows}
+
+
+def test_applied_once_recorded_and_idempotent(chdb_client, ch_database):
+    migrations = load_migrations()
+    assert migrate(chdb_client, ch_database) == [m.version for m in migrations]
+    created = tables(chdb_client, ch_database)
+    assert {"events_minute", "events_hour", "events_day", "funnel_hour", "user_days",
+            "users_first_seen", "events_raw", "alerts", "actions", "model_metrics",
+            "schema_migrations"} <= created
+    assert migrate(chdb_client, ch_database) == []  # nothing left to do
+    assert tables(chdb_client, ch_database) == created
+    recorded = chdb_client.query(f"SELECT version, name, checksum FROM {ch_database}.schema_migrations "
+                                 "FINAL ORDER BY version").result_rows
+    assert recorded == [(m.version, m.name, m.checksum) for m in migrations]
+
+    # A migration interrupted half-way: its statements run again without error.
+    chdb_client.command(f"DROP TABLE {ch_database}.model_metrics")
+    chdb_client.command(f"ALTER TABLE {ch_database}.schema_migrations DELETE WHERE version = 1")
+    assert migrate(chdb_client, ch_database) == [1]
+    assert "model_metrics" in tables(chdb_client, ch_database)
+
+
+def test_an_edited_migration_or_another_time_zone_is_refused(chdb_client, ch_database):
+    migrate(chdb_client, ch_database)
+    first = load_migrations()[0]
+    edited = dataclasses.replace(first, text=first.text + "\n-- edited\n")
+    with pytest.raises(MigrationError, match="changed after it was applied"):
+        migrate(chdb_client, ch_database, migrations=[edited])
+    with pytest.raises(MigrationError, match="time zone UTC, not Asia/Shanghai"):
+        migrate(chdb_client, ch_database, "Asia/Shanghai")
+    with pytest.raises(MigrationError, match="unknown time zone"):
+        migrate(chdb_client, ch_database, "Mars/Olympus")
+    with pytest.raises(MigrationError, match="not an identifier"):
+        migrate(chdb_client, "x; DROP DATABASE y")
+
+
+def test_a_database_from_before_migrations_is_reported(chdb_client, ch_database):
+    chdb_client.command(f"CREATE TABLE {ch_database}.events_minute (minute DateTime) "
+                        "ENGINE = MergeTree ORDER BY minute")
+    with pytest.raises(MigrationError, match="before versioned migrations"):
+        migrate(chdb_client, ch_database)
