@@ -167,7 +167,7 @@ class _InsertPartition(StatelessSinkPartition):
                 self.first_at = time.monotonic()
             if self.rows > self.max_buffer_rows:
                 self._spill()
-            if self.rows >= self.max_rows:
+            if self.rows >= self.max_rows or spec.blocks is not None:
                 self.cond.notify()
 
     def _spill(self) -> None:
@@ -227,6 +227,8 @@ class _InsertPartition(StatelessSinkPartition):
             return True
         if not self.rows:
             return False
+        if self.blocks[0][0] is not None:
+            return True  # a complete minute is one insert anyway: waiting would only delay it
         return (self.closing or self.rows >= self.max_rows
                 or time.monotonic() - self.first_at >= self.max_delay_s)
 
