@@ -139,6 +139,7 @@ def demo(config: Optional[Path] = ConfigOption,
     console.print(f"surgeflow demo\n  Redis       {redis_url} (data in {redis_dir})\n"
                   f"  ClickHouse  {normalize_dsn(settings.clickhouse.dsn)}\n"
                   f"  outputs     {settings.output.dir.resolve()}", highlight=False)
+    _migrate_or_exit(settings, server)
     page = None
     if settings.dashboard.in_demo:
         page = _start_dashboard(settings)
@@ -159,6 +160,23 @@ def demo(config: Optional[Path] = ConfigOption,
         if server is not None:
             server.stop()
     _finish(summary)
+
+
+def _migrate_or_exit(settings: Settings, embedded_redis=None) -> None:
+    """Bring the ClickHouse schema up to date, or say why not (exit 2), without a traceback."""
+    from connectors.clickhouse import chdb_dir, ensure_schema
+    from warehouse.migrate import MigrationError
+
+    ch = settings.clickhouse
+    try:
+        ensure_schema(ch.dsn, ch.database, ch.timezone)
+    except MigrationError as exc:
+        where = chdb_dir(ch.dsn)
+        hint = f"\nthe embedded data is in {where}: remove that folder to start afresh" if where else ""
+        console.print(f"[red]{exc}[/red]{hint}")
+        if embedded_redis is not None:
+            embedded_redis.stop()
+        raise typer.Exit(2) from None
 
 
 def _start_dashboard(settings: Settings):
@@ -196,6 +214,7 @@ def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML config
     except KafkaUnavailable as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(3) from None
+    _migrate_or_exit(settings)
     _graceful_stop(None)
     with Progress():
         result = run(settings, settings.redis.url, workers)

@@ -53,3 +53,25 @@ def test_a_database_from_before_migrations_is_reported(chdb_client, ch_database)
                         "ENGINE = MergeTree ORDER BY minute")
     with pytest.raises(MigrationError, match="before versioned migrations"):
         migrate(chdb_client, ch_database)
+
+
+def test_migrate_command_applies_then_reports_up_to_date_or_a_clear_error(chdb_dsn, chdb_client,
+                                                                          ch_database):
+    from typer.testing import CliRunner
+
+    from surgeflow.cli import app
+
+    env = {"SURGEFLOW__CLICKHOUSE__DSN": chdb_dsn, "SURGEFLOW__CLICKHOUSE__DATABASE": ch_database}
+    first = CliRunner().invoke(app, ["migrate"], env=env)
+    assert first.exit_code == 0 and "applied migrations [1]" in first.output
+    again = CliRunner().invoke(app, ["migrate"], env=env)
+    assert again.exit_code == 0 and "up to date" in again.output
+    old = ch_database + "_old"
+    chdb_client.command(f"CREATE DATABASE {old}")
+    chdb_client.command(f"CREATE TABLE {old}.events_minute (minute DateTime) ENGINE = MergeTree ORDER BY minute")
+    try:
+        refused = CliRunner().invoke(app, ["migrate"], env=dict(env, SURGEFLOW__CLICKHOUSE__DATABASE=old))
+        assert refused.exit_code == 2 and "before versioned migrations" in refused.output
+        assert "Traceback" not in refused.output
+    finally:
+        chdb_client.command(f"DROP DATABASE {old}")
