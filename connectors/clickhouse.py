@@ -166,17 +166,17 @@ class _InsertPartition(StatelessSinkPartition):
             if was_empty and self.rows:
                 self.first_at = time.monotonic()
             if self.rows > self.max_buffer_rows:
-                self._spill()
+                self._spill(self.max_buffer_rows // 2)
             if self.rows >= self.max_rows or spec.blocks is not None:
                 self.cond.notify()
 
-    def _spill(self) -> None:
-        """Move the oldest blocks to disk until the memory buffer is within its bound."""
-        if self.spool is None:
+    def _spill(self, keep_rows: int) -> None:
+        """Move the oldest blocks to disk until at most ``keep_rows`` rows stay in memory."""
+        if self.spool is None or not self.blocks:
             return
         self.spool.mkdir(parents=True, exist_ok=True)
         spilled = []
-        while self.blocks and self.rows > self.max_buffer_rows // 2:
+        while self.blocks and self.rows > keep_rows:
             block = self.blocks.popleft()
             self.rows -= len(block[1])
             spilled.append(block)
@@ -209,7 +209,9 @@ class _InsertPartition(StatelessSinkPartition):
                               self.table, str(exc).splitlines()[0][:200])
                 with self.cond:
                     if self.closing and time.monotonic() - self.down_since > self.close_wait_s:
-                        self._spill_all()
+                        self._spill(0)
+                        log.error("%s: ClickHouse unreachable at shutdown; rows left in %s",
+                                  self.table, self.spool)
                         return
                     self.cond.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -262,14 +264,6 @@ class _InsertPartition(StatelessSinkPartition):
         STATS.add(f"rows_{self.stat}", len(rows))
         if closed_at_ms:  # queryable now: the delay since the minute closed, for the figures
             STATS.observe_since("minute_queryable_ms", [closed_at_ms])
-
-    def _spill_all(self) -> None:
-        if self.blocks and self.spool is not None:
-            self.max_buffer_rows, limit = -1, self.max_buffer_rows
-            self._spill()
-            self.max_buffer_rows = limit
-            log.error("%s: ClickHouse unreachable at shutdown; rows kept in %s", self.table,
-                      self.spool)
 
     def close(self) -> None:
         with self.cond:

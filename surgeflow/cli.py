@@ -180,12 +180,11 @@ def _migrate_or_exit(settings: Settings, embedded_redis=None) -> None:
 
 
 def _start_dashboard(settings: Settings):
-    """The built-in page in this process (chDB allows one process per data directory)."""
-    from connectors.clickhouse import ensure_schema
+    """The built-in page in this process (chDB allows one process per data directory); the
+    schema is already migrated."""
     from dashboards.server import start_in_thread
 
     ch, d = settings.clickhouse, settings.dashboard
-    ensure_schema(ch.dsn, ch.database, ch.timezone)
     try:
         page = start_in_thread(ch.dsn, ch.database, d.host, d.port)
     except Exception as exc:  # noqa: BLE001 - the demo runs on without its page

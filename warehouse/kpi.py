@@ -5,7 +5,8 @@ and, optionally, ``-- coarsest table: <table> (...)`` when it reads a table that
 grain. Values reach ClickHouse only as typed query parameters (``{start:Int64}``,
 ``{campaign:String}``, ...); no user value is ever pasted into SQL text. Two parameters are filled
 in here: ``db`` (the configured database) and ``source`` (the aggregate table for the
-granularity: events_minute, events_hour or events_day), both typed ``Identifier``.
+granularity: events_minute, events_hour or events_day), both typed ``Identifier``. ``{bucket}``
+in a file stands for :data:`BUCKET`, the one definition of a period's start.
 
 Time ranges are ``[start, end)`` in epoch seconds or aware datetimes; buckets start at the
 reporting time zone's minute, hour, day, Monday or first of the month, and come back as ``t``,
@@ -32,6 +33,14 @@ GRANULARITIES = ("minute", "hour", "day", "week", "month", "total")  # total: th
 SOURCE = {"minute": "events_minute", "hour": "events_hour", "day": "events_day",
           "week": "events_day", "month": "events_day", "total": "events_hour"}
 _COARSEST = {"funnel_hour": "hour", "user_days": "day"}
+# The start of the period holding ``ts``, in the column's time zone, as epoch seconds.
+BUCKET = """toUnixTimestamp(multiIf(
+        {granularity:String} = 'total', toTimeZone(toDateTime({start:Int64}), timezoneOf(ts)),
+        {granularity:String} = 'minute', toStartOfMinute(ts),
+        {granularity:String} = 'hour', toStartOfHour(ts),
+        {granularity:String} = 'day', toStartOfDay(ts),
+        {granularity:String} = 'week', toDateTime(toMonday(ts), timezoneOf(ts)),
+        toDateTime(toStartOfMonth(ts), timezoneOf(ts))))"""
 _UTC = dt.timezone.utc
 
 
@@ -49,7 +58,7 @@ class KpiQuery:
 
 
 def _parse(path: Path) -> KpiQuery:
-    text = path.read_text()
+    text = path.read_text().replace("{bucket}", BUCKET)
     header = [line[2:].strip() for line in text.splitlines() if line.startswith("--")]
     params: tuple[str, ...] = ()
     finest = "minute"

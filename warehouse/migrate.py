@@ -43,12 +43,16 @@ class Migration:
         return [render(s.strip(), db=db, tz=tz) for s in re.split(r";\s*\n", body + "\n") if s.strip()]
 
 
-def render(statement: str, *, db: str, tz: str) -> str:
-    """Fill in the database and time zone, both checked identifiers (never user values)."""
+def check_names(db: str, tz: str) -> None:
+    """The database and time zone go into SQL text: both must be plain identifiers."""
     if not _IDENT.match(db):
         raise MigrationError(f"database name {db!r} is not an identifier")
     if tz not in zoneinfo.available_timezones():
         raise MigrationError(f"unknown time zone {tz!r}")
+
+
+def render(statement: str, *, db: str, tz: str) -> str:
+    """Fill in the database and time zone (checked by :func:`check_names`, never user values)."""
     return statement.replace("{db}", db).replace("{tz}", tz)
 
 
@@ -76,7 +80,7 @@ def applied(client, db: str) -> dict[int, tuple[str, str]]:
 def migrate(client, db: str, tz: str = "UTC", migrations: list[Migration] | None = None) -> list[int]:
     """Apply the missing migrations in order; returns the versions applied now."""
     migrations = load_migrations() if migrations is None else migrations
-    render("", db=db, tz=tz)  # checks both before touching anything
+    check_names(db, tz)  # before touching anything
     client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
     tables = {row[0] for row in client.query(
         "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": db}).result_rows}

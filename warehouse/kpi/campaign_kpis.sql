@@ -14,13 +14,7 @@ SELECT t, campaign, channel, is_total, all_channels, impressions, clicks, orders
        cost / nullIf(orders, 0) AS cpa,
        revenue / nullIf(orders, 0) AS aov
 FROM (
-    SELECT toUnixTimestamp(multiIf(
-               {granularity:String} = 'total', toTimeZone(toDateTime({start:Int64}), timezoneOf(ts)),
-               {granularity:String} = 'minute', toStartOfMinute(ts),
-               {granularity:String} = 'hour', toStartOfHour(ts),
-               {granularity:String} = 'day', toStartOfDay(ts),
-               {granularity:String} = 'week', toDateTime(toMonday(ts), timezoneOf(ts)),
-               toDateTime(toStartOfMonth(ts), timezoneOf(ts)))) AS t,
+    SELECT {bucket} AS t,
            campaign, channel, grouping(campaign, channel) = 3 AS is_total,
            grouping(channel) = 1 AS all_channels,
            sumIf(events, event_name = 'ad_impression') AS impressions,

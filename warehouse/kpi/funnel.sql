@@ -11,12 +11,7 @@ SELECT t, campaign, channel, is_total, viewed, carted, checked_out, ordered,
        ordered / nullIf(checked_out, 0) AS checkout_to_order,
        ordered / nullIf(viewed, 0) AS view_to_order
 FROM (
-    SELECT toUnixTimestamp(multiIf(
-               {granularity:String} = 'total', toTimeZone(toDateTime({start:Int64}), timezoneOf(ts)),
-               {granularity:String} = 'hour', toStartOfHour(ts),
-               {granularity:String} = 'day', toStartOfDay(ts),
-               {granularity:String} = 'week', toDateTime(toMonday(ts), timezoneOf(ts)),
-               toDateTime(toStartOfMonth(ts), timezoneOf(ts)))) AS t,
+    SELECT {bucket} AS t,
            campaign, channel, grouping(campaign, channel) = 3 AS is_total,
            uniqExactMerge(viewed) AS viewed,
            uniqExactMerge(carted) AS carted,

@@ -6,13 +6,7 @@ SELECT t, campaign, sent, delivered, opened,
        if(delivered > 0, delivered / nullIf(sent, 0), NULL) AS delivery_rate,
        opened / nullIf(if(delivered > 0, delivered, sent), 0) AS open_rate
 FROM (
-    SELECT toUnixTimestamp(multiIf(
-               {granularity:String} = 'total', toTimeZone(toDateTime({start:Int64}), timezoneOf(ts)),
-               {granularity:String} = 'minute', toStartOfMinute(ts),
-               {granularity:String} = 'hour', toStartOfHour(ts),
-               {granularity:String} = 'day', toStartOfDay(ts),
-               {granularity:String} = 'week', toDateTime(toMonday(ts), timezoneOf(ts)),
-               toDateTime(toStartOfMonth(ts), timezoneOf(ts)))) AS t,
+    SELECT {bucket} AS t,
            campaign,
            sumIf(events, event_name = 'push_sent') AS sent,
            sumIf(events, event_name = 'push_delivered') AS delivered,

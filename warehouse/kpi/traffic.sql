@@ -1,12 +1,6 @@
 -- Events and unique users per period and channel.
 -- params: start end granularity channel campaign
-SELECT toUnixTimestamp(multiIf(
-           {granularity:String} = 'total', toTimeZone(toDateTime({start:Int64}), timezoneOf(ts)),
-               {granularity:String} = 'minute', toStartOfMinute(ts),
-           {granularity:String} = 'hour', toStartOfHour(ts),
-           {granularity:String} = 'day', toStartOfDay(ts),
-           {granularity:String} = 'week', toDateTime(toMonday(ts), timezoneOf(ts)),
-           toDateTime(toStartOfMonth(ts), timezoneOf(ts)))) AS t,
+SELECT {bucket} AS t,
        channel,
        sum(events) AS events,
        uniqExactMerge(users) AS users

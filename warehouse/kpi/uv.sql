@@ -1,12 +1,6 @@
 -- Unique users (UV) and events per period, all channels together.
 -- params: start end granularity channel campaign
-SELECT toUnixTimestamp(multiIf(
-           {granularity:String} = 'total', toTimeZone(toDateTime({start:Int64}), timezoneOf(ts)),
-               {granularity:String} = 'minute', toStartOfMinute(ts),
-           {granularity:String} = 'hour', toStartOfHour(ts),
-           {granularity:String} = 'day', toStartOfDay(ts),
-           {granularity:String} = 'week', toDateTime(toMonday(ts), timezoneOf(ts)),
-           toDateTime(toStartOfMonth(ts), timezoneOf(ts)))) AS t,
+SELECT {bucket} AS t,
        uniqExactMerge(users) AS uv,
        sum(events) AS events
 FROM {db:Identifier}.{source:Identifier} FINAL
