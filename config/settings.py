@@ -110,7 +110,7 @@ class FileSourceSettings(Strict):
 
 
 class AnomalySettings(Strict):
-    kind: Literal["traffic_spike", "cvr_drop", "click_fraud", "request_flood"]
+    kind: Literal["traffic_spike", "cvr_drop", "click_fraud", "request_flood", "ingest_delay"]
     start_s: float = Field(ge=0)
     duration_s: float = Field(gt=0)
     magnitude: float = 0.0
@@ -181,13 +181,35 @@ class ModelSettings(Strict):
     learning_rate: float = Field(0.05, gt=0)
 
 
-class DetectorSettings(Strict):
-    k: float = Field(4.0, gt=0)
-    window: int = Field(30, ge=3)  # minutes of history for mu and sigma
-    warmup: int = Field(10, ge=2)  # minutes before any alert
-    min_sigma: float = Field(1.0, ge=0)  # floor on sigma, in events per minute
-    direction: Literal["up", "down", "both"] = "both"
-    per_channel: bool = True
+class WebhookSettings(Strict):
+    # POST every alert message here (None: no webhook). Retries with backoff; never blocks.
+    url: str | None = None
+    timeout_s: float = Field(5.0, gt=0)
+    headers: dict[str, str] = {}
+    # HMAC-SHA256 signature of each body, with the secret from this environment variable
+    secret_env: str = "SURGEFLOW_WEBHOOK_SECRET"
+    max_queued: int = Field(10_000, ge=10)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://", value):
+            raise ValueError(f"webhook url {value!r} must start with http:// or https://")
+        return value
+
+
+class AlertSettings(Strict):
+    # The rule catalogue (config/alert_rules.yaml by default): every rule declared as data.
+    rules: Path = CONFIG_DIR / "alert_rules.yaml"
+    webhook: WebhookSettings = WebhookSettings()
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, value: Path) -> Path:
+        from alerts.rules import load_rules  # a bad catalogue stops the start, naming each rule
+
+        load_rules(value)
+        return value
 
 
 class TriggerSettings(Strict):
@@ -204,7 +226,7 @@ class Settings(Strict):
     flow: FlowSettings = FlowSettings()
     features: FeatureSettings = FeatureSettings()
     model: ModelSettings = ModelSettings()
-    detector: DetectorSettings = DetectorSettings()
+    alerts: AlertSettings = AlertSettings()
     trigger: TriggerSettings = TriggerSettings()
     dashboard: DashboardSettings = DashboardSettings()
 

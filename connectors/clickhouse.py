@@ -88,10 +88,13 @@ def raw_rows(batch):
 
 
 def alert_rows(batch):
+    nan = float("nan")
     for a in batch:
-        yield (a["alert_id"], a["rule"], a["series"], a["status"], _utc(a["minute_ms"]), a["value"],
-               a["mu"], a["sigma"], a["k"], a["z"], a["window"], a["severity"],
-               _utc(a["first_seen_ms"]), a["response"])
+        yield (a["alert_id"], a["rule"], a["series"], a["status"], a["seq"], _utc(a["at_ms"]),
+               a["value"] if a["value"] is not None else nan,
+               *(a[f] if a[f] is not None else nan for f in ("mu", "sigma", "k", "z")),
+               a["window"], a["severity"], _utc(a["first_seen_ms"]), a["response"], a["area"],
+               a["direction"], a["score"] or 0.0, a["n"], a["detail"])
 
 
 def action_rows(batch):
@@ -113,8 +116,9 @@ TABLES = {
     "events_raw": Table(["event_time", "event_id", "type", "event_name", "user_id", "anonymous_id",
                          "channel", "campaign", "creative", "revenue", "cost", "ip_masked",
                          "country", "properties"], rows=raw_rows),
-    "alerts": Table(["alert_id", "rule", "series", "status", "minute", "value", "mu", "sigma", "k",
-                     "z", "window", "severity", "first_seen", "response"], rows=alert_rows),
+    "alerts": Table(["alert_id", "rule", "series", "status", "seq", "minute", "value", "mu", "sigma",
+                     "k", "z", "window", "severity", "first_seen", "response", "area", "direction",
+                     "score", "n", "detail"], rows=alert_rows),
     "actions": Table(["action_id", "rule", "user_id", "channel", "campaign", "session_id",
                       "event_time"], rows=action_rows),
 }

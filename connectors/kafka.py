@@ -114,9 +114,10 @@ class KafkaTopicSink(DynamicSink):
         return _TopicPartition(self.config, self.topic, self.encode, self.key_of, self.observe)
 
 
-def produce(brokers: list[str], topic: str, records: Iterable[tuple[bytes | None, bytes]],
+def produce(brokers: list[str], topic: str, records: Iterable[tuple],
             extra: dict[str, str] | None = None, progress: Callable[[int], None] | None = None) -> int:
-    """Writes (key, value) pairs to a topic; returns how many were delivered."""
+    """Writes (key, value) or (key, value, record time ms) tuples to a topic; returns how many
+    were delivered. Without a time (or 0) the producer stamps the send time."""
     producer = Producer({**_base(brokers, extra), "linger.ms": "20", "batch.num.messages": "10000",
                          "compression.type": "lz4", "queue.buffering.max.messages": "500000"})
     failures: list[str] = []
@@ -126,10 +127,12 @@ def produce(brokers: list[str], topic: str, records: Iterable[tuple[bytes | None
         if err is not None:
             failures.append(str(err))
 
-    for key, value in records:
+    for record in records:
+        key, value = record[0], record[1]
+        stamp = record[2] if len(record) > 2 else 0
         while True:
             try:
-                producer.produce(topic, value, key, on_delivery=delivered)
+                producer.produce(topic, value, key, on_delivery=delivered, timestamp=stamp)
                 break
             except BufferError:
                 producer.poll(0.05)

@@ -13,3 +13,4 @@ class RawRecord:
     offset: int = 0
     topic: str = ""
     arrival_ms: int = 0  # when the record reached the system (latency figures only)
+    ingest_ms: int = 0  # when the producer sent it (the synthetic generator's send time), 0 unknown

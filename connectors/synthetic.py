@@ -66,7 +66,7 @@ __all__ = [
     "rhythm",
 ]
 
-ANOMALY_KINDS = ("traffic_spike", "cvr_drop", "click_fraud", "request_flood")
+ANOMALY_KINDS = ("traffic_spike", "cvr_drop", "click_fraud", "request_flood", "ingest_delay")
 CHANNELS = ("app", "web", "mini_program", "sms", "email", "push", "store", "ad")
 # Every reason flows.events.decode can give for a record (future_timestamp needs a wall clock).
 MALFORMED_REASONS = (
@@ -94,6 +94,7 @@ _DEFAULT_MAGNITUDE = {
     "cvr_drop": 0.1,  # x order probability
     "click_fraud": 300.0,  # ad_clicks per minute from one IP
     "request_flood": 150.0,  # page views per second from one IP
+    "ingest_delay": 2400.0,  # seconds between an event and its sending (a stuck collector)
 }
 
 
@@ -102,7 +103,8 @@ class Anomaly:
     """An injected incident in event time (seconds from ``SyntheticSpec.start_ms``).
 
     ``magnitude`` 0 means the default: traffic_spike x5 episode rate; cvr_drop x0.1 order
-    probability; click_fraud 300 ad_clicks/min from one IP; request_flood 150 page views/s.
+    probability; click_fraud 300 ad_clicks/min from one IP; request_flood 150 page views/s;
+    ingest_delay: records are sent 2,400 s after their event time (only ``sent_ms`` changes).
 
     >>> Anomaly("traffic_spike", 600, 300).effective_magnitude
     5.0
@@ -154,6 +156,7 @@ class SyntheticRecord:
     value: bytes
     kind: str
     anomaly: str | None
+    sent_ms: int = 0  # when a producer would send it: event time plus delivery delay
 
 
 @dataclass(frozen=True, slots=True)
@@ -929,8 +932,9 @@ def _malform(rng: random.Random, reason: str, doc: dict, value: bytes, key: byte
 # SyntheticRecord is frozen; its generated __init__ sets each field through object.__setattr__,
 # which costs more than building the JSON. The slot descriptors set the same fields directly.
 _new_record = object.__new__
-_set_ts, _set_key, _set_value, _set_kind, _set_anomaly = (
-    SyntheticRecord.__dict__[f].__set__ for f in ("ts_ms", "key", "value", "kind", "anomaly")
+_set_ts, _set_key, _set_value, _set_kind, _set_anomaly, _set_sent = (
+    SyntheticRecord.__dict__[f].__set__
+    for f in ("ts_ms", "key", "value", "kind", "anomaly", "sent_ms")
 )
 
 
@@ -968,6 +972,11 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
     spikes = [
         (start + a.start_s * 1000.0, start + (a.start_s + a.duration_s) * 1000.0, a.effective_magnitude)
         for a in spec.anomalies if a.kind == "traffic_spike"
+    ]
+    stuck = [
+        (start + a.start_s * 1000.0, start + (a.start_s + a.duration_s) * 1000.0,
+         int(a.effective_magnitude * 1000))
+        for a in spec.anomalies if a.kind == "ingest_delay"
     ]
     lam_max = base * 1.5  # rhythm() <= 1.5
     for _, _, mag in spikes:
@@ -1016,6 +1025,7 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
     first_key, value_iso, value_ms, iso_second = _first, _VALUE_ISO, _VALUE_MS, _iso_second
     new, Rec = _new_record, SyntheticRecord
     set_ts, set_key, set_value, set_kind, set_anomaly = _set_ts, _set_key, _set_value, _set_kind, _set_anomaly
+    set_sent = _set_sent
 
     while second * 1000 < end:
         horizon = (second + 1) * 1000
@@ -1062,6 +1072,11 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
                 set_key(rec, key)
                 set_value(rec, value)
                 set_anomaly(rec, anomaly)
+                sent = k
+                for lo, hi, extra in stuck:
+                    if lo <= k < hi:
+                        sent += extra
+                set_sent(rec, sent)
                 b = k // 1000
                 slot = buckets.get(b)
                 if slot is None:
@@ -1089,6 +1104,7 @@ def _stream(spec: SyntheticSpec) -> Iterator[SyntheticRecord]:
                             set_value(dup, orig.value)
                             set_kind(dup, "duplicate")
                             set_anomaly(dup, orig.anomaly)
+                            set_sent(dup, max(rec.sent_ms, orig.sent_ms))
                             yield dup
         second += 1
         if not buckets:  # nothing pending: jump over quiet seconds

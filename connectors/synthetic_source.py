@@ -57,7 +57,7 @@ class _Partition(StatefulSourcePartition[RawRecord, int]):
                 self.held = record
                 break
             batch.append(RawRecord(record.value, record.key, 0, self.emitted, "synthetic",
-                                   now_ms))
+                                   now_ms, record.sent_ms))
             self.emitted += 1
         self.waiting = not batch
         return batch

@@ -56,6 +56,7 @@ class Event:
     raw: bytes = b""  # the original record, kept for a dead letter if the event turns out late
     creative: str = ""  # properties.creative_id, else the UTM content
     country: str = ""  # context.geo.country
+    ingest_ms: int = 0  # the source's record time (Kafka timestamp), 0 when it has none
 
 
 @dataclass(slots=True)

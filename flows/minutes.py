@@ -16,8 +16,8 @@ detectors, in minute order, so neither depends on how shards are spread over wor
 >>> c.add(MinutePart(0, 11, {}))
 []
 >>> empty = c.add(MinutePart(1, 11, {}))[0]  # a minute without events is complete too
->>> empty.minute, series_of(empty.rows)
-(11, {'all': 0})
+>>> empty.minute, empty.rows
+(11, [])
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ class MinutePart:
     closed_through: int  # every minute up to this one is closed in this shard
     minutes: dict[int, dict[tuple[str, str, str, str], list]]
     final: bool = False  # end of input: the shard also sent its open minutes
+    # minute -> ingest-delay histogram (alerts.metrics.delay_bucket -> events)
+    delays: dict[int, dict[int, int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -43,6 +45,7 @@ class CompleteMinute:
     rows: list[Row] = field(default_factory=list)
     partial: bool = False  # forced out at the end of a bounded input; not judged by detectors
     closed_at_ms: int = 0  # wall time it became complete: for latency figures only
+    delays: dict[int, int] = field(default_factory=dict)  # ingest-delay histogram of the minute
 
     @property
     def minute_ms(self) -> int:
@@ -57,6 +60,7 @@ class MinuteCloser:
         self.closed: dict[int, int] = {}
         self.final: set[int] = set()
         self.pending: dict[int, dict[int, dict]] = {}  # minute -> shard -> rows
+        self.delays: dict[int, dict[int, int]] = {}  # minute -> merged delay histogram
         self.done_through: int | None = None
 
     def add(self, part: MinutePart) -> list[CompleteMinute]:
@@ -64,6 +68,12 @@ class MinuteCloser:
             if self.done_through is not None and minute <= self.done_through:
                 continue  # a replayed part of a minute already released
             self.pending.setdefault(minute, {})[part.shard] = rows
+        for minute, hist in part.delays.items():
+            if self.done_through is not None and minute <= self.done_through:
+                continue
+            merged = self.delays.setdefault(minute, {})
+            for bucket, n in hist.items():
+                merged[bucket] = merged.get(bucket, 0) + n
         self.closed[part.shard] = max(part.closed_through, self.closed.get(part.shard, part.closed_through))
         if part.final:
             self.final.add(part.shard)
@@ -80,7 +90,8 @@ class MinuteCloser:
             self.done_through = min(self.pending) - 1
         ready = []
         for minute in range(self.done_through + 1, last + 1):
-            ready.append(CompleteMinute(minute, merge(self.pending.pop(minute, {})), minute > complete))
+            ready.append(CompleteMinute(minute, merge(self.pending.pop(minute, {})), minute > complete,
+                                        delays=self.delays.pop(minute, {})))
         self.done_through = max(self.done_through, last)
         return ready
 
@@ -102,12 +113,3 @@ def merge(by_shard: dict[int, dict]) -> list[Row]:
     return [(*key, n, revenue, cost, orders, sorted(users))
             for key, (n, revenue, cost, orders, users) in sorted(merged.items())]
 
-
-def series_of(rows: list[Row]) -> dict[str, int]:
-    """Events per detector series: ``all`` and ``channel=<name>``."""
-    series = {"all": 0}
-    for channel, _campaign, _creative, _name, n, *_ in rows:
-        series["all"] += n
-        key = f"channel={channel}"
-        series[key] = series.get(key, 0) + n
-    return series

@@ -2,7 +2,8 @@
 
     events_in            raw records (Kafka, JSON-lines files or the synthetic generator)
     decode_and_route     orjson decode + validation; good events grouped by ingest shard
-                         (anonymous id, else user id); bad records become dead letters
+                         (anonymous id, else user id), and the entity rules' signals by IP
+                         cluster or user; bad records become dead letters
     ingest_shards        per shard: dedupe by event_id, late check against the watermark,
                          minute aggregates, consent, identity links (anonymous id -> user id),
                          anonymous visitors' profiles; identified events and the profiles of
@@ -17,13 +18,15 @@
     close_minutes        the ingest shards' closed minutes merged once every shard closed them
       -> aggregates_to_clickhouse one insert per complete minute, deduplicated by the minute
                                   (hour / day rollups, funnel, user days follow in ClickHouse)
-    detect_anomalies     complete minutes in order, mu +/- k*sigma per series
-      -> alerts_to_*              Kafka topic or JSON lines, ClickHouse, the log
+    minute_rules         complete minutes in order: traffic, CTR / CVR / CPC per campaign, DAU
+                         pace, ingest delay (alerts/minute_rules.py, config/alert_rules.yaml)
+    entity_rules         per IP, IP cluster and user counts on every event: floods, click
+                         fraud, failed logins, login countries, orders per user
+      -> alerts_to_*              the log, Kafka topic or JSON lines, ClickHouse, webhook
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -36,18 +39,20 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import DynamicSink
 
-from alerts.detectors import RollingGaussian
-from alerts.minute_metrics import EventsPerMinuteRule
+from alerts.minute_rules import MinuteRules
+from alerts.rules import load_rules
 from config.settings import Settings
 from flows.events import DeadLetter, Event, decode
 from config.registry import Registry, load_registry
 from features.profile import FeaturePlan
-from flows.minutes import CompleteMinute, MinuteCloser, series_of
+from flows.entity_alerts import EntityChunk, EntityLogic, SignalRouter
+from flows.minutes import CompleteMinute, MinuteCloser
 from flows.shard import Chunk, IngestLogic, ProfileLogic, ShardConfig, ShardOut
 from surgeflow.stats import STATS
 
 log = logging.getLogger("surgeflow.alerts")
 DEAD = "dead"
+ENTITIES = "entities"
 
 
 def shard_config(settings: Settings) -> ShardConfig:
@@ -68,9 +73,12 @@ def shard_config(settings: Settings) -> ShardConfig:
 class DecodeAndRoute:
     """Batch step: raw records -> one Chunk per shard (all shards, for the clock) + dead letters."""
 
-    def __init__(self, shards: int, partitions: int, max_bytes: int, max_future_ms: int | None):
+    def __init__(self, shards: int, partitions: int, max_bytes: int, max_future_ms: int | None,
+                 router: SignalRouter | None = None):
         self.shards = shards
         self.keys = [f"shard-{i:04d}" for i in range(shards)]
+        self.router = router
+        self.entity_keys = [f"{ENTITIES}-{i:04d}" for i in range(router.shards)] if router else []
         self.partitions = partitions
         self.max_bytes = max_bytes
         self.max_future_ms = max_future_ms
@@ -80,6 +88,8 @@ class DecodeAndRoute:
         routed: list[list[Event]] = [[] for _ in range(self.shards)]
         clocks: dict[int, int] = {}
         dead: list[DeadLetter] = []
+        router = self.router
+        signals: list[list] = [[] for _ in self.entity_keys]
         for msg in batch:
             if isinstance(msg, KafkaError):
                 m = msg.msg
@@ -100,7 +110,12 @@ class DecodeAndRoute:
             ev.partition = part
             ts = getattr(msg, "timestamp", None)
             ev.arrival_ms = getattr(msg, "arrival_ms", 0) or (ts[1] if ts else now_ms)
+            # Kafka's record time (type 0: none); the synthetic source gives its send time
+            ev.ingest_ms = getattr(msg, "ingest_ms", 0) or (ts[1] if ts and ts[0] else 0)
             routed[zlib.crc32((ev.anon or ev.user).encode()) % self.shards].append(ev)
+            if router is not None:
+                for shard, signal in router.route(ev).items():
+                    signals[shard].append(signal)
             if ev.ts_ms > clocks.get(part, -1):
                 clocks[part] = ev.ts_ms
         STATS.add("events_in", len(batch))
@@ -108,6 +123,8 @@ class DecodeAndRoute:
         if clocks:
             out = [(key, Chunk(i, evs, clocks, self.partitions))
                    for i, (key, evs) in enumerate(zip(self.keys, routed))]
+            out += [(key, EntityChunk(i, sig, clocks, self.partitions))
+                    for i, (key, sig) in enumerate(zip(self.entity_keys, signals))]
         if dead:
             STATS.add("events_dead_lettered", len(dead))
             out.append((DEAD, dead))
@@ -132,17 +149,11 @@ class MinuteLogic(op.StatefulBatchLogic):
 
 
 class AlertLogic(op.StatefulBatchLogic):
-    """Single-key step: the per-series detectors over complete minutes, in minute order."""
+    """Single-key step: the minute rules over complete minutes, in minute order."""
 
     def __init__(self, settings: Settings, resume):
-        if resume is not None:
-            self.rule, self.known_series = resume
-            return
-        d = settings.detector
-        # A partial, not a lambda: the factory is part of the snapshot and must pickle.
-        new = functools.partial(RollingGaussian, d.k, d.window, d.warmup, d.min_sigma, d.direction)
-        self.rule = EventsPerMinuteRule(new, d.per_channel)
-        self.known_series: set[str] = {"all"}  # a channel that goes quiet counts as zero
+        self.rules = resume if resume is not None else MinuteRules(
+            load_rules(settings.alerts.rules), settings.clickhouse.timezone)
 
     def on_batch(self, batches: list[list[CompleteMinute]]) -> tuple[list, bool]:
         alerts = []
@@ -150,18 +161,25 @@ class AlertLogic(op.StatefulBatchLogic):
             for m in minutes:
                 if m.partial:
                     continue  # cut short by the end of the input: not a drop in traffic
-                series = series_of(m.rows)
-                self.known_series.update(series)
-                values = {name: series.get(name, 0) for name in sorted(self.known_series)}
-                alerts.extend(a.to_dict() for a in self.rule.judge(m.minute, values))
-        for a in alerts:
-            log.warning("alert %s %s %s value=%.0f mu=%.1f sigma=%.1f z=%.1f", a["status"],
-                        a["rule"], a["series"], a["value"], a["mu"], a["sigma"], a["z"])
-        STATS.add("alerts_fired", sum(a["status"] == "firing" for a in alerts))
+                alerts.extend(a.to_dict() for a in self.rules.judge(m))
         return ([alerts] if alerts else []), False
 
     def snapshot(self):
-        return (self.rule, self.known_series)
+        return self.rules
+
+
+def log_alerts(batch: list[dict]) -> list[dict]:
+    """The log sink (every alert message, whichever rule family raised it), and the counter."""
+    for a in batch:
+        log.warning("alert %s %s %s severity %s value=%s mu=%s z=%s %s", a["status"], a["rule"],
+                    a["series"], a["severity"], _num(a["value"]), _num(a["mu"]), _num(a["z"]),
+                    a["detail"])
+    STATS.add("alerts_fired", sum(a["status"] == "firing" for a in batch))
+    return batch
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 @dataclass
@@ -184,15 +202,20 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     cfg = dataclasses.replace(shard_config(settings), snapshots=snapshots)
     plan = FeaturePlan(registry or load_registry(settings.features.registry))
 
+    catalogue = load_rules(settings.alerts.rules)
+    entity_rules = catalogue.entity_rules
+    router = SignalRouter(entity_rules, shards) if entity_rules else None
+
     flow = Dataflow(flow_id)
     raw = op.input("events_in", flow, source)
     routed = op.flat_map_batch("decode_and_route", raw, DecodeAndRoute(
         shards, partitions, settings.flow.max_event_bytes,
-        int(max_future * 1000) if max_future is not None else None))
+        int(max_future * 1000) if max_future is not None else None, router))
     split = op.branch("split_dead_letters", routed, lambda kv: kv[0] != DEAD)
     bad = op.map("bad_records", split.falses, lambda kv: kv[1])
+    by_kind = op.branch("split_entity_signals", split.trues, lambda kv: type(kv[1]) is Chunk)
 
-    ingested = op.stateful_batch("ingest_shards", split.trues,
+    ingested = op.stateful_batch("ingest_shards", by_kind.trues,
                                  lambda resume: IngestLogic(cfg, plan, resume))
     ingested = op.map("ingest_results", ingested, lambda kv: kv[1])
     handovers = op.flat_map("handovers", ingested, lambda o: o.handovers)
@@ -220,9 +243,16 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     for name, sink in outputs.dead_letters:
         op.output(f"dead_letters_to_{name}", dead, sink)
 
-    alerts = op.stateful_batch("detect_anomalies", op.key_on("all-series", minutes, lambda _: "all"),
-                               lambda resume: AlertLogic(settings, resume))
-    alerts = op.map("alert_records", alerts, lambda kv: kv[1])
+    minute_alerts = op.stateful_batch("minute_rules",
+                                      op.key_on("all-series", minutes, lambda _: "all"),
+                                      lambda resume: AlertLogic(settings, resume))
+    alerts = op.map("minute_alerts", minute_alerts, lambda kv: kv[1])
+    if router is not None:
+        lateness = int(settings.flow.allowed_lateness_s * 1000)
+        entity_alerts = op.stateful_batch("entity_rules", by_kind.falses,
+                                          lambda resume: EntityLogic(entity_rules, lateness, resume))
+        alerts = op.merge("alerts", alerts, op.map("entity_alerts", entity_alerts, lambda kv: kv[1]))
+    alerts = op.map("alerts_to_log", alerts, log_alerts)
     for name, sink in outputs.alerts:
         op.output(f"alerts_to_{name}", alerts, sink)
     return flow

@@ -29,6 +29,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from features.profile import MINUTE_MS, FeaturePlan, Profile
 from flows.events import DeadLetter, Event
+from alerts.metrics import delay_bucket
 from flows.minutes import MinutePart
 from models.propensity import PurchasePropensity
 from triggers.rules import SessionPageViews
@@ -276,6 +277,7 @@ class IngestShard:
         self.sent_clock: dict[int, int | None] = {}
         # minute -> (channel, campaign, creative, event name) -> [events, revenue, cost, orders, users]
         self.minutes: dict[int, dict[tuple[str, str, str, str], list]] = {}
+        self.delays: dict[int, dict[int, int]] = {}  # minute -> ingest-delay histogram
         self.closed_through = -END_OF_TIME  # last minute reported as closed
         self.late_events = 0
 
@@ -360,6 +362,12 @@ class IngestShard:
         # interleave, and counts must not. No profiling consent: counted, but not as a user.
         if e.consent is not False:
             row[4].add(e.user)
+        if e.ingest_ms:  # the source gave a record time (Kafka): how late the event came in
+            hist = self.delays.get(minute)
+            if hist is None:
+                hist = self.delays[minute] = {}
+            bucket = delay_bucket(e.ingest_ms - ts)
+            hist[bucket] = hist.get(bucket, 0) + 1
 
     def _hand_over(self, ops: dict[int, list], out: ShardOut, final: bool = False) -> None:
         """Send each profile shard its operations, and the clock when it moved a minute (or at
@@ -389,12 +397,14 @@ class IngestShard:
         else:
             closed_rows = sorted(m for m in self.minutes if m <= closed)
         parts = {m: self.minutes.pop(m) for m in closed_rows}
+        delays = {m: self.delays.pop(m) for m in sorted(self.delays) if final or m <= closed}
         if closed > self.closed_through or parts or final:
             self.closed_through = max(self.closed_through, closed)
             if out.minutes is None:
-                out.minutes = MinutePart(self.shard, self.closed_through, parts, final)
+                out.minutes = MinutePart(self.shard, self.closed_through, parts, final, delays)
             else:  # several chunks in one batch: one part with all the minutes they closed
                 out.minutes.minutes.update(parts)
+                out.minutes.delays.update(delays)
                 out.minutes.closed_through = self.closed_through
                 out.minutes.final = out.minutes.final or final
         if previous_minute is None or minute_of(self.watermark) != previous_minute:

@@ -237,7 +237,10 @@ def produce(config: Optional[Path] = ConfigOption,
     topic = topic or k.events_topic
     try:
         ensure_topics(k.brokers, [topic], extra=k.client_config)
-        records = ((r.key, r.value) for r in itertools.islice(generate(synthetic_spec(settings)), events))
+        # The record time is the simulated send time, so the ingest-delay rules see the stream's
+        # own delays (and an injected ingest_delay), not how long ago the history was generated.
+        records = ((r.key, r.value, r.sent_ms)
+                   for r in itertools.islice(generate(synthetic_spec(settings)), events))
         started = time.monotonic()
         sent = produce_records(k.brokers, topic, records, k.client_config,
                                progress=lambda n: console.print(f"{n:,} sent", end="\r"))
@@ -364,6 +367,35 @@ def report(period: str = typer.Option("day", "--period", "-p", help="day, week o
     out_console.print(campaigns)
     paths = write_csv(rep, out or settings.output.dir / "reports")
     console.print("written: " + ", ".join(str(p) for p in paths), highlight=False)
+
+
+@app.command("nab-eval")
+def nab_eval(data: Path = typer.Option(..., "--data", help="NAB data folder (<category>/<file>.csv)"),
+             labels: Path = typer.Option(..., "--labels", help="NAB labels JSON (combined windows)"),
+             out: Path = typer.Option(..., "--out", help="results folder (NAB's layout) and summary.json"),
+             detector: list[str] = typer.Option(["windowed_gaussian", "surgeflow"], "--detector", "-d",
+                                                help="detector name; repeat or comma-separate")):
+    """Run detectors over the Numenta Anomaly Benchmark: NAB results files, scores, recall, delays."""
+    from alerts import nab
+
+    names = [n.strip() for item in detector for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in nab.DETECTORS]
+    if unknown or not names:
+        console.print(f"[red]unknown detector {', '.join(unknown) or '(none)'}; known: "
+                      f"{', '.join(nab.DETECTORS)}[/red]")
+        raise typer.Exit(2)
+    for path, what in ((data, "--data"), (labels, "--labels")):
+        if not path.exists():
+            console.print(f"[red]{what} {path} does not exist[/red]")
+            raise typer.Exit(2)
+    try:
+        result = nab.evaluate(data, labels, out, names)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    print(nab.format_table(result))
+    console.print(f"written: {out}/<detector>/<category>/<detector>_<file>.csv and {out}/summary.json",
+                  highlight=False)
 
 
 def _fmt(value) -> str:

@@ -1,42 +1,316 @@
-"""Detector, minute merging and alert lifecycle."""
-import random
+"""Alert rules without the engine: the catalogue, the lifecycle, minute series and rules, entity
+rules, and the complete-minute merge they read."""
+from __future__ import annotations
 
+import math
+import random
+from pathlib import Path
+
+import pytest
+import yaml
 from hypothesis import given, settings, strategies as st
 
-from alerts.detectors import RollingGaussian
-from alerts.minute_metrics import EventsPerMinuteRule
-from flows.minutes import MinuteCloser, MinutePart, series_of
+from alerts.entities import BY_IP, EntityRules, Signal
+from alerts.lifecycle import Lifecycle, Verdict
+from alerts.metrics import MinuteSeries, delay_bucket
+from alerts.minute_rules import MinuteRules
+from alerts.rules import RULES_FILE, RuleCatalogue, load_rules
+from flows.minutes import CompleteMinute, MinuteCloser, MinutePart
+
+MIN = 60_000
+
+
+def verdict(breach: bool, value: float = 10.0) -> Verdict:
+    return Verdict(value if breach else 1.0, 1.0, 0.5, 3.0, 18.0 if breach else 0.0, breach)
+
+
+# -- the catalogue ------------------------------------------------------------------------------
+
+def test_default_catalogue_covers_spec_section_7():
+    c = load_rules()
+    by_name = {r.name: r for r in c.rules}
+    expected = {  # rule -> (area, metric, severity) as shipped
+        "cvr_fluctuation": ("market", "checkout_cvr", "II"),
+        "dau_down": ("market", "dau_pace", "III"),
+        "product_page_cvr_low": ("market", "product_cvr", "II"),
+        "conversion_drop": ("market", "checkout_cvr", "II"),
+        "cpc_high": ("ads", "cpc", "I"),
+        "campaign_cvr_low": ("ads", "click_cvr", "II"),
+        "channel_traffic_anomaly": ("ops", "events", "II"),
+        "ingest_latency": ("ops", "ingest_delay_p50", "II"),
+        "data_delay": ("ops", "ingest_delay_p50", "III"),
+        "ip_request_flood": ("security", "requests_per_ip", "III"),
+        "ip_cluster_click_fraud": ("security", "clicks_per_ip_cluster", "III"),
+        "user_failed_logins": ("security", "failed_logins_per_user", "III"),
+        "ip_failed_logins": ("security", "failed_logins_per_ip", "III"),
+        "user_login_countries": ("security", "login_countries_per_user", "III"),
+        "user_orders_per_day": ("fraud", "orders_per_user", "II"),
+    }
+    for name, (area, metric, severity) in expected.items():
+        r = by_name[name]
+        assert (r.area, r.metric, r.severity) == (area, metric, severity), name
+        assert r.response
+    assert by_name["cvr_fluctuation"].for_ == "24h"
+    assert by_name["cpc_high"].detector.params["min_change"] == 0.2
+    assert by_name["product_page_cvr_low"].detector.params["min_change"] == 0.15
+    assert by_name["ip_cluster_click_fraud"].threshold.above == 50
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"metric": "nope"}, "unknown metric 'nope'"),
+    ({"by": "page"}, "cannot be split by 'page'"),
+    ({"window": "90x"}, "is not a duration"),
+    ({"threshold": {"above": 1}}, "exactly one of detector / threshold"),
+    ({"detector": {"kind": "ew_gaussian", "params": {"k": -1}}}, "k must be > 0"),
+    ({"detector": {"kind": "ew_gaussian", "params": {"kk": 3}}}, "unexpected keyword argument 'kk'"),
+    ({"severity": "V"}, "severity"),
+])
+def test_bad_rules_are_refused_with_a_clear_message(tmp_path, change, message):
+    doc = yaml.safe_load(RULES_FILE.read_text())
+    doc["rules"][6].update(change)  # channel_traffic_anomaly
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError) as err:
+        load_rules(bad)
+    assert message in str(err.value) and str(bad) in str(err.value)
+
+
+def test_duplicate_rule_names_are_refused():
+    rule = {"name": "a", "area": "ops", "metric": "events", "severity": "I", "response": "r",
+            "threshold": {"above": 1}}
+    with pytest.raises(ValueError, match="unique: a"):
+        RuleCatalogue.model_validate({"rules": [rule, rule]})
+
+
+def test_a_rule_is_retuned_by_configuration_alone(tmp_path):
+    """The same minutes, the shipped traffic rule and a copy of the catalogue with k raised:
+    the spike fires with the first and not with the second."""
+    minutes = [CompleteMinute(m, [("web", "", "", "page_view", 1000 + (m * 37) % 41 + (900 if m == 70 else 0),
+                                   0.0, 0.0, 0, [])]) for m in range(80)]
+
+    def fired(path):
+        rules = MinuteRules(load_rules(path))
+        return [a.rule for m in minutes for a in rules.judge(m) if a.status == "firing"]
+
+    doc = yaml.safe_load(RULES_FILE.read_text())
+    for r in doc["rules"]:
+        if r["name"] in ("traffic_anomaly", "channel_traffic_anomaly"):
+            r["for"] = "0s"
+    relaxed = tmp_path / "relaxed.yaml"
+    relaxed.write_text(yaml.safe_dump(doc))
+    for r in doc["rules"]:
+        if r["name"] in ("traffic_anomaly", "channel_traffic_anomaly"):
+            r["detector"]["params"]["k"] = 500
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(doc))
+    assert sorted(fired(relaxed)) == ["channel_traffic_anomaly", "traffic_anomaly"]
+    assert fired(strict) == []
+
+
+# -- the lifecycle ------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.booleans(), max_size=120), st.integers(0, 5), st.integers(0, 4),
+       st.integers(0, 10), st.integers(0, 6))
+def test_lifecycle_invariants(breaches, for_min, resolve_min, cooldown_min, update_min):
+    """Per series: firing, then updates, then resolved, in that order and one alert at a time;
+    a firing only after `for` of uninterrupted breach; never during a cool-down; the same
+    alert_id and an increasing seq for every message of an alert."""
+    life = Lifecycle("r", severity="II", response="x", for_ms=for_min * MIN,
+                     resolve_ms=resolve_min * MIN, cooldown_ms=cooldown_min * MIN,
+                     update_ms=update_min * MIN)
+    open_alert, run_start, last_resolve = None, None, None
+    for m, breach in enumerate(breaches):
+        start, end = m * MIN, (m + 1) * MIN
+        run_start = (run_start if run_start is not None else start) if breach else None
+        out = life.step("s", end, start, verdict(breach))
+        assert len(out) <= 1
+        for a in out:
+            if a.status == "firing":
+                assert open_alert is None and breach
+                assert end - a.first_seen_ms >= for_min * MIN
+                assert a.first_seen_ms >= run_start  # the breach run was not interrupted
+                if last_resolve is not None:
+                    assert end >= last_resolve + cooldown_min * MIN
+                assert a.seq == 0 and a.alert_id == f"r|s|{a.first_seen_ms}"
+                open_alert = a
+            else:
+                assert open_alert is not None and a.alert_id == open_alert.alert_id
+                assert a.seq == open_alert.seq + 1
+                if a.status == "update":
+                    assert breach and update_min > 0
+                    open_alert = a
+                else:
+                    assert a.status == "resolved" and not breach
+                    open_alert, last_resolve = None, end
+        if breach and open_alert is None and run_start is not None:
+            quiet = last_resolve is not None and end < last_resolve + cooldown_min * MIN
+            assert end - run_start < for_min * MIN or quiet  # nothing held back without a reason
+
+
+def test_sustained_breach_and_direction_change():
+    life = Lifecycle("r", severity="I", response="x", for_ms=3 * MIN)
+    up, down = verdict(True, 10.0), verdict(True, -10.0)
+    steps = [up, up, down, down, down]  # the run restarts when the direction flips
+    out = [life.step("s", (m + 1) * MIN, m * MIN, v) for m, v in enumerate(steps)]
+    assert [len(o) for o in out] == [0, 0, 0, 0, 1] and out[4][0].first_seen_ms == 2 * MIN
+    assert out[4][0].direction == "down"
+
+
+def test_alert_dict_has_every_field_and_no_nan():
+    life = Lifecycle("r", severity="III", response="block", area="security", window="1s")
+    a = life.step("ip=1.2.3.4", 5, 5, Verdict(101.0, 100.0, math.nan, math.nan, math.nan, True,
+                                              0.5, None, "1.2.3.4"))[0].to_dict()
+    assert {"rule", "series", "value", "mu", "sigma", "k", "z", "window", "severity",
+            "first_seen_ms", "response", "status", "seq", "alert_id", "detail"} <= set(a)
+    assert a["sigma"] is None and a["z"] is None and a["mu"] == 100.0 and a["detail"] == "1.2.3.4"
+
+
+# -- minute series and rules -------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.sampled_from(["c1", "c2", ""]),
+                                   st.sampled_from(["ad_impression", "ad_click", "checkout_started",
+                                                    "order_completed", "sms_clicked"]),
+                                   st.integers(1, 50)), max_size=6), min_size=1, max_size=40),
+       st.integers(1, 15))
+def test_sliding_ratio_windows_equal_brute_force(minutes, window):
+    s = MinuteSeries({window})
+    for m, rows in enumerate(minutes):
+        s.add(CompleteMinute(m, [("ad", c, "", name, n, 0.0, 0.1 * n if name == "ad_click" else 0.0,
+                                  n if name == "order_completed" else 0, []) for c, name, n in rows]))
+        recent = [r for rr in minutes[max(0, m - window + 1): m + 1] for r in rr]
+        for campaign in ("c1", "c2"):
+            clicks = sum(n for c, name, n in recent if c == campaign and name == "ad_click")
+            imps = sum(n for c, name, n in recent if c == campaign and name == "ad_impression")
+            got = s.series("ctr", "campaign", window).get(f"campaign={campaign}")
+            if imps:
+                assert got == (pytest.approx(clicks / imps), imps)
+            orders = sum(n for c, name, n in recent if c == campaign and name == "order_completed")
+            any_click = sum(n for c, name, n in recent if c == campaign and name in ("ad_click", "sms_clicked"))
+            cvr = s.series("click_cvr", "campaign", window).get(f"campaign={campaign}")
+            if any_click:
+                assert cvr == (pytest.approx(orders / any_click), any_click)
+            if not (clicks or imps or orders or any_click):
+                assert got is None and cvr is None
+
+
+def campaign_minute(m: int, clicks: int, orders: int, campaign: str = "c1") -> CompleteMinute:
+    return CompleteMinute(m, [("ad", campaign, "", "ad_click", clicks, 0.0, 0.5 * clicks, 0, []),
+                              ("web", campaign, "", "checkout_started", clicks, 0.0, 0.0, 0, []),
+                              ("web", campaign, "", "order_completed", orders, 10.0 * orders, 0.0,
+                               orders, [])])
+
+
+def test_a_tiny_campaign_does_not_alert_but_a_real_conversion_drop_does():
+    rules = MinuteRules(load_rules())
+    rng = random.Random(3)
+    fired = []
+    for m in range(400):
+        big_rate = 0.7 if m < 300 else 0.3  # checkout conversion halves at minute 300
+        big = sum(rng.random() < big_rate for _ in range(40))
+        small = 1 if m % 97 == 0 else 0  # 3 checkouts in the last hours, none converting
+        minute = campaign_minute(m, 40, big)
+        minute.rows.extend(campaign_minute(m, small, 0, "tiny").rows)
+        fired += [(a.rule, a.series, m) for a in rules.judge(minute) if a.status == "firing"]
+    assert fired and all(m >= 300 for _, _, m in fired)
+    assert ("conversion_drop", "all") in {(r, s) for r, s, _ in fired}
+    assert not any("tiny" in s for _, s, _ in fired)
+    first = min(m for r, _, m in fired if r == "conversion_drop")
+    assert first <= 300 + 30  # the hourly window and "for 10m" bound the delay
+
+
+def test_ingest_delay_rules_fire_on_a_stuck_collector():
+    rules = MinuteRules(load_rules())
+    out = []
+    for m in range(30):
+        delay = 45 * MIN if 10 <= m < 20 else 300
+        cm = CompleteMinute(m, [("web", "", "", "page_view", 100, 0.0, 0.0, 0, [])],
+                            delays={delay_bucket(delay): 100})
+        out += [(a.rule, a.status, m) for a in rules.judge(cm)]
+    firing = {(r, m) for r, s, m in out if s == "firing"}
+    assert ("data_delay", 10) in firing and ("ingest_latency", 14) in firing
+    assert {r for r, s, m in out if s == "resolved"} == {"data_delay", "ingest_latency"}
+
+
+def test_dau_pace_compares_with_the_same_time_yesterday():
+    rules = MinuteRules(load_rules(), "Asia/Shanghai")
+    fired = []
+    for m in range(0, 2 * 1440, 5):
+        day = (m + 480) // 1440  # local day in Shanghai (UTC+8)
+        per_minute = 60 if day < 1 else 20  # the second local day has a third of the users
+        users = [f"d{day}-m{m}-u{i}" for i in range(per_minute)]
+        cm = CompleteMinute(m, [("app", "", "", "screen", per_minute, 0.0, 0.0, 0, users)])
+        fired += [(a.rule, m) for a in rules.judge(cm) if a.status == "firing"]
+    dau = [m for r, m in fired if r == "dau_down"]
+    assert dau and all((m + 480) // 1440 == 1 for m in dau)  # only on the day with the drop
+
+
+# -- entity rules ------------------------------------------------------------------------------
+
+def burst(start: int, n: int, every_ms: int, name: str, ip: str = "203.0.113.66", user: str = "",
+          countries=("VN",)) -> list[Signal]:
+    return [Signal(start + i * every_ms, name, user or f"anon-{i}", ip, countries[i % len(countries)])
+            for i in range(n)]
+
+
+def test_click_fraud_fires_at_the_51st_click_with_the_ip_and_resolves():
+    rules = EntityRules(load_rules().entity_rules)
+    alerts = []
+    for s in burst(0, 300, 200, "ad_click"):  # 300 clicks a minute from one IP
+        alerts += rules.observe(s)
+    fired = [a for a in alerts if a.rule == "ip_cluster_click_fraud"]
+    assert len(fired) == 1 and fired[0].first_seen_ms == 50 * 200 and fired[0].detail == "203.0.113.66"
+    assert fired[0].series == "ip_cluster=203.0.113.0/24" and fired[0].severity == "III"
+    assert rules.tick(30 * MIN) == []  # the hour has not passed
+    resolved = rules.tick(61 * MIN + 60_000)
+    assert [(a.rule, a.status) for a in resolved] == [("ip_cluster_click_fraud", "resolved")]
+
+
+def test_failed_logins_countries_and_orders_per_user():
+    rules = EntityRules(load_rules().entity_rules)
+    alerts = []
+    alerts += [a for s in burst(0, 60, 1000, "login_failed", ip="", user="victim") for a in rules.observe(s)]
+    alerts += [a for s in burst(0, 5, 1000, "login", ip="", user="traveller",
+                                countries=("CN", "US", "DE", "BR", "JP")) for a in rules.observe(s)]
+    alerts += [a for s in burst(0, 100, 60_000, "order_completed", ip="", user="hoarder")
+               for a in rules.observe(s)]
+    fired = {(a.rule, a.series, a.first_seen_ms) for a in alerts if a.status == "firing"}
+    assert fired == {("user_failed_logins", "user=victim", 50_000),
+                     ("user_login_countries", "user=traveller", 3_000),
+                     ("user_orders_per_day", "user=hoarder", 99 * 60_000)}
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(0, 1e6), min_size=1, max_size=50), st.integers(2, 20))
-def test_no_breach_during_warmup_and_scores_in_unit_interval(values, warmup):
-    d = RollingGaussian(k=3, window=30, warmup=warmup)
-    for i, x in enumerate(values):
-        s = d.score_one(x)
-        assert 0.0 <= s.score <= 1.0
-        if i < warmup:
-            assert not s.breach
-        d.learn_one(x)
+@given(st.lists(st.integers(0, 5_000), min_size=1, max_size=400))
+def test_per_second_counts_equal_brute_force(offsets):
+    """Events from one IP, in any order: the flood fires exactly when some second holds more
+    than 100 of them, at the event that makes it 101 (as arrived)."""
+    rules = EntityRules([load_rules().rule("ip_request_flood")])
+    seen: dict[int, int] = {}
+    expected_first = None
+    fired = []
+    for off in sorted(offsets) if len(offsets) % 2 else offsets:
+        ts = 10_000 + off * 7 // 10
+        seen[ts // 1000] = seen.get(ts // 1000, 0) + 1
+        if expected_first is None and seen[ts // 1000] > 100:
+            expected_first = ts
+        fired += rules.observe(Signal(ts, "page", "a", "198.51.100.9", "NL", BY_IP))
+    firing = [a for a in fired if a.status == "firing"]
+    if expected_first is None:
+        assert firing == []
+    else:
+        assert firing[0].first_seen_ms == expected_first
 
 
-def test_spike_fires_then_resolves_and_noise_stays_quiet():
-    rng = random.Random(1)
-    rule = EventsPerMinuteRule(lambda: RollingGaussian(k=4, window=30, warmup=10), per_channel=False)
-    alerts = []
-    for minute in range(120):
-        value = rng.gauss(1000, 30) + (800 if 60 <= minute < 65 else 0)
-        alerts += rule.judge(minute, {"all": value})
-    assert [(a.status, a.minute_ms // 60000) for a in alerts] == [("firing", 60), ("resolved", 65)]
-    assert alerts[0].alert_id == alerts[1].alert_id and alerts[0].z > 4
+def test_a_signal_for_the_users_shard_only_is_not_counted_by_ip():
+    rules = EntityRules(load_rules().entity_rules)
+    for i in range(200):
+        rules.observe(Signal(i, "page", "u", "198.51.100.9", "NL", scope=2))  # user scope only
+    assert not any(r.entities for r in rules.rules if r.metric.entity != "user")
 
 
-def test_direction_down_only():
-    d = RollingGaussian(k=3, window=10, warmup=5, direction="down")
-    for x in [10, 11, 9, 10, 10]:
-        d.learn_one(x)
-    assert not d.score_one(100).breach and d.score_one(-50).breach
-
+# -- complete minutes ---------------------------------------------------------------------------
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3),
@@ -44,26 +318,29 @@ def test_direction_down_only():
                 max_size=30))
 def test_minutes_are_complete_only_when_all_shards_closed_them(steps):
     """Shards close minutes at their own pace (each minute once, as in the flow); every minute up
-    to the slowest shard's is released exactly once, in order, with every shard's events."""
+    to the slowest shard's is released exactly once, in order, with every shard's events and
+    ingest delays."""
     closer = MinuteCloser(3)
     closed = {0: 99, 1: 99, 2: 99}  # minutes start at 100
     sent: dict[int, int] = {}
     released = []
     for shard, advance, counts in steps:
         through = closed[shard] + advance
-        parts = {}
+        parts, delays = {}, {}
         for offset, n in counts.items():
             minute = closed[shard] + 1 + offset
             if minute <= through:
                 parts[minute] = {("web", "c", "", "page_view"): [n, 0.0, 0.0, 0, {f"u{shard}"}]}
+                delays[minute] = {delay_bucket(100): n}
                 sent[minute] = sent.get(minute, 0) + n
         closed[shard] = through
-        released += closer.add(MinutePart(shard, through, parts))
+        released += closer.add(MinutePart(shard, through, parts, delays=delays))
     minutes = [m.minute for m in released]
     assert minutes == sorted(set(minutes))
     if released:
         assert minutes == list(range(minutes[0], min(closed.values()) + 1))
         assert minutes[0] == min(sent)
     for m in released:
-        assert series_of(m.rows)["all"] == sent.get(m.minute, 0)
+        assert sum(row[4] for row in m.rows) == sent.get(m.minute, 0)
+        assert sum(m.delays.values()) == sent.get(m.minute, 0)
         assert not m.partial

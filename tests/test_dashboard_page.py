@@ -72,12 +72,12 @@ PER_MINUTE = {
     "push": [5] * 10,
 }
 ALERTS = [
-    (SPIKE, "events_per_minute", "web", "firing", SEEDED[9], 250.0, 40.0, 12.5, 3.0, 16.8, 30, "II",
+    (SPIKE, "events_per_minute", "web", "firing", SEEDED[9], 250.0, 40.0, 12.5, 3.0, 16.8, "30m", "II",
      SEEDED[8], "check ingest and campaign traffic sources"),
     ("events_per_minute|push|1714557720000", "events_per_minute", "push", "firing", SEEDED[2], 30.0, 5.0,
-     0.0, 3.0, math.inf, 30, "II", SEEDED[2], "check ingest"),
+     0.0, 3.0, math.inf, "30m", "II", SEEDED[2], "check ingest"),
     ("events_per_minute|push|1714557720000", "events_per_minute", "push", "resolved", SEEDED[4], 5.0, 5.0,
-     0.0, 3.0, math.nan, 30, "II", SEEDED[2], "check ingest"),
+     0.0, 3.0, math.nan, "30m", "II", SEEDED[2], "check ingest"),
 ]
 ACTIONS = [(f"act-{n}", "session_page_views", f"u{n}", "push", "winback", f"s{n}",
             SEEDED[5 + n] + dt.timedelta(seconds=12)) for n in (1, 2, 3)]

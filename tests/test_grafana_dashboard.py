@@ -363,7 +363,7 @@ RULE = "events_per_minute"
 
 def _alert(series, status, minute, value, mu, sigma, z, first_seen):
     return (f"{RULE}|{series}|{int(first_seen.timestamp() * 1000)}", RULE, series, status, minute, value, mu,
-            sigma, 3.0, z, 30, "II", first_seen, "check ingest")
+            sigma, 3.0, z, "30m", "II", first_seen, "check ingest")
 
 
 H9 = dt.datetime(2025, 3, 10, 9, 0, tzinfo=UTC)

@@ -138,14 +138,14 @@ def test_push_rates(chdb_client, db):
 
 
 def test_recent_alerts_actions_and_latest_minute(chdb_client, db):
-    alert = dict(rule="events_per_minute", series="channel=ad", k=3.0, window=30, severity="II",
+    alert = dict(rule="events_per_minute", series="channel=ad", k=3.0, window="30m", severity="II",
                  response="check", mu=100.0, sigma=10.0)
     chdb_client.insert(f"{db}.alerts", [
         ("a1", *[alert[c] for c in ("rule", "series")], "firing", at(2, 10), 200.0, 100.0, 10.0,
-         3.0, 10.0, 30, "II", at(2, 10), "check"),
+         3.0, 10.0, "30m", "II", at(2, 10), "check"),
         ("a1", *[alert[c] for c in ("rule", "series")], "resolved", at(2, 11), 105.0, 100.0, 10.0,
-         3.0, 0.5, 30, "II", at(2, 10), "check"),
-        ("a2", "events_per_minute", "all", "firing", at(3, 10), 9.0, 50.0, 5.0, 3.0, -8.2, 30, "II",
+         3.0, 0.5, "30m", "II", at(2, 10), "check"),
+        ("a2", "events_per_minute", "all", "firing", at(3, 10), 9.0, 50.0, 5.0, 3.0, -8.2, "30m", "II",
          at(3, 10), "check")],
         column_names=["alert_id", "rule", "series", "status", "minute", "value", "mu", "sigma", "k",
                       "z", "window", "severity", "first_seen", "response"])

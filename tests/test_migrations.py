@@ -34,6 +34,28 @@ def test_applied_once_recorded_and_idempotent(chdb_client, ch_database):
     assert "model_metrics" in tables(chdb_client, ch_database)
 
 
+def test_alert_lifecycle_migration_upgrades_a_version_1_database(chdb_client, ch_database):
+    """A database at version 1 with alerts in it: version 2 keeps them (the window becomes text),
+    adds the lifecycle columns and keeps every message of an alert (seq in the sorting key);
+    run again after an interruption, it changes nothing."""
+    migrate(chdb_client, ch_database, migrations=load_migrations()[:1])
+    chdb_client.command(
+        f"INSERT INTO {ch_database}.alerts (alert_id, rule, series, status, minute, value, window, "
+        f"first_seen) VALUES ('a1', 'r', 'all', 'firing', '2026-11-23 10:00:00', 5, 30, "
+        f"'2026-11-23 10:00:00')")
+    assert migrate(chdb_client, ch_database) == [2]
+    chdb_client.command(f"ALTER TABLE {ch_database}.schema_migrations DELETE WHERE version = 2")
+    assert migrate(chdb_client, ch_database) == [2]
+    for seq in (1, 2):
+        chdb_client.command(
+            f"INSERT INTO {ch_database}.alerts (alert_id, rule, series, status, seq, minute, value, "
+            f"window, first_seen, detail) VALUES ('a1', 'r', 'all', 'update', {seq}, "
+            f"'2026-11-23 10:0{seq}:00', {seq}, '1m', '2026-11-23 10:00:00', 'x')")
+    rows = chdb_client.query(f"SELECT status, seq, window, detail FROM {ch_database}.alerts FINAL "
+                             "ORDER BY seq").result_rows
+    assert rows == [("firing", 0, "30", ""), ("update", 1, "1m", "x"), ("update", 2, "1m", "x")]
+
+
 def test_an_edited_migration_or_another_time_zone_is_refused(chdb_client, ch_database):
     migrate(chdb_client, ch_database)
     first = load_migrations()[0]
@@ -63,7 +85,7 @@ def test_migrate_command_applies_then_reports_up_to_date_or_a_clear_error(chdb_d
 
     env = {"SURGEFLOW__CLICKHOUSE__DSN": chdb_dsn, "SURGEFLOW__CLICKHOUSE__DATABASE": ch_database}
     first = CliRunner().invoke(app, ["migrate"], env=env)
-    assert first.exit_code == 0 and "applied migrations [1]" in first.output
+    assert first.exit_code == 0 and "applied migrations [1, 2]" in first.output
     again = CliRunner().invoke(app, ["migrate"], env=env)
     assert again.exit_code == 0 and "up to date" in again.output
     old = ch_database + "_old"

@@ -30,7 +30,7 @@ VOLATILE = {b"updated_at", b"p_purchase_24h"}
 @pytest.fixture(scope="module")
 def topic(kafka):
     name = kafka.create_topic("events-recovery", partitions=2)
-    produce([kafka.bootstrap], name, ((r.key, r.value) for r in generate(SPEC)))
+    produce([kafka.bootstrap], name, ((r.key, r.value, r.sent_ms) for r in generate(SPEC)))
     return name
 
 

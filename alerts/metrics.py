@@ -1,0 +1,260 @@
+"""Metric series for the alert rules, declared by name (the rule catalogue refers to them).
+
+Two families:
+
+* **minute metrics** (:data:`MINUTE_METRICS`), judged once per complete minute in minute order
+  from :class:`flows.minutes.CompleteMinute`: traffic per channel, CTR / CVR / CPC per campaign
+  over a sliding window, DAU pace against yesterday, ingest delay. :class:`MinuteSeries` keeps
+  what they need across minutes.
+* **entity metrics** (:data:`ENTITY_METRICS`), counted per IP, IP cluster or user over a sliding
+  event-time window and judged on every event (abuse: floods, click fraud, credential stuffing),
+  in :mod:`alerts.entities`.
+
+Each series is a mapping ``series key -> (value, n)``: ``n`` is the sample size behind a ratio
+(impressions behind a CTR), else None.
+
+>>> from flows.minutes import CompleteMinute
+>>> s = MinuteSeries(windows={60})
+>>> s.add(CompleteMinute(100, [("ad", "c1", "", "ad_impression", 400, 0.0, 0.0, 0, []),
+...                            ("ad", "c1", "", "ad_click", 10, 0.0, 7.5, 0, []),
+...                            ("web", "c1", "", "order_completed", 2, 90.0, 0.0, 2, ["u1", "u2"])]))
+>>> s.series("ctr", "campaign", 60)
+{'campaign=c1': (0.025, 400.0)}
+>>> s.series("cpc", "campaign", 60)
+{'campaign=c1': (0.75, 10.0)}
+>>> s.series("events", "channel", 1)
+{'channel=ad': (410, None), 'channel=web': (2, None)}
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from collections import deque
+from dataclasses import dataclass
+
+DAY_MINUTES = 1440
+
+# Counters kept per campaign (and "all") and minute, summed over sliding windows.
+IMPRESSIONS, AD_CLICKS, CLICKS, COST, ORDERS, CHECKOUTS, PRODUCT_VIEWS = range(7)
+_COUNTED = {"ad_impression": IMPRESSIONS, "ad_click": AD_CLICKS, "checkout_started": CHECKOUTS,
+            "product_viewed": PRODUCT_VIEWS}
+_CLICK_EVENTS = {"ad_click", "sms_clicked"}  # a paid or messaged click (as in warehouse KPIs)
+
+
+@dataclass(frozen=True)
+class RatioMetric:
+    numerator: int
+    denominator: int
+    doc: str
+
+
+# ratio = numerator / denominator over the window; n = the denominator
+RATIOS = {
+    "ctr": RatioMetric(AD_CLICKS, IMPRESSIONS, "ad clicks / ad impressions"),
+    "click_cvr": RatioMetric(ORDERS, CLICKS, "orders / clicks (ad and SMS clicks)"),
+    "checkout_cvr": RatioMetric(ORDERS, CHECKOUTS, "orders / checkouts started"),
+    "product_cvr": RatioMetric(ORDERS, PRODUCT_VIEWS, "orders / product page views"),
+    "cpc": RatioMetric(COST, AD_CLICKS, "ad cost / ad clicks"),
+}
+# metric -> the series keys it can be split by
+MINUTE_METRICS: dict[str, tuple[str, ...]] = {
+    "events": ("all", "channel", "campaign"),  # events per minute
+    **{name: ("all", "campaign") for name in RATIOS},
+    "dau_pace": ("all",),  # users since local midnight / users by the same time yesterday
+    # ms from event time to the record's send time (Kafka record time), per minute
+    "ingest_delay_p50": ("all",),
+    "ingest_delay_p95": ("all",),
+}
+
+
+@dataclass(frozen=True)
+class EntityMetric:
+    entity: str  # "ip", "ip_cluster" or "user"
+    events: frozenset[str] | None  # event names counted; None = every event
+    distinct: str | None = None  # count distinct values of this field instead of events
+    doc: str = ""
+
+
+ENTITY_METRICS: dict[str, EntityMetric] = {
+    "requests_per_ip": EntityMetric("ip", None, doc="events from one IP"),
+    "clicks_per_ip_cluster": EntityMetric("ip_cluster", frozenset({"ad_click"}),
+                                          doc="ad clicks from one /24 (IPv4) or /48 (IPv6)"),
+    "failed_logins_per_user": EntityMetric("user", frozenset({"login_failed"})),
+    "failed_logins_per_ip": EntityMetric("ip", frozenset({"login_failed"})),
+    "login_countries_per_user": EntityMetric("user", frozenset({"login", "login_failed"}),
+                                             distinct="country", doc="countries a user logs in from"),
+    "orders_per_user": EntityMetric("user", frozenset({"order_completed"})),
+}
+
+
+class MinuteSeries:
+    """Everything the minute metrics need, updated one complete minute at a time."""
+
+    def __init__(self, windows: set[int], day_offset_min: int = 0):
+        self.windows = sorted(windows | {1})
+        self.queues: dict[int, deque[tuple[int, dict[str, list[float]]]]] = {w: deque() for w in self.windows}
+        self.sums: dict[int, dict[str, list[float]]] = {w: {} for w in self.windows}
+        self.minute: int | None = None
+        self.events: dict[str, int] = {}
+        self.known: set[str] = set()  # channels and campaigns seen: a quiet one counts as zero
+        self.day_offset_min = day_offset_min  # local midnight for DAU (reporting time zone)
+        self.day: int | None = None
+        self.today: set[int] = set()  # crc32 of today's users
+        self.today_curve: list[int] = []  # users so far, per minute of today
+        self.yesterday_curve: list[int] = []
+        self.delays: dict[int, int] = {}
+
+    def add(self, m) -> None:
+        minute = m.minute
+        self.minute = minute
+        counts: dict[str, list[float]] = {}
+        events: dict[str, int] = {"all": 0}
+        users: set[int] = set()
+        for channel, campaign, _creative, name, n, _revenue, cost, orders, row_users in m.rows:
+            events["all"] += n
+            for key in (f"channel={channel}", f"campaign={campaign}" if campaign else None):
+                if key is not None:
+                    events[key] = events.get(key, 0) + n
+                    self.known.add(key)
+            for key in ("all", f"campaign={campaign}" if campaign else None):
+                if key is None:
+                    continue
+                c = counts.get(key)
+                if c is None:
+                    c = counts[key] = [0.0] * 7
+                slot = _COUNTED.get(name)
+                if slot is not None:
+                    c[slot] += n
+                if name in _CLICK_EVENTS:
+                    c[CLICKS] += n
+                c[COST] += cost
+                c[ORDERS] += orders
+            users.update(zlib.crc32(u.encode()) for u in row_users)
+        self.events = events
+        self._slide(minute, counts)
+        self._users(minute, users)
+        self.delays = m.delays
+
+    def _slide(self, minute: int, counts: dict[str, list[float]]) -> None:
+        for w in self.windows:
+            queue, sums = self.queues[w], self.sums[w]
+            queue.append((minute, counts))  # the dicts are shared between windows, never changed
+            for key, c in counts.items():
+                s = sums.get(key)
+                if s is None:
+                    if any(c):
+                        sums[key] = list(c)
+                else:
+                    for i, v in enumerate(c):
+                        s[i] += v
+            while queue[0][0] <= minute - w:
+                for key, c in queue.popleft()[1].items():
+                    s = sums.get(key)
+                    if s is None:  # nothing counted for it in the window
+                        continue
+                    for i, v in enumerate(c):
+                        s[i] -= v
+                    if not any(abs(v) > 1e-9 for v in s):
+                        del sums[key]
+
+    def _users(self, minute: int, users: set[int]) -> None:
+        local = minute + self.day_offset_min
+        day = local // DAY_MINUTES
+        if day != self.day:
+            if self.day is not None and day == self.day + 1:
+                self.yesterday_curve = self.today_curve
+            else:
+                self.yesterday_curve = []
+            self.day, self.today, self.today_curve = day, set(), []
+        self.today |= users
+        of_day = local % DAY_MINUTES
+        while len(self.today_curve) <= of_day:  # minutes without data keep the count
+            self.today_curve.append(len(self.today))
+        self.today_curve[of_day] = len(self.today)
+
+    def series(self, metric: str, by: str, window: int) -> dict[str, tuple[float, float | None]]:
+        if metric == "events":
+            keys = ["all"] if by == "all" else sorted(k for k in self.known if k.startswith(by + "="))
+            return {k: (self.events.get(k, 0), None) for k in keys}
+        ratio = RATIOS.get(metric)
+        if ratio is not None:
+            out = {}
+            for key, s in self.sums[window].items():
+                if (by == "all") != (key == "all"):
+                    continue
+                n = s[ratio.denominator]
+                if n > 0:  # no sample: nothing to judge
+                    out[key] = (s[ratio.numerator] / n, n)
+            return out
+        if metric == "dau_pace":
+            of_day = (self.minute + self.day_offset_min) % DAY_MINUTES if self.minute is not None else 0
+            if of_day >= len(self.yesterday_curve):
+                return {}
+            before = self.yesterday_curve[of_day]
+            return {"all": (self.today_curve[of_day] / before if before else 0.0, float(before))}
+        if metric.startswith("ingest_delay_p"):
+            q = delay_quantile(self.delays, int(metric[len("ingest_delay_p"):]) / 100)
+            return {} if q is None else {"all": (q, None)}
+        raise KeyError(metric)
+
+
+# -- ingest delay histogram: 8 buckets per doubling (about 9 % wide), merged by addition ------
+
+def delay_bucket(delay_ms: int) -> int:
+    """Histogram bucket of an ingest delay.
+
+    >>> [delay_bucket(d) for d in (0, 1, 1000, 2000, 1_800_000)]
+    [0, 1, 80, 88, 166]
+    """
+    if delay_ms <= 0:
+        return 0
+    mantissa, exponent = math.frexp(delay_ms)  # delay = mantissa * 2**exponent, 0.5 <= m < 1
+    return 1 + (exponent - 1) * 8 + int((mantissa - 0.5) * 16)
+
+
+def bucket_upper(bucket: int) -> float:
+    """The largest delay in a bucket (ms), the value reported for a quantile in it.
+
+    >>> bucket_upper(delay_bucket(2000)) >= 2000 > bucket_upper(delay_bucket(2000) - 1)
+    True
+    """
+    if bucket <= 0:
+        return 0.0
+    exponent, part = divmod(bucket - 1, 8)
+    return (0.5 + (part + 1) / 16) * 2.0 ** (exponent + 1)
+
+
+def delay_quantile(hist: dict[int, int], q: float) -> float | None:
+    """The q-quantile of a delay histogram (upper edge of its bucket); None when empty.
+
+    >>> delay_quantile({delay_bucket(50): 95, delay_bucket(60_000): 5}, 0.95) < 100
+    True
+    >>> delay_quantile({delay_bucket(50): 90, delay_bucket(60_000): 10}, 0.95) >= 60_000
+    True
+    """
+    total = sum(hist.values())
+    if total == 0:
+        return None
+    need = q * total
+    seen = 0
+    for b in sorted(hist):
+        seen += hist[b]
+        if seen >= need:
+            return bucket_upper(b)
+    return bucket_upper(max(hist))
+
+
+def ip_cluster(ip: str) -> str:
+    """The network an IP belongs to, for click-fraud counting: /24 for IPv4, /48 for IPv6.
+
+    >>> ip_cluster("203.0.113.66"), ip_cluster("2001:db8:1:2::7")
+    ('203.0.113.0/24', '2001:db8:1::/48')
+    """
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    bits = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
