@@ -35,7 +35,8 @@ from dataclasses import dataclass
 DAY_MINUTES = 1440
 
 # Counters kept per campaign (and "all") and minute, summed over sliding windows.
-IMPRESSIONS, AD_CLICKS, CLICKS, COST, ORDERS, CHECKOUTS, PRODUCT_VIEWS = range(7)
+IMPRESSIONS, AD_CLICKS, CLICKS, COST, ORDERS, CHECKOUTS, PRODUCT_VIEWS, VIEWS, BOUNCES = range(9)
+_SLOTS = 9
 _COUNTED = {"ad_impression": IMPRESSIONS, "ad_click": AD_CLICKS, "checkout_started": CHECKOUTS,
             "product_viewed": PRODUCT_VIEWS}
 _CLICK_EVENTS = {"ad_click", "sms_clicked"}  # a paid or messaged click (as in warehouse KPIs)
@@ -55,11 +56,14 @@ RATIOS = {
     "checkout_cvr": RatioMetric(ORDERS, CHECKOUTS, "orders / checkouts started"),
     "product_cvr": RatioMetric(ORDERS, PRODUCT_VIEWS, "orders / product page views"),
     "cpc": RatioMetric(COST, AD_CLICKS, "ad cost / ad clicks"),
+    "bounce_rate": RatioMetric(BOUNCES, VIEWS, "page views with no interaction of the visitor in "
+                                                "the next 10 minutes / page views"),
 }
 # metric -> the series keys it can be split by
 MINUTE_METRICS: dict[str, tuple[str, ...]] = {
     "events": ("all", "channel", "campaign"),  # events per minute
-    **{name: ("all", "campaign") for name in RATIOS},
+    **{name: ("all", "campaign") for name in RATIOS if name != "bounce_rate"},
+    "bounce_rate": ("all", "page"),
     "dau_pace": ("all",),  # users since local midnight / users by the same time yesterday
     # ms from event time to the record's send time (Kafka record time), per minute
     "ingest_delay_p50": ("all",),
@@ -121,7 +125,7 @@ class MinuteSeries:
                     continue
                 c = counts.get(key)
                 if c is None:
-                    c = counts[key] = [0.0] * 7
+                    c = counts[key] = [0.0] * _SLOTS
                 slot = _COUNTED.get(name)
                 if slot is not None:
                     c[slot] += n
@@ -130,6 +134,13 @@ class MinuteSeries:
                 c[COST] += cost
                 c[ORDERS] += orders
             users.update(zlib.crc32(u.encode()) for u in row_users)
+        for page, (views, bounced) in m.bounces.items():
+            for key in ("all", f"page={page}"):
+                c = counts.get(key)
+                if c is None:
+                    c = counts[key] = [0.0] * _SLOTS
+                c[VIEWS] += views
+                c[BOUNCES] += bounced
         self.events = events
         self._slide(minute, counts)
         self._users(minute, users)
@@ -179,8 +190,9 @@ class MinuteSeries:
         ratio = RATIOS.get(metric)
         if ratio is not None:
             out = {}
+            prefix = by + "="
             for key, s in self.sums[window].items():
-                if (by == "all") != (key == "all"):
+                if key != "all" if by == "all" else not key.startswith(prefix):
                     continue
                 n = s[ratio.denominator]
                 if n > 0:  # no sample: nothing to judge

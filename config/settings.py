@@ -110,7 +110,8 @@ class FileSourceSettings(Strict):
 
 
 class AnomalySettings(Strict):
-    kind: Literal["traffic_spike", "cvr_drop", "click_fraud", "request_flood", "ingest_delay"]
+    kind: Literal["traffic_spike", "cvr_drop", "click_fraud", "request_flood", "ingest_delay",
+                  "tracking_bug"]
     start_s: float = Field(ge=0)
     duration_s: float = Field(gt=0)
     magnitude: float = 0.0

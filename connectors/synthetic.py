@@ -66,7 +66,10 @@ __all__ = [
     "rhythm",
 ]
 
-ANOMALY_KINDS = ("traffic_spike", "cvr_drop", "click_fraud", "request_flood", "ingest_delay")
+ANOMALY_KINDS = ("traffic_spike", "cvr_drop", "click_fraud", "request_flood", "ingest_delay",
+                 "tracking_bug")
+# The page whose tag breaks in a tracking_bug incident: nothing is tracked after viewing it.
+BUG_PAGE = "/deals"
 CHANNELS = ("app", "web", "mini_program", "sms", "email", "push", "store", "ad")
 # Every reason flows.events.decode can give for a record (future_timestamp needs a wall clock).
 MALFORMED_REASONS = (
@@ -95,6 +98,7 @@ _DEFAULT_MAGNITUDE = {
     "click_fraud": 300.0,  # ad_clicks per minute from one IP
     "request_flood": 150.0,  # page views per second from one IP
     "ingest_delay": 2400.0,  # seconds between an event and its sending (a stuck collector)
+    "tracking_bug": 1.0,  # share of the visits whose tracking stops at BUG_PAGE
 }
 
 
@@ -104,7 +108,8 @@ class Anomaly:
 
     ``magnitude`` 0 means the default: traffic_spike x5 episode rate; cvr_drop x0.1 order
     probability; click_fraud 300 ad_clicks/min from one IP; request_flood 150 page views/s;
-    ingest_delay: records are sent 2,400 s after their event time (only ``sent_ms`` changes).
+    ingest_delay: records are sent 2,400 s after their event time (only ``sent_ms`` changes);
+    tracking_bug: nothing more of a visit is tracked after a view of ``BUG_PAGE`` (share 1.0).
 
     >>> Anomaly("traffic_spike", 600, 300).effective_magnitude
     5.0
@@ -354,6 +359,7 @@ _H = {
 _H_PAGE = b'"type":"page",'
 _H_IDENTIFY = b'"type":"identify",'
 _PAGES_B = tuple(_dumps(p) for p in _PAGES)
+_BUG_PAGE_INDEX = _PAGES.index(BUG_PAGE)
 _QUERIES_B = tuple(_dumps(q) for q in _QUERIES)
 _LOGIN_METHODS = (b"password", b"sms_code", b"wechat", b"apple")
 _PAY_FAIL = (b"card_declined", b"insufficient_funds", b"timeout", b"3ds_failed")
@@ -458,6 +464,11 @@ class _Sim:
         self.next_uid = spec.users + 1
         self.order_n = 0
         self.msg_n = 0
+        self.bug_windows = [
+            (spec.start_ms + a.start_s * 1000.0, spec.start_ms + (a.start_s + a.duration_s) * 1000.0,
+             a.effective_magnitude)
+            for a in spec.anomalies if a.kind == "tracking_bug"
+        ]
         self.cvr_windows = [
             (spec.start_ms + a.start_s * 1000.0, spec.start_ms + (a.start_s + a.duration_s) * 1000.0,
              a.effective_magnitude)
@@ -536,6 +547,9 @@ class _Sim:
         if 0 <= u.slot < len(self.anon_pool) and self.anon_pool[u.slot] is u:
             self.anon_pool[u.slot] = None
         self.known.append(u)
+
+    def tracking_broken(self, t: float) -> bool:
+        return any(lo <= t < hi and self.rnd() < share for lo, hi, share in self.bug_windows)
 
     def cvr_factor(self, t: float) -> float:
         f = 1.0
@@ -699,8 +713,11 @@ class _Sim:
             g = 1000.0 - 15000.0 * log(1.0 - d)  # time on this page
             r = rnd()
             if r < 0.45 and not store:  # a page: its path from the same uniform, rescaled
+                page = int(r / 0.45 * len(_PAGES_B)) % len(_PAGES_B)
                 A((t, _H_PAGE if r < 0.25 else H["page_view"], who, key, b'{"page":%b,"dwell_ms":%d%b}'
-                   % (_PAGES_B[int(r / 0.45 * len(_PAGES_B)) % len(_PAGES_B)], g, cidp), tail, anomaly))
+                   % (_PAGES_B[page], g, cidp), tail, anomaly))
+                if page == _BUG_PAGE_INDEX and self.bug_windows and self.tracking_broken(t):
+                    return  # the page's broken tag: nothing after it reaches the collector
             else:
                 p = int(n_prod * ((r - 0.45) / 0.55 if not store else r) ** 2) % n_prod  # popular first
                 viewed.append(p)

@@ -37,6 +37,8 @@ class MinutePart:
     final: bool = False  # end of input: the shard also sent its open minutes
     # minute -> ingest-delay histogram (alerts.metrics.delay_bucket -> events)
     delays: dict[int, dict[int, int]] = field(default_factory=dict)
+    # minute -> page -> [views, bounces] decided in that minute (flows.shard: bounces)
+    bounces: dict[int, dict[str, list[int]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -46,6 +48,7 @@ class CompleteMinute:
     partial: bool = False  # forced out at the end of a bounded input; not judged by detectors
     closed_at_ms: int = 0  # wall time it became complete: for latency figures only
     delays: dict[int, int] = field(default_factory=dict)  # ingest-delay histogram of the minute
+    bounces: dict[str, list[int]] = field(default_factory=dict)  # page -> [views, bounces]
 
     @property
     def minute_ms(self) -> int:
@@ -61,6 +64,7 @@ class MinuteCloser:
         self.final: set[int] = set()
         self.pending: dict[int, dict[int, dict]] = {}  # minute -> shard -> rows
         self.delays: dict[int, dict[int, int]] = {}  # minute -> merged delay histogram
+        self.bounces: dict[int, dict[str, list[int]]] = {}  # minute -> merged page tallies
         self.done_through: int | None = None
 
     def add(self, part: MinutePart) -> list[CompleteMinute]:
@@ -74,6 +78,14 @@ class MinuteCloser:
             merged = self.delays.setdefault(minute, {})
             for bucket, n in hist.items():
                 merged[bucket] = merged.get(bucket, 0) + n
+        for minute, pages in part.bounces.items():
+            if self.done_through is not None and minute <= self.done_through:
+                continue
+            merged = self.bounces.setdefault(minute, {})
+            for page, (views, bounced) in pages.items():
+                t = merged.setdefault(page, [0, 0])
+                t[0] += views
+                t[1] += bounced
         self.closed[part.shard] = max(part.closed_through, self.closed.get(part.shard, part.closed_through))
         if part.final:
             self.final.add(part.shard)
@@ -91,7 +103,8 @@ class MinuteCloser:
         ready = []
         for minute in range(self.done_through + 1, last + 1):
             ready.append(CompleteMinute(minute, merge(self.pending.pop(minute, {})), minute > complete,
-                                        delays=self.delays.pop(minute, {})))
+                                        delays=self.delays.pop(minute, {}),
+                                        bounces=self.bounces.pop(minute, {})))
         self.done_through = max(self.done_through, last)
         return ready
 

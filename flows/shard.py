@@ -36,6 +36,12 @@ from triggers.rules import SessionPageViews
 from warehouse.raw_events import raw_row
 
 END_OF_TIME = 2**62
+PAGE_VIEWS = frozenset({"page", "page_view"})
+BOUNCE_MS = 10 * MINUTE_MS  # a view with no interaction of its visitor this long after bounced
+# Sent by the system to the visitor, not done by them: they do not save a view from bouncing.
+NOT_INTERACTIONS = frozenset({"push_sent", "sms_sent", "email_sent", "ad_impression",
+                              "push_delivered", "identify"})
+MAX_PAGE_CHARS = 200
 
 
 def shard_of(user: str, shards: int) -> int:
@@ -278,6 +284,11 @@ class IngestShard:
         # minute -> (channel, campaign, creative, event name) -> [events, revenue, cost, orders, users]
         self.minutes: dict[int, dict[tuple[str, str, str, str], list]] = {}
         self.delays: dict[int, dict[int, int]] = {}  # minute -> ingest-delay histogram
+        # Bounces: a page view is a bounce when its visitor sends nothing else within
+        # BOUNCE_MS. Pending views by visitor, oldest first; tallies by the minute they were
+        # decided in: minute -> page -> [views, bounces].
+        self.views: dict[str, tuple[int, str]] = {}
+        self.bounces: dict[int, dict[str, list[int]]] = {}
         self.closed_through = -END_OF_TIME  # last minute reported as closed
         self.late_events = 0
 
@@ -307,6 +318,7 @@ class IngestShard:
             return
         self.seen[e.event_id] = ts
         out.events += 1
+        self._bounce(e, ts)
         if self.config.raw_events:
             out.raw.append(raw_row(e, self.config.pii_key))
         self._aggregate(e, ts)
@@ -369,6 +381,49 @@ class IngestShard:
             bucket = delay_bucket(e.ingest_ms - ts)
             hist[bucket] = hist.get(bucket, 0) + 1
 
+    def _bounce(self, e: Event, ts: int) -> None:
+        if e.name in NOT_INTERACTIONS:
+            return
+        visitor = e.anon or e.user
+        pending = self.views.pop(visitor, None)
+        if pending is not None:
+            if ts > pending[0]:  # something after the view: not a bounce
+                self._tally(minute_of(ts), pending[1], 0)
+                pending = None
+            else:  # an earlier event that arrived late: the view still waits
+                self.views[visitor] = pending
+        if e.name in PAGE_VIEWS:
+            page = e.properties.get("page")
+            if isinstance(page, str) and page:
+                if pending is not None:  # two views at once: the earlier one did not bounce
+                    self._tally(minute_of(ts), pending[1], 0)
+                self.views[visitor] = (ts, page[:MAX_PAGE_CHARS])
+
+    def _tally(self, minute: int, page: str, bounced: int) -> None:
+        pages = self.bounces.get(minute)
+        if pages is None:
+            pages = self.bounces[minute] = {}
+        t = pages.get(page)
+        if t is None:
+            pages[page] = [1, bounced]
+        else:
+            t[0] += 1
+            t[1] += bounced
+
+    def _sweep_views(self) -> None:
+        """Views whose visitor stayed silent for BOUNCE_MS of watermark are bounces, tallied in
+        the watermark's (still open) minute. Views are in arrival order, nearly time order."""
+        horizon = self.watermark - BOUNCE_MS
+        views = self.views
+        minute = minute_of(self.watermark)
+        while views:
+            visitor = next(iter(views))
+            ts, page = views[visitor]
+            if ts >= horizon:
+                break
+            del views[visitor]
+            self._tally(minute, page, 1)
+
     def _hand_over(self, ops: dict[int, list], out: ShardOut, final: bool = False) -> None:
         """Send each profile shard its operations, and the clock when it moved a minute (or at
         the first and the last batch): enough for minute windows, without a message per batch."""
@@ -397,14 +452,17 @@ class IngestShard:
         else:
             closed_rows = sorted(m for m in self.minutes if m <= closed)
         parts = {m: self.minutes.pop(m) for m in closed_rows}
+        self._sweep_views()
         delays = {m: self.delays.pop(m) for m in sorted(self.delays) if final or m <= closed}
+        bounces = {m: self.bounces.pop(m) for m in sorted(self.bounces) if final or m <= closed}
         if closed > self.closed_through or parts or final:
             self.closed_through = max(self.closed_through, closed)
             if out.minutes is None:
-                out.minutes = MinutePart(self.shard, self.closed_through, parts, final, delays)
+                out.minutes = MinutePart(self.shard, self.closed_through, parts, final, delays, bounces)
             else:  # several chunks in one batch: one part with all the minutes they closed
                 out.minutes.minutes.update(parts)
                 out.minutes.delays.update(delays)
+                out.minutes.bounces.update(bounces)
                 out.minutes.closed_through = self.closed_through
                 out.minutes.final = out.minutes.final or final
         if previous_minute is None or minute_of(self.watermark) != previous_minute:

@@ -24,6 +24,7 @@ INCIDENTS = (
     Anomaly("click_fraud", 9000, 300),
     Anomaly("request_flood", 9600, 60),
     Anomaly("ingest_delay", 10200, 300),
+    Anomaly("tracking_bug", 7800, 1800),
 )
 # incident -> (rule, severity, longest delay from its start to first_seen, then to the alert)
 EXPECTED = {
@@ -32,6 +33,7 @@ EXPECTED = {
     "click_fraud": [("ip_cluster_click_fraud", "III", 60, 60)],
     "request_flood": [("ip_request_flood", "III", 60, 60)],
     "ingest_delay": [("data_delay", "III", 60, 120), ("ingest_latency", "II", 60, 360)],
+    "tracking_bug": [("page_bounce_jump", "I", 1500, 1800)],
 }
 
 
@@ -82,6 +84,7 @@ def test_injected_incidents_fire_the_expected_rules(incident_alerts):
     # The abuse alerts name the offending IP; the flood is seen within its first seconds.
     fraud = next(a for a in firing if a["rule"] == "ip_cluster_click_fraud")
     flood = next(a for a in firing if a["rule"] == "ip_request_flood")
+    assert next(a for a in firing if a["rule"] == "page_bounce_jump")["series"] == "page=/deals"
     assert fraud["detail"].startswith("203.0.113.") and fraud["series"] == "ip_cluster=203.0.113.0/24"
     assert flood["series"] == f"ip={flood['detail']}" and flood["detail"].startswith("198.51.100.")
     assert flood["first_seen_ms"] - (START_MS + 9600 * S) < 60 * S
