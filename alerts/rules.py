@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from alerts import detectors
+from alerts.adaptive import AdaptiveGaussian
 from alerts.lifecycle import Lifecycle, Verdict
 from alerts.metrics import ENTITY_METRICS, MINUTE_METRICS, RATIOS
 
@@ -45,6 +46,7 @@ DETECTORS: dict[str, type] = {
     "robust_gaussian": detectors.RobustGaussian,
     "seasonal_gaussian": detectors.SeasonalGaussian,
     "binomial_ratio": detectors.BinomialRatio,
+    "adaptive_gaussian": AdaptiveGaussian,  # the NAB-tuned combination (alerts/adaptive.py)
 }
 
 
@@ -66,7 +68,7 @@ class _Strict(BaseModel):
 
 class DetectorSpec(_Strict):
     kind: Literal["windowed_gaussian", "ew_gaussian", "robust_gaussian", "seasonal_gaussian",
-                  "binomial_ratio"]
+                  "binomial_ratio", "adaptive_gaussian"]
     params: dict[str, Any] = {}
 
     @model_validator(mode="after")

@@ -161,7 +161,10 @@ class AlertLogic(op.StatefulBatchLogic):
             for m in minutes:
                 if m.partial:
                     continue  # cut short by the end of the input: not a drop in traffic
-                alerts.extend(a.to_dict() for a in self.rules.judge(m))
+                for a in self.rules.judge(m):
+                    alert = a.to_dict()
+                    alert["_arrival_ms"] = m.closed_at_ms  # the minute closed: latency from here
+                    alerts.append(alert)
         return ([alerts] if alerts else []), False
 
     def snapshot(self):

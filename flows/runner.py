@@ -88,7 +88,7 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
     if settings.output.kind == "files":
         d = settings.output.dir
         out.actions.append(("file", JsonLinesSink(d / "actions.jsonl", public, "action_latency_ms")))
-        out.alerts.append(("file", JsonLinesSink(d / "alerts.jsonl", public)))
+        out.alerts.append(("file", JsonLinesSink(d / "alerts.jsonl", public, "alert_latency_ms")))
         out.dead_letters.append(("file", JsonLinesSink(d / "dead_letters.jsonl", encode_dead)))
     else:
         k = settings.kafka
@@ -96,7 +96,8 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
             k.brokers, k.actions_topic, public, lambda a: a["user_id"].encode(), k.client_config,
             observe="action_latency_ms")))
         out.alerts.append(("kafka", kafka.KafkaTopicSink(
-            k.brokers, k.alerts_topic, public, lambda a: a["series"].encode(), k.client_config)))
+            k.brokers, k.alerts_topic, public, lambda a: a["series"].encode(), k.client_config,
+            observe="alert_latency_ms")))
         out.dead_letters.append(("kafka", kafka.KafkaTopicSink(
             k.brokers, k.dead_letter_topic, encode_dead, lambda d: d.key, k.client_config)))
     return out
