@@ -404,3 +404,28 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:,.4f}".rstrip("0").rstrip(".") if abs(value) < 1 else f"{value:,.2f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+@app.command()
+def rules(config: Optional[Path] = ConfigOption):
+    """List the alert rules in force (alerts.rules): series, how each is judged, severity."""
+    from rich.table import Table
+
+    from alerts.rules import load_rules
+
+    settings = _settings(config)
+    catalogue = load_rules(settings.alerts.rules)
+    table = Table(title=f"alert rules ({settings.alerts.rules})")
+    for column in ("rule", "area", "series", "judged by", "for", "sev", "response"):
+        table.add_column(column)
+    for r in catalogue.rules:
+        if r.threshold is not None:
+            t = r.threshold
+            judged = (f"> {t.above:g}" if t.above is not None else f"< {t.below:g}") + \
+                (f" (n >= {t.min_n:g})" if t.min_n else "")
+        else:
+            params = ", ".join(f"{k}={v}" for k, v in r.detector.params.items())
+            judged = f"{r.detector.kind}({params})"
+        table.add_row(r.name + ("" if r.enabled else " (off)"), r.area,
+                      f"{r.metric} by {r.by} / {r.window}", judged, r.for_, r.severity, r.response)
+    console.print(table)

@@ -75,6 +75,26 @@ def test_bad_rules_are_refused_with_a_clear_message(tmp_path, change, message):
     assert message in str(err.value) and str(bad) in str(err.value)
 
 
+def test_rules_command_lists_the_catalogue_in_force(tmp_path):
+    from typer.testing import CliRunner
+
+    from surgeflow.cli import app
+
+    doc = yaml.safe_load(RULES_FILE.read_text())
+    doc["rules"] = [r for r in doc["rules"] if r["area"] == "security"]
+    path = tmp_path / "security.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = CliRunner().invoke(app, ["rules"], env={"SURGEFLOW__ALERTS__RULES": str(path),
+                                                    "COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "ip_request_flood" in result.output and "requests_per_ip by ip / 1s" in result.output
+    assert "traffic_anomaly" not in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules: [{name: x}]")
+    result = CliRunner().invoke(app, ["rules"], env={"SURGEFLOW__ALERTS__RULES": str(bad)})
+    assert result.exit_code != 0 and "invalid" in result.output
+
+
 def test_duplicate_rule_names_are_refused():
     rule = {"name": "a", "area": "ops", "metric": "events", "severity": "I", "response": "r",
             "threshold": {"above": 1}}
