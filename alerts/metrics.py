@@ -35,8 +35,9 @@ from dataclasses import dataclass
 DAY_MINUTES = 1440
 
 # Counters kept per campaign (and "all") and minute, summed over sliding windows.
-IMPRESSIONS, AD_CLICKS, CLICKS, COST, ORDERS, CHECKOUTS, PRODUCT_VIEWS, VIEWS, BOUNCES = range(9)
-_SLOTS = 9
+(IMPRESSIONS, AD_CLICKS, CLICKS, COST, ORDERS, CHECKOUTS, PRODUCT_VIEWS, VIEWS, BOUNCES,
+ REVENUE) = range(10)
+_SLOTS = 10
 _COUNTED = {"ad_impression": IMPRESSIONS, "ad_click": AD_CLICKS, "checkout_started": CHECKOUTS,
             "product_viewed": PRODUCT_VIEWS}
 _CLICK_EVENTS = {"ad_click", "sms_clicked"}  # a paid or messaged click (as in warehouse KPIs)
@@ -47,6 +48,7 @@ class RatioMetric:
     numerator: int
     denominator: int
     doc: str
+    sample: int | None = None  # the sample size n, when it is not the denominator
 
 
 # ratio = numerator / denominator over the window; n = the denominator
@@ -58,6 +60,9 @@ RATIOS = {
     "cpc": RatioMetric(COST, AD_CLICKS, "ad cost / ad clicks"),
     "bounce_rate": RatioMetric(BOUNCES, VIEWS, "page views with no interaction of the visitor in "
                                                 "the next 10 minutes / page views"),
+    # CAC / LTV with what the stream knows: cost per order over revenue per order (no LTV model)
+    "spend_to_revenue": RatioMetric(COST, REVENUE, "ad cost / attributed revenue; n = orders",
+                                    sample=ORDERS),
 }
 # metric -> the series keys it can be split by
 MINUTE_METRICS: dict[str, tuple[str, ...]] = {
@@ -114,7 +119,7 @@ class MinuteSeries:
         counts: dict[str, list[float]] = {}
         events: dict[str, int] = {"all": 0}
         users: set[int] = set()
-        for channel, campaign, _creative, name, n, _revenue, cost, orders, row_users in m.rows:
+        for channel, campaign, _creative, name, n, revenue, cost, orders, row_users in m.rows:
             events["all"] += n
             for key in (f"channel={channel}", f"campaign={campaign}" if campaign else None):
                 if key is not None:
@@ -133,6 +138,7 @@ class MinuteSeries:
                     c[CLICKS] += n
                 c[COST] += cost
                 c[ORDERS] += orders
+                c[REVENUE] += revenue
             users.update(zlib.crc32(u.encode()) for u in row_users)
         for page, (views, bounced) in m.bounces.items():
             for key in ("all", f"page={page}"):
@@ -194,9 +200,10 @@ class MinuteSeries:
             for key, s in self.sums[window].items():
                 if key != "all" if by == "all" else not key.startswith(prefix):
                     continue
-                n = s[ratio.denominator]
-                if n > 0:  # no sample: nothing to judge
-                    out[key] = (s[ratio.numerator] / n, n)
+                d = s[ratio.denominator]
+                if d > 0:  # no sample: nothing to judge
+                    n = s[ratio.sample] if ratio.sample is not None else d
+                    out[key] = (s[ratio.numerator] / d, n)
             return out
         if metric == "dau_pace":
             of_day = (self.minute + self.day_offset_min) % DAY_MINUTES if self.minute is not None else 0

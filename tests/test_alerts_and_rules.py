@@ -67,7 +67,7 @@ def test_default_catalogue_covers_spec_section_7():
 ])
 def test_bad_rules_are_refused_with_a_clear_message(tmp_path, change, message):
     doc = yaml.safe_load(RULES_FILE.read_text())
-    doc["rules"][6].update(change)  # channel_traffic_anomaly
+    next(r for r in doc["rules"] if r["name"] == "channel_traffic_anomaly").update(change)
     bad = tmp_path / "rules.yaml"
     bad.write_text(yaml.safe_dump(doc))
     with pytest.raises(ValueError) as err:
