@@ -58,6 +58,7 @@ RATIOS = {
     "checkout_cvr": RatioMetric(ORDERS, CHECKOUTS, "orders / checkouts started"),
     "product_cvr": RatioMetric(ORDERS, PRODUCT_VIEWS, "orders / product page views"),
     "cpc": RatioMetric(COST, AD_CLICKS, "ad cost / ad clicks"),
+    # the views of the window's minutes, known 10 minutes later (flows/shard.py: bounces)
     "bounce_rate": RatioMetric(BOUNCES, VIEWS, "page views with no interaction of the visitor in "
                                                 "the next 10 minutes / page views"),
     # CAC / LTV with what the stream knows: cost per order over revenue per order (no LTV model)

@@ -37,7 +37,8 @@ from warehouse.raw_events import raw_row
 
 END_OF_TIME = 2**62
 PAGE_VIEWS = frozenset({"page", "page_view"})
-BOUNCE_MS = 10 * MINUTE_MS  # a view with no interaction of its visitor this long after bounced
+BOUNCE_MINUTES = 10  # a view with no interaction of its visitor this long after it bounced
+BOUNCE_MS = BOUNCE_MINUTES * MINUTE_MS
 # Sent by the system to the visitor, not done by them: they do not save a view from bouncing.
 NOT_INTERACTIONS = frozenset({"push_sent", "sms_sent", "email_sent", "ad_impression",
                               "push_delivered", "identify"})
@@ -284,11 +285,13 @@ class IngestShard:
         # minute -> (channel, campaign, creative, event name) -> [events, revenue, cost, orders, users]
         self.minutes: dict[int, dict[tuple[str, str, str, str], list]] = {}
         self.delays: dict[int, dict[int, int]] = {}  # minute -> ingest-delay histogram
-        # Bounces: a page view is a bounce when its visitor sends nothing else within
-        # BOUNCE_MS. Pending views by visitor, oldest first; tallies by the minute they were
-        # decided in: minute -> page -> [views, bounces].
-        self.views: dict[str, tuple[int, str]] = {}
-        self.bounces: dict[int, dict[str, list[int]]] = {}
+        # Bounces: a page view is a bounce when its visitor does nothing more for BOUNCE_MS.
+        # Views are grouped by the minute they happened in (their cohort); once the watermark
+        # is BOUNCE_MS past a cohort's minute, every view of it is decided: those still pending
+        # bounced. cohort -> page -> [views, bounces]; cohort -> visitor -> (time, page).
+        self.cohorts: dict[int, dict[str, list[int]]] = {}
+        self.pending_views: dict[int, dict[str, tuple[int, str]]] = {}
+        self.view_cohort: dict[str, int] = {}  # visitor -> cohort of its pending view
         self.closed_through = -END_OF_TIME  # last minute reported as closed
         self.late_events = 0
 
@@ -385,44 +388,50 @@ class IngestShard:
         if e.name in NOT_INTERACTIONS:
             return
         visitor = e.anon or e.user
-        pending = self.views.pop(visitor, None)
-        if pending is not None:
-            if ts > pending[0]:  # something after the view: not a bounce
-                self._tally(minute_of(ts), pending[1], 0)
-                pending = None
-            else:  # an earlier event that arrived late: the view still waits
-                self.views[visitor] = pending
+        cohort = self.view_cohort.get(visitor)
+        earlier_than_pending = False
+        if cohort is not None:
+            pending = self.pending_views[cohort]
+            seen, viewed = pending[visitor]
+            if ts >= seen:  # the visitor's next interaction: the view bounced if it came too late
+                del pending[visitor]
+                del self.view_cohort[visitor]
+                if ts - seen > BOUNCE_MS:
+                    self.cohorts[cohort][viewed][1] += 1
+            else:  # an earlier event that arrived late: the pending view still waits
+                earlier_than_pending = True
         if e.name in PAGE_VIEWS:
             page = e.properties.get("page")
             if isinstance(page, str) and page:
-                if pending is not None:  # two views at once: the earlier one did not bounce
-                    self._tally(minute_of(ts), pending[1], 0)
-                self.views[visitor] = (ts, page[:MAX_PAGE_CHARS])
+                page = page[:MAX_PAGE_CHARS]
+                minute = minute_of(ts)
+                pages = self.cohorts.setdefault(minute, {})
+                tally = pages.get(page)
+                if tally is None:
+                    tally = pages[page] = [0, 0]
+                tally[0] += 1
+                if not earlier_than_pending:  # else the pending view came after it: no bounce
+                    self.pending_views.setdefault(minute, {})[visitor] = (ts, page)
+                    self.view_cohort[visitor] = minute
 
-    def _tally(self, minute: int, page: str, bounced: int) -> None:
-        pages = self.bounces.get(minute)
-        if pages is None:
-            pages = self.bounces[minute] = {}
-        t = pages.get(page)
-        if t is None:
-            pages[page] = [1, bounced]
-        else:
-            t[0] += 1
-            t[1] += bounced
-
-    def _sweep_views(self) -> None:
-        """Views whose visitor stayed silent for BOUNCE_MS of watermark are bounces, tallied in
-        the watermark's (still open) minute. Views are in arrival order, nearly time order."""
-        horizon = self.watermark - BOUNCE_MS
-        views = self.views
-        minute = minute_of(self.watermark)
-        while views:
-            visitor = next(iter(views))
-            ts, page = views[visitor]
-            if ts >= horizon:
-                break
-            del views[visitor]
-            self._tally(minute, page, 1)
+    def _decided_cohorts(self, final: bool) -> dict[int, dict[str, list[int]]]:
+        """Cohorts whose views are all decided, keyed by the minute that closes as they are
+        (cohort + BOUNCE_MINUTES): the views still pending bounced. At the end of a bounded
+        input, cohorts not yet decidable are dropped (their views' fate is unknown)."""
+        out = {}
+        for cohort in sorted(self.cohorts):
+            if (cohort + 1) * MINUTE_MS + BOUNCE_MS > self.watermark:
+                if final:
+                    self.cohorts.pop(cohort)
+                    for visitor in self.pending_views.pop(cohort, {}):
+                        del self.view_cohort[visitor]
+                continue
+            pages = self.cohorts.pop(cohort)
+            for visitor, (_, page) in self.pending_views.pop(cohort, {}).items():
+                pages[page][1] += 1
+                del self.view_cohort[visitor]
+            out[cohort + BOUNCE_MINUTES] = pages
+        return out
 
     def _hand_over(self, ops: dict[int, list], out: ShardOut, final: bool = False) -> None:
         """Send each profile shard its operations, and the clock when it moved a minute (or at
@@ -452,9 +461,8 @@ class IngestShard:
         else:
             closed_rows = sorted(m for m in self.minutes if m <= closed)
         parts = {m: self.minutes.pop(m) for m in closed_rows}
-        self._sweep_views()
         delays = {m: self.delays.pop(m) for m in sorted(self.delays) if final or m <= closed}
-        bounces = {m: self.bounces.pop(m) for m in sorted(self.bounces) if final or m <= closed}
+        bounces = self._decided_cohorts(final)
         if closed > self.closed_through or parts or final:
             self.closed_through = max(self.closed_through, closed)
             if out.minutes is None:

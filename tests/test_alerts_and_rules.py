@@ -364,3 +364,43 @@ def test_minutes_are_complete_only_when_all_shards_closed_them(steps):
         assert sum(row[4] for row in m.rows) == sent.get(m.minute, 0)
         assert sum(m.delays.values()) == sent.get(m.minute, 0)
         assert not m.partial
+
+
+# -- page bounces in the ingest shards ------------------------------------------------------------
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["anon-a", "anon-b", "anon-c"]),
+                          st.sampled_from(["page_view", "page_view", "add_to_cart", "push_sent"]),
+                          st.sampled_from(["/", "/deals"]), st.integers(0, 40 * 60)),
+                min_size=1, max_size=40))
+def test_bounces_equal_a_brute_force_count(steps):
+    """Every page view is counted once in its minute's cohort, reported 10 minutes after it; it
+    bounced when its visitor did nothing (a message sent to them does not count) in the next 10
+    minutes. Events arrive in time order here, so 'next' is the next event (at the same time, the
+    one that came after it)."""
+    from flows.shard import Chunk, IngestShard, ShardConfig, ShardOut
+    from tests.engine_harness import Harness, event
+
+    t0 = 1_795_392_000_000
+    shard = IngestShard(0, ShardConfig(lateness_ms=0, profile_shards=1, ingest_shards=1), Harness().plan)
+    events = sorted((t0 + sec * 1000, v, name, page) for v, name, page, sec in steps)
+    reported: dict[tuple[int, str], list[int]] = {}
+    for i, (ts, v, name, page) in enumerate(events + [(t0 + 3 * 3600_000, "anon-z", "add_to_cart", "")]):
+        out = ShardOut(0)
+        shard.ingest(Chunk(0, [event(i, v, name, ts, props={"page": page})], {0: ts}, 1), out)
+        if out.minutes is not None:
+            for minute, pages in out.minutes.bounces.items():
+                for p, (views, bounced) in pages.items():
+                    t = reported.setdefault((minute - 10, p), [0, 0])
+                    t[0] += views
+                    t[1] += bounced
+    expected: dict[tuple[int, str], list[int]] = {}
+    for j, (ts, v, name, page) in enumerate(events):
+        if name != "page_view":
+            continue
+        later = [t for t, w, n, _ in events[j + 1:] if w == v and n != "push_sent"]
+        bounced = not later or later[0] - ts > 10 * 60_000
+        t = expected.setdefault((ts // 60_000, page), [0, 0])
+        t[0] += 1
+        t[1] += bounced
+    assert reported == expected

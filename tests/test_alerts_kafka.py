@@ -5,6 +5,9 @@ incident; the same stream without the incidents raises nothing."""
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,8 @@ from connectors.kafka import produce
 from connectors.synthetic import Anomaly, SyntheticSpec, generate
 from flows.runner import run
 from tests.test_pipeline_kafka import consume_all
+
+
 
 START_MS = 1_795_392_000_000  # 2026-11-23T00:00Z
 S = 1000
@@ -37,7 +42,23 @@ EXPECTED = {
 }
 
 
-def run_stream(kafka, redis_url, chdb_dsn, chdb_client, name: str, spec: SyntheticSpec) -> list[dict]:
+class Receiver(BaseHTTPRequestHandler):
+    """The webhook's endpoint: keeps (Idempotency-Key, body) of every POST."""
+
+    received: list[tuple[str, dict]] = []
+
+    def do_POST(self):  # noqa: N802 - the http.server name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.received.append((self.headers["Idempotency-Key"], json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def run_stream(kafka, redis_url, chdb_dsn, chdb_client, name: str, spec: SyntheticSpec,
+               webhook: str | None = None) -> list[dict]:
     topic = kafka.create_topic(f"alerts-in-{name}", partitions=2)
     produce([kafka.bootstrap], topic, ((r.key, r.value, r.sent_ms) for r in generate(spec)))
     outs = {k: kafka.create_topic(f"{k}-alerts-{name}") for k in ("dead", "actions", "alerts")}
@@ -49,7 +70,8 @@ def run_stream(kafka, redis_url, chdb_dsn, chdb_client, name: str, spec: Synthet
         kafka__dead_letter_topic=outs["dead"], kafka__actions_topic=outs["actions"],
         kafka__alerts_topic=outs["alerts"], redis__url=redis_url, redis__key_prefix=f"al{name}",
         clickhouse__dsn=chdb_dsn, clickhouse__database=database, clickhouse__raw_events=False,
-        flow__max_future_s=None)
+        flow__max_future_s=None, alerts__webhook__url=webhook,
+        clickhouse__spool_dir=str(Path(chdb_dsn.removeprefix("chdb://")).parent / f"spool-{name}"))
     run(settings, redis_url)
     alerts = [json.loads(m.value()) for m in consume_all(kafka.bootstrap, outs["alerts"])]
     stored = chdb_client.command(f"SELECT count() FROM {database}.alerts FINAL")
@@ -59,8 +81,23 @@ def run_stream(kafka, redis_url, chdb_dsn, chdb_client, name: str, spec: Synthet
 
 @pytest.fixture(scope="module")
 def incident_alerts(kafka, redis_url, chdb_dsn, chdb_client):
-    spec = SyntheticSpec(**BASE, anomalies=INCIDENTS)
-    return run_stream(kafka, redis_url, chdb_dsn, chdb_client, "incidents", spec)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Receiver.received = []
+    try:
+        spec = SyntheticSpec(**BASE, anomalies=INCIDENTS)
+        alerts = run_stream(kafka, redis_url, chdb_dsn, chdb_client, "incidents", spec,
+                            webhook=f"http://127.0.0.1:{server.server_port}/hooks/alerts")
+    finally:
+        server.shutdown()
+    return alerts
+
+
+def test_the_webhook_got_what_the_topic_got(incident_alerts):
+    keys = {f"{a['alert_id']}:{a['status']}:{a['seq']}": a for a in incident_alerts}
+    received = dict(Receiver.received)
+    assert received.keys() == keys.keys() and len(Receiver.received) == len(keys)
+    assert all(received[k] == a for k, a in keys.items())
 
 
 def test_injected_incidents_fire_the_expected_rules(incident_alerts):
