@@ -4,7 +4,8 @@ A rule's detector says, at each evaluation, whether a series breaches. :class:`L
 those decisions into alert messages:
 
 * **sustained**: a breach fires only once it has lasted ``for_ms`` ("CVR down for 15 min"); a
-  single good evaluation in between starts the count again;
+  single good evaluation, or a breach the other way, in between starts the count again (once
+  fired, the alert keeps the direction it fired with);
 * **updates**: while firing, an ``update`` every ``update_ms`` with the current value;
 * **resolve**: after ``resolve_ms`` without a breach, the alert is ``resolved``;
 * **cool-down**: after a resolve, the same rule and series do not fire again for ``cooldown_ms``.
@@ -69,7 +70,7 @@ class Alert:
 
     def to_dict(self) -> dict:
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        for f in ("mu", "sigma", "z", "value", "score"):
+        for f in ("mu", "sigma", "k", "z", "value", "score"):
             v = d[f]
             if v is not None and not math.isfinite(v):
                 d[f] = None  # JSON has no NaN or infinity
@@ -126,11 +127,11 @@ class Lifecycle:
                 if now_ms - o.first_ms < self.for_ms or now_ms < self.quiet_until.get(series, 0):
                     return []
                 self.quiet_until.pop(series, None)
-                o.alert = self._message(series, "firing", 0, now_ms, o.first_ms, v)
+                o.alert = self._message(series, "firing", 0, now_ms, o.first_ms, v, o.up)
                 o.last_sent_ms = now_ms
                 return [o.alert]
             if self.update_ms and now_ms - o.last_sent_ms >= self.update_ms:
-                o.alert = self._message(series, "update", o.alert.seq + 1, now_ms, o.first_ms, v)
+                o.alert = self._message(series, "update", o.alert.seq + 1, now_ms, o.first_ms, v, o.up)
                 o.last_sent_ms = now_ms
                 return [o.alert]
             return []
@@ -146,7 +147,7 @@ class Lifecycle:
         del self.open[series]
         if self.cooldown_ms:
             self.quiet_until[series] = now_ms + self.cooldown_ms
-        return [self._message(series, "resolved", o.alert.seq + 1, now_ms, o.first_ms, v)]
+        return [self._message(series, "resolved", o.alert.seq + 1, now_ms, o.first_ms, v, o.up)]
 
     def expire_quiet(self, now_ms: int) -> None:
         """Forget cool-downs that are over (bounded memory with many series)."""
@@ -155,8 +156,8 @@ class Lifecycle:
             del self.quiet_until[s]
 
     def _message(self, series: str, status: str, seq: int, now_ms: int, first_ms: int,
-                 v: Verdict) -> Alert:
-        up = v.value >= v.mu
+                 v: Verdict, up: bool) -> Alert:
+        # the direction of the breach that fired: an update or the resolve keeps it
         return Alert(f"{self.rule}|{series}|{first_ms}", self.rule, series, status, seq, now_ms,
                      v.value, v.mu, v.sigma, v.k, v.z, self.window, self.severity, first_ms,
                      self.response, self.area, "up" if up else "down", v.score, v.n, v.detail)

@@ -27,10 +27,12 @@ Each series is a mapping ``series key -> (value, n)``: ``n`` is the sample size 
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 import zlib
 from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
 
 DAY_MINUTES = 1440
 
@@ -106,7 +108,8 @@ class MinuteSeries:
         self.sums: dict[int, dict[str, list[float]]] = {w: {} for w in self.windows}
         self.minute: int | None = None
         self.events: dict[str, int] = {}
-        self.known: set[str] = set()  # channels and campaigns seen: a quiet one counts as zero
+        # channels and campaigns seen -> last minute with events: a quiet one counts as zero
+        self.known: dict[str, int] = {}
         self.day_offset_min = day_offset_min  # local midnight for DAU (reporting time zone)
         self.day: int | None = None
         self.today: set[int] = set()  # crc32 of today's users
@@ -125,7 +128,7 @@ class MinuteSeries:
             for key in (f"channel={channel}", f"campaign={campaign}" if campaign else None):
                 if key is not None:
                     events[key] = events.get(key, 0) + n
-                    self.known.add(key)
+                    self.known[key] = minute
             for key in ("all", f"campaign={campaign}" if campaign else None):
                 if key is None:
                     continue
@@ -174,6 +177,11 @@ class MinuteSeries:
                         s[i] -= v
                     if not any(abs(v) > 1e-9 for v in s):
                         del sums[key]
+
+    def forget_idle(self, before: int) -> None:
+        """Channels and campaigns without events since ``before`` are no longer judged as zero."""
+        for key in [k for k, last in self.known.items() if last < before]:
+            del self.known[key]
 
     def _users(self, minute: int, users: set[int]) -> None:
         local = minute + self.day_offset_min
@@ -264,17 +272,33 @@ def delay_quantile(hist: dict[int, int], q: float) -> float | None:
     return bucket_upper(max(hist))
 
 
-def ip_cluster(ip: str) -> str:
-    """The network an IP belongs to, for click-fraud counting: /24 for IPv4, /48 for IPv6.
+@lru_cache(maxsize=65_536)
+def normal_ip(ip: str) -> str:
+    """The canonical text of an IP address; an IPv4 address mapped into IPv6 is the IPv4 one;
+    "" for what is not an IP (the per-IP rules skip it).
 
-    >>> ip_cluster("203.0.113.66"), ip_cluster("2001:db8:1:2::7")
-    ('203.0.113.0/24', '2001:db8:1::/48')
+    >>> normal_ip("::ffff:203.0.113.7"), normal_ip("2001:DB8::1"), normal_ip("203.0.113.066")
+    ('203.0.113.7', '2001:db8::1', '')
     """
-    import ipaddress
-
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
-        return ip
-    bits = 24 if addr.version == 4 else 48
+        return ""
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+@lru_cache(maxsize=65_536)
+def ip_cluster(ip: str) -> str:
+    """The network a (canonical) IP belongs to, for click-fraud counting: /24 for IPv4, /48 for
+    IPv6; "" for what is not an IP.
+
+    >>> ip_cluster("203.0.113.66"), ip_cluster("2001:db8:1:2::7"), ip_cluster("nope")
+    ('203.0.113.0/24', '2001:db8:1::/48', '')
+    """
+    ip = normal_ip(ip)
+    if not ip:
+        return ""
+    bits = 24 if "." in ip else 48
     return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))

@@ -30,6 +30,7 @@ from alerts.metrics import RATIOS, MinuteSeries
 from alerts.rules import RuleCatalogue, RuleSpec
 
 MINUTE_MS = 60_000
+IDLE_MINUTES = 2 * 1440
 
 
 class MinuteRules:
@@ -41,6 +42,23 @@ class MinuteRules:
         self.lifecycles = {r.name: r.lifecycle() for r in self.rules}
         self.factories = {r.name: r.detector.factory() for r in self.rules if r.detector is not None}
         self.detectors: dict[tuple[str, str], object] = {}
+        self.last_judged: dict[tuple[str, str], int] = {}  # (rule, series) -> minute with data
+
+    def retuned(self, catalogue: RuleCatalogue) -> "MinuteRules":
+        """These rules with the current catalogue (after a restart): a rule whose declaration
+        did not change keeps its detectors and open alerts; a changed or new one starts afresh."""
+        fresh = MinuteRules(catalogue, self.timezone)
+        before = {r.name: r for r in self.rules}
+        for r in fresh.rules:
+            if before.get(r.name) == r:
+                fresh.lifecycles[r.name] = self.lifecycles[r.name]
+                for key, det in self.detectors.items():
+                    if key[0] == r.name:
+                        fresh.detectors[key] = det
+                        fresh.last_judged[key] = self.last_judged.get(key, 0)
+        if set(fresh.series.windows) <= set(self.series.windows):
+            fresh.series = self.series  # the sliding windows it needs are all there
+        return fresh
 
     def judge(self, m) -> list[Alert]:
         """One complete minute: update the series, judge every rule's series, learn."""
@@ -52,6 +70,8 @@ class MinuteRules:
             life = self.lifecycles[rule.name]
             values = self.series.series(rule.metric, rule.by, rule.window_ms // MINUTE_MS)
             for key in sorted(values.keys() | life.open.keys()):
+                if key in values:
+                    self.last_judged[rule.name, key] = m.minute
                 value, n = values.get(key, (0.0, 0.0 if rule.metric in RATIOS else None))
                 verdict, learn = self._verdict(rule, key, value, n, start)
                 alerts += life.step(key, end, start, verdict)
@@ -59,7 +79,18 @@ class MinuteRules:
                     learn.learn_one(value, t=start, n=n)
             if m.minute % 60 == 0:
                 life.expire_quiet(end)
+        if m.minute % 60 == 0:
+            self._forget_idle(m.minute)
         return alerts
+
+    def _forget_idle(self, minute: int) -> None:
+        """Series without data for IDLE_MINUTES (a campaign that ended, a page gone): their
+        detectors are dropped, so state does not grow with every key ever seen."""
+        for key in [k for k, last in self.last_judged.items() if minute - last > IDLE_MINUTES]:
+            if key[1] not in self.lifecycles[key[0]].open:
+                del self.last_judged[key]
+                self.detectors.pop(key, None)
+        self.series.forget_idle(minute - IDLE_MINUTES)
 
     def _learns(self, rule: RuleSpec, key: str, breach: bool, now: int) -> bool:
         if not breach or rule.learn_breaches:

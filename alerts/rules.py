@@ -157,7 +157,7 @@ class RuleSpec(_Strict):
             w = duration_ms(self.window)
             if w % 60_000 or w == 0:
                 raise ValueError(f"a minute metric's window is whole minutes, not {self.window}")
-            if self.metric not in RATIOS and self.metric != "events" and w != 60_000:
+            if self.metric not in RATIOS and w != 60_000:
                 raise ValueError(f"metric {self.metric!r} is per minute: window must be 1m")
         elif self.metric in ENTITY_METRICS:
             entity = ENTITY_METRICS[self.metric].entity
@@ -165,6 +165,8 @@ class RuleSpec(_Strict):
                 raise ValueError(f"metric {self.metric!r} is counted per {entity}: by must be {entity!r}")
             if self.threshold is None:
                 raise ValueError("entity metrics (counts per IP or user) use a static threshold")
+            if duration_ms(self.window) < 1000:
+                raise ValueError(f"an entity metric's window is at least 1s, not {self.window}")
         else:
             known = sorted([*MINUTE_METRICS, *ENTITY_METRICS])
             raise ValueError(f"unknown metric {self.metric!r} (known: {', '.join(known)})")

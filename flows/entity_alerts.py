@@ -5,6 +5,7 @@ login countries, orders per user), judged on every event.
 signals of the events whose IP cluster or user hashes to it, and the partitions' highest event
 times, so every shard's watermark moves on even when none of its IPs or users sends anything.
 An IP's events all go to the shard of its cluster, so per-IP and per-cluster counts are whole.
+Like the ingest shards, an entity shard drops duplicates (by event id) and late events.
 
 >>> from alerts.rules import load_rules
 >>> router = SignalRouter(load_rules().entity_rules, shards=4)
@@ -12,23 +13,23 @@ An IP's events all go to the shard of its cluster, so per-IP and per-cluster cou
 >>> e = Event("e1", "track", "login_failed", "u1", 1_000, "web", "", 0.0, 0.0, "203.0.113.7")
 >>> {shard: s.scope for shard, s in router.route(e).items()}  # its IP cluster's and user's shards
 {2: 3}
->>> e.ip = "198.51.100.9"
+>>> e.ip = "10.1.2.3"
 >>> {shard: s.scope for shard, s in router.route(e).items()}
-{1: 1, 2: 2}
+{0: 1, 2: 2}
 """
 from __future__ import annotations
 
+import pickle
 import zlib
 from dataclasses import dataclass
 
 from bytewax.operators import StatefulBatchLogic
 
 from alerts.entities import BY_IP, BY_USER, EntityRules, Signal
-from alerts.metrics import ip_cluster
+from alerts.metrics import ENTITY_METRICS, ip_cluster, normal_ip
 from alerts.rules import RuleSpec
 from flows.events import Event
-
-END_OF_TIME = 2**62
+from flows.shard import END_OF_TIME
 
 
 @dataclass(slots=True)
@@ -39,23 +40,12 @@ class EntityChunk:
     partitions: int
 
 
-def cluster_key(ip: str) -> str:
-    """Routing key of an IP: its /24 (IPv4, without parsing) or /48 (IPv6).
-
-    >>> cluster_key("203.0.113.66"), cluster_key("2001:db8:1:2::7")
-    ('203.0.113', '2001:db8:1::/48')
-    """
-    if ":" in ip:
-        return ip_cluster(ip)
-    return ip[: ip.rfind(".")]
 
 
 class SignalRouter:
     """Which events the entity rules need, and to which shard each goes."""
 
     def __init__(self, rules: list[RuleSpec], shards: int):
-        from alerts.metrics import ENTITY_METRICS
-
         self.shards = shards
         ip_names: set[str] = set()
         self.ip_all = False
@@ -76,21 +66,24 @@ class SignalRouter:
         ip_wanted = e.ip and (self.ip_all or e.name in self.ip_names)
         if not ip_wanted and e.name not in self.user_names:
             return out
+        ip = normal_ip(e.ip) if e.ip else ""
+        ip_wanted = ip_wanted and ip
         # Each shard judges only the entities it owns (its IP clusters, its users): a signal
         # sent to two shards says which rules each applies, so nothing is counted twice.
         scopes: dict[int, int] = {}
         if ip_wanted:
-            scopes[zlib.crc32(cluster_key(e.ip).encode()) % self.shards] = BY_IP
+            scopes[zlib.crc32(ip_cluster(ip).encode()) % self.shards] = BY_IP
         if e.name in self.user_names:
             shard = zlib.crc32(e.user.encode()) % self.shards
             scopes[shard] = scopes.get(shard, 0) | BY_USER
-        return {shard: Signal(e.ts_ms, e.name, e.user, e.ip, e.country, scope)
+        return {shard: Signal(e.ts_ms, e.name, e.user, ip, e.country, scope, e.event_id)
                 for shard, scope in scopes.items()}
 
 
 class EntityShard:
-    """One shard's entity rules and its watermark (as the ingest shards: the minimum over the
-    source partitions of their highest event time, minus the allowed lateness)."""
+    """One shard's entity rules and its watermark: as the ingest shards', the minimum over the
+    source partitions of their highest event time, minus the allowed lateness, so both drop the
+    same late events."""
 
     def __init__(self, shard: int, rules: list[RuleSpec], lateness_ms: int):
         self.shard = shard
@@ -98,30 +91,52 @@ class EntityShard:
         self.lateness_ms = lateness_ms
         self.part_max: dict[int, int] = {}
         self.partitions = 1
+        self.watermark = -END_OF_TIME
+        self.seen: dict[str, int] = {}  # event id -> time, while a duplicate could be on time
 
     def ingest(self, chunk: EntityChunk) -> list:
         alerts = []
         for s in chunk.signals:
+            if s.ts_ms < self.watermark or s.event_id in self.seen:
+                continue  # late (dead-lettered by its ingest shard) or a duplicate
+            self.seen[s.event_id] = s.ts_ms
             alerts += self.rules.observe(s)
         for part, ts in chunk.clocks.items():
             if ts > self.part_max.get(part, -END_OF_TIME):
                 self.part_max[part] = ts
         self.partitions = max(self.partitions, chunk.partitions)
         if len(self.part_max) >= self.partitions:
-            alerts += self.rules.tick(min(self.part_max.values()) - self.lateness_ms)
+            alerts += self._advance(min(self.part_max.values()) - self.lateness_ms)
         return alerts
+
+    def _advance(self, watermark: int) -> list:
+        if watermark <= self.watermark:
+            return []
+        if watermark // 60_000 != self.watermark // 60_000:
+            self.seen = {k: v for k, v in self.seen.items() if v >= watermark}
+        self.watermark = watermark
+        return self.rules.tick(watermark)
 
     def finish(self) -> list:
         """End of a bounded input: nothing can be late any more; now = the clock."""
         if not self.part_max:
             return []
-        return self.rules.tick(min(self.part_max.values()))
+        return self._advance(min(self.part_max.values()))
 
 
 class EntityLogic(StatefulBatchLogic):
-    def __init__(self, rules: list[RuleSpec], lateness_ms: int, resume: EntityShard | None):
-        self.rules, self.lateness_ms = rules, lateness_ms
-        self.state = resume
+    """Bytewax adapter. Snapshots are pickled bytes (immutable, as Bytewax asks); a resumed
+    shard takes the current rule catalogue, keeping the state of the rules that did not change."""
+
+    def __init__(self, rules: list[RuleSpec], lateness_ms: int, resume: bytes | None,
+                 snapshots: bool):
+        self.rules, self.lateness_ms, self.snapshots = rules, lateness_ms, snapshots
+        self.state: EntityShard | None = None
+        if resume is not None:
+            state = pickle.loads(resume)
+            if isinstance(state, EntityShard):
+                state.rules = state.rules.retuned(rules)
+                self.state = state
 
     def on_batch(self, chunks: list[EntityChunk]):
         if self.state is None:
@@ -133,5 +148,7 @@ class EntityLogic(StatefulBatchLogic):
         alerts = self.state.finish() if self.state is not None else []
         return ([[a.to_dict() for a in alerts]] if alerts else []), False
 
-    def snapshot(self) -> EntityShard | None:
-        return self.state
+    def snapshot(self) -> bytes | None:
+        if self.state is None or not self.snapshots:
+            return None
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -149,11 +150,17 @@ class MinuteLogic(op.StatefulBatchLogic):
 
 
 class AlertLogic(op.StatefulBatchLogic):
-    """Single-key step: the minute rules over complete minutes, in minute order."""
+    """Single-key step: the minute rules over complete minutes, in minute order. Snapshots are
+    pickled bytes; a resumed step takes the current catalogue, keeping the state of the rules
+    that did not change."""
 
-    def __init__(self, settings: Settings, resume):
-        self.rules = resume if resume is not None else MinuteRules(
-            load_rules(settings.alerts.rules), settings.clickhouse.timezone)
+    def __init__(self, catalogue, timezone: str, resume: bytes | None, snapshots: bool):
+        self.snapshots = snapshots
+        rules = pickle.loads(resume) if resume is not None else None
+        if isinstance(rules, MinuteRules):
+            self.rules = rules.retuned(catalogue)
+        else:  # nothing to resume (or a snapshot from before the rule catalogue)
+            self.rules = MinuteRules(catalogue, timezone)
 
     def on_batch(self, batches: list[list[CompleteMinute]]) -> tuple[list, bool]:
         alerts = []
@@ -167,8 +174,10 @@ class AlertLogic(op.StatefulBatchLogic):
                     alerts.append(alert)
         return ([alerts] if alerts else []), False
 
-    def snapshot(self):
-        return self.rules
+    def snapshot(self) -> bytes | None:
+        if not self.snapshots:
+            return None
+        return pickle.dumps(self.rules, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def log_alerts(batch: list[dict]) -> list[dict]:
@@ -246,14 +255,16 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     for name, sink in outputs.dead_letters:
         op.output(f"dead_letters_to_{name}", dead, sink)
 
+    tz = settings.clickhouse.timezone
     minute_alerts = op.stateful_batch("minute_rules",
                                       op.key_on("all-series", minutes, lambda _: "all"),
-                                      lambda resume: AlertLogic(settings, resume))
+                                      lambda resume: AlertLogic(catalogue, tz, resume, snapshots))
     alerts = op.map("minute_alerts", minute_alerts, lambda kv: kv[1])
     if router is not None:
         lateness = int(settings.flow.allowed_lateness_s * 1000)
         entity_alerts = op.stateful_batch("entity_rules", by_kind.falses,
-                                          lambda resume: EntityLogic(entity_rules, lateness, resume))
+                                          lambda resume: EntityLogic(entity_rules, lateness, resume,
+                                                                     snapshots))
         alerts = op.merge("alerts", alerts, op.map("entity_alerts", entity_alerts, lambda kv: kv[1]))
     alerts = op.map("alerts_to_log", alerts, log_alerts)
     for name, sink in outputs.alerts:

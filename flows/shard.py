@@ -292,6 +292,8 @@ class IngestShard:
         self.cohorts: dict[int, dict[str, list[int]]] = {}
         self.pending_views: dict[int, dict[str, tuple[int, str]]] = {}
         self.view_cohort: dict[str, int] = {}  # visitor -> cohort of its pending view
+        # visitor -> time of its latest interaction, kept while a view before it can still come
+        self.last_interaction: dict[str, int] = {}
         self.closed_through = -END_OF_TIME  # last minute reported as closed
         self.late_events = 0
 
@@ -313,6 +315,7 @@ class IngestShard:
         ts = e.ts_ms
         if ts < self.watermark:
             self.late_events += 1
+            self._delay(minute_of(self.watermark), e)  # a stuck collector's data counts too
             out.dead.append(DeadLetter("late_event", f"event time {ts} < watermark {self.watermark}",
                                        e.raw or _event_bytes(e), e.user.encode(), "shard", ts))
             return
@@ -377,19 +380,26 @@ class IngestShard:
         # interleave, and counts must not. No profiling consent: counted, but not as a user.
         if e.consent is not False:
             row[4].add(e.user)
-        if e.ingest_ms:  # the source gave a record time (Kafka): how late the event came in
+        self._delay(minute, e)
+
+    def _delay(self, minute: int, e: Event) -> None:
+        """The event's ingest delay into the minute's histogram, when the source gave a record
+        time (Kafka); a late event goes to the open minute, where it is noticed."""
+        if e.ingest_ms:
             hist = self.delays.get(minute)
             if hist is None:
                 hist = self.delays[minute] = {}
-            bucket = delay_bucket(e.ingest_ms - ts)
+            bucket = delay_bucket(e.ingest_ms - e.ts_ms)
             hist[bucket] = hist.get(bucket, 0) + 1
 
     def _bounce(self, e: Event, ts: int) -> None:
         if e.name in NOT_INTERACTIONS:
             return
         visitor = e.anon or e.user
+        latest = self.last_interaction.get(visitor)
+        if latest is None or ts > latest:
+            self.last_interaction[visitor] = ts
         cohort = self.view_cohort.get(visitor)
-        earlier_than_pending = False
         if cohort is not None:
             pending = self.pending_views[cohort]
             seen, viewed = pending[visitor]
@@ -398,19 +408,21 @@ class IngestShard:
                 del self.view_cohort[visitor]
                 if ts - seen > BOUNCE_MS:
                     self.cohorts[cohort][viewed][1] += 1
-            else:  # an earlier event that arrived late: the pending view still waits
-                earlier_than_pending = True
         if e.name in PAGE_VIEWS:
             page = e.properties.get("page")
             if isinstance(page, str) and page:
-                page = page[:MAX_PAGE_CHARS]
+                # the path only: query strings and fragments would make every view its own page
+                page = page.split("?", 1)[0].split("#", 1)[0][:MAX_PAGE_CHARS]
                 minute = minute_of(ts)
                 pages = self.cohorts.setdefault(minute, {})
                 tally = pages.get(page)
                 if tally is None:
                     tally = pages[page] = [0, 0]
                 tally[0] += 1
-                if not earlier_than_pending:  # else the pending view came after it: no bounce
+                # Something of the visitor after this view has arrived already (events of a
+                # visitor arrive out of order within the allowed lateness, under BOUNCE_MS): it
+                # did not bounce. Else it waits for the visitor's next interaction.
+                if latest is None or latest <= ts:
                     self.pending_views.setdefault(minute, {})[visitor] = (ts, page)
                     self.view_cohort[visitor] = minute
 
@@ -475,6 +487,8 @@ class IngestShard:
                 out.minutes.final = out.minutes.final or final
         if previous_minute is None or minute_of(self.watermark) != previous_minute:
             self.seen = {k: v for k, v in self.seen.items() if v >= self.watermark}
+            self.last_interaction = {k: v for k, v in self.last_interaction.items()
+                                     if v >= self.watermark}
 
     def finish(self, out: ShardOut) -> None:
         """End of a bounded input: no event can be late any more, so now = the clock."""

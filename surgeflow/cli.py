@@ -239,7 +239,10 @@ def produce(config: Optional[Path] = ConfigOption,
         ensure_topics(k.brokers, [topic], extra=k.client_config)
         # The record time is the simulated send time, so the ingest-delay rules see the stream's
         # own delays (and an injected ingest_delay), not how long ago the history was generated.
-        records = ((r.key, r.value, r.sent_ms)
+        # Older than a day, it is left to the broker: a topic's retention (7 days by default)
+        # would delete records stamped further back as soon as they land.
+        oldest = int(time.time() * 1000) - 86_400_000
+        records = ((r.key, r.value, r.sent_ms if r.sent_ms >= oldest else 0)
                    for r in itertools.islice(generate(synthetic_spec(settings)), events))
         started = time.monotonic()
         sent = produce_records(k.brokers, topic, records, k.client_config,

@@ -164,7 +164,10 @@ class KafkaBroker:
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=false",
             "log.segment.bytes=16777216",
-            "log.retention.hours=1",
+            # No time-based retention: tests replay synthetic history whose record times
+            # (the simulated send times) are hours or days old; the broker's directory is
+            # temporary anyway.
+            "log.retention.ms=-1",
             "log.retention.check.interval.ms=300000",
             "num.network.threads=2",
             "num.io.threads=2",

@@ -371,23 +371,29 @@ def test_minutes_are_complete_only_when_all_shards_closed_them(steps):
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["anon-a", "anon-b", "anon-c"]),
                           st.sampled_from(["page_view", "page_view", "add_to_cart", "push_sent"]),
-                          st.sampled_from(["/", "/deals"]), st.integers(0, 40 * 60)),
+                          st.sampled_from(["/", "/deals?utm=1"]), st.integers(0, 40 * 60),
+                          st.integers(0, 50_000)),
                 min_size=1, max_size=40))
 def test_bounces_equal_a_brute_force_count(steps):
     """Every page view is counted once in its minute's cohort, reported 10 minutes after it; it
     bounced when its visitor did nothing (a message sent to them does not count) in the next 10
-    minutes. Events arrive in time order here, so 'next' is the next event (at the same time, the
-    one that came after it)."""
+    minutes. Events arrive out of order, up to 50 s (within the allowed lateness)."""
     from flows.shard import Chunk, IngestShard, ShardConfig, ShardOut
     from tests.engine_harness import Harness, event
 
     t0 = 1_795_392_000_000
-    shard = IngestShard(0, ShardConfig(lateness_ms=0, profile_shards=1, ingest_shards=1), Harness().plan)
-    events = sorted((t0 + sec * 1000, v, name, page) for v, name, page, sec in steps)
+    shard = IngestShard(0, ShardConfig(lateness_ms=60_000, profile_shards=1, ingest_shards=1),
+                        Harness().plan)
+    # distinct times (+ i ms); arrival order: time plus up to 50 s of delay
+    events = [(t0 + sec * 1000 + i, v, name, page, jitter)
+              for i, (v, name, page, sec, jitter) in enumerate(steps)]
+    arrival = sorted(events, key=lambda e: (e[0] + e[4], e[0]))
     reported: dict[tuple[int, str], list[int]] = {}
-    for i, (ts, v, name, page) in enumerate(events + [(t0 + 3 * 3600_000, "anon-z", "add_to_cart", "")]):
+    end = (t0 + 3 * 3600_000, "anon-z", "add_to_cart", "", 0)
+    for i, (ts, v, name, page, _) in enumerate(arrival + [end]):
         out = ShardOut(0)
         shard.ingest(Chunk(0, [event(i, v, name, ts, props={"page": page})], {0: ts}, 1), out)
+        assert not out.dead  # never late here
         if out.minutes is not None:
             for minute, pages in out.minutes.bounces.items():
                 for p, (views, bounced) in pages.items():
@@ -395,12 +401,73 @@ def test_bounces_equal_a_brute_force_count(steps):
                     t[0] += views
                     t[1] += bounced
     expected: dict[tuple[int, str], list[int]] = {}
-    for j, (ts, v, name, page) in enumerate(events):
+    by_time = sorted(events)
+    for j, (ts, v, name, page, _) in enumerate(by_time):
         if name != "page_view":
             continue
-        later = [t for t, w, n, _ in events[j + 1:] if w == v and n != "push_sent"]
+        later = [t for t, w, n, _, _ in by_time[j + 1:] if w == v and n != "push_sent"]
         bounced = not later or later[0] - ts > 10 * 60_000
-        t = expected.setdefault((ts // 60_000, page), [0, 0])
+        t = expected.setdefault((ts // 60_000, page.split("?")[0]), [0, 0])
         t[0] += 1
         t[1] += bounced
     assert reported == expected
+
+
+def test_an_entity_burst_is_seen_whatever_the_arrival_order():
+    """52 clicks a second apart from one IP, the second half arriving first (two partitions):
+    the hour holds 52 > 50, so the rule fires, as it does in time order."""
+    clicks = burst(0, 52, 1000, "ad_click", ip="203.0.113.7")
+    for order in (clicks, clicks[26:] + clicks[:26], clicks[::-1]):
+        rules = EntityRules([load_rules().rule("ip_cluster_click_fraud")])
+        fired = [a for s in order for a in rules.observe(s) if a.status == "firing"]
+        assert len(fired) == 1 and fired[0].value == 51.0
+
+
+def test_entity_resolve_after_and_a_deterministic_resolve_time(tmp_path):
+    doc = yaml.safe_load(RULES_FILE.read_text())
+    flood = next(r for r in doc["rules"] if r["name"] == "ip_request_flood")
+    flood["resolve_after"] = "10s"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    results = []
+    for ticks in ([5_000, 20_000, 40_000], [39_000, 40_000], [40_000]):
+        rules = EntityRules([load_rules(path).rule("ip_request_flood")])
+        for s in burst(1_000, 150, 6, "page", ip="198.51.100.9"):
+            rules.observe(s)
+        results.append([(a.status, a.at_ms) for t in ticks for a in rules.tick(t)])
+    # The window emptied at 2 s (the last breaching second ends), plus 10 s: however "now" moved.
+    assert results == [[("resolved", 12_000)]] * 3
+
+
+def test_entity_shards_drop_duplicates_and_late_signals():
+    from flows.entity_alerts import EntityChunk, EntityShard
+
+    shard = EntityShard(0, [load_rules().rule("user_orders_per_day")], lateness_ms=60_000)
+    orders = [Signal(3_600_000 + i * 1000, "order_completed", "hoarder", "", "", 2, f"o{i}")
+              for i in range(99)]
+    out = shard.ingest(EntityChunk(0, orders + orders[:10], {0: 3_700_000}, 1))  # 10 retries
+    assert out == []  # 99 orders, not 109
+    late = Signal(1_000, "order_completed", "hoarder", "", "", 2, "o-late")  # behind the watermark
+    assert shard.ingest(EntityChunk(0, [late], {0: 3_700_000}, 1)) == []
+    fired = shard.ingest(EntityChunk(0, [orders[0]._replace(event_id="o99", ts_ms=3_700_000)],
+                                     {0: 3_700_000}, 1))
+    assert [(a.rule, a.value) for a in fired] == [("user_orders_per_day", 100.0)]
+
+
+def test_resumed_rules_take_the_current_catalogue_and_keep_unchanged_state(tmp_path):
+    import pickle
+
+    rules = MinuteRules(load_rules())
+    for m in range(40):
+        rules.judge(CompleteMinute(m, [("web", "c1", "", "page_view", 100 + m % 3, 0.0, 0.0, 0, [])]))
+    resumed = pickle.loads(pickle.dumps(rules))
+    doc = yaml.safe_load(RULES_FILE.read_text())
+    next(r for r in doc["rules"] if r["name"] == "traffic_anomaly")["detector"]["params"]["k"] = 9
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    retuned = resumed.retuned(load_rules(path))
+    assert ("traffic_anomaly", "all") not in retuned.detectors  # changed: starts afresh
+    kept = retuned.detectors[("channel_traffic_anomaly", "channel=web")]
+    assert kept.count == rules.detectors[("channel_traffic_anomaly", "channel=web")].count == 40
+    assert retuned.series.minute == 39 and retuned.rules[0].name == "cvr_fluctuation"
+    assert next(r for r in retuned.rules if r.name == "traffic_anomaly").detector.params["k"] == 9
