@@ -67,6 +67,10 @@ class MinuteCloser:
         self.bounces: dict[int, dict[str, list[int]]] = {}  # minute -> merged page tallies
         self.done_through: int | None = None
 
+    def __setstate__(self, state: dict) -> None:
+        # a snapshot from before ingest delays and bounces resumes with them empty
+        self.__dict__.update({"delays": {}, "bounces": {}, **state})
+
     def add(self, part: MinutePart) -> list[CompleteMinute]:
         for minute, rows in part.minutes.items():
             if self.done_through is not None and minute <= self.done_through:

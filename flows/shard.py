@@ -270,6 +270,15 @@ def _session_id(user: str, start: int) -> str:
 
 
 class IngestShard:
+    # State added after the first release: a snapshot taken before it resumes with these empty.
+    _ADDED_STATE = ("delays", "cohorts", "pending_views", "view_cohort", "last_interaction")
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name in self._ADDED_STATE:
+            if name not in state:
+                setattr(self, name, {})
+
     def __init__(self, shard: int, config: ShardConfig, plan: FeaturePlan):
         self.shard = shard
         self.config = config

@@ -471,3 +471,18 @@ def test_resumed_rules_take_the_current_catalogue_and_keep_unchanged_state(tmp_p
     assert kept.count == rules.detectors[("channel_traffic_anomaly", "channel=web")].count == 40
     assert retuned.series.minute == 39 and retuned.rules[0].name == "cvr_fluctuation"
     assert next(r for r in retuned.rules if r.name == "traffic_anomaly").detector.params["k"] == 9
+
+
+def test_an_ingest_shard_snapshot_from_before_the_alert_state_resumes():
+    import pickle
+
+    from flows.shard import IngestShard, ShardConfig
+    from tests.engine_harness import Harness
+
+    shard = IngestShard(0, ShardConfig(), Harness().plan)
+    shard.store.plan = None  # as the snapshot does
+    old = pickle.loads(pickle.dumps(shard))
+    for name in IngestShard._ADDED_STATE:
+        del old.__dict__[name]
+    resumed = pickle.loads(pickle.dumps(old))
+    assert all(getattr(resumed, name) == {} for name in IngestShard._ADDED_STATE)
