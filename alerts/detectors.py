@@ -447,6 +447,3 @@ def _mad(s: list[float], mu: float) -> float:
     if n % 2:
         return kth(n // 2)
     return (kth(n // 2 - 1) + kth(n // 2)) / 2.0
-
-
-RollingGaussian = WindowedGaussian  # the name before the detector family; removed with its callers

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from alerts.lifecycle import Alert, Lifecycle
 from alerts.metrics import ENTITY_METRICS, ip_cluster
-from alerts.rules import RuleSpec, duration_ms
+from alerts.rules import RuleSpec
 
 BY_IP, BY_USER = 1, 2  # Signal.scope bits: which entities' rules judge the signal
 
@@ -135,8 +135,7 @@ class _Distinct:
 
 
 class _Rule:
-    __slots__ = ("spec", "metric", "window", "bucket", "limit", "resolve_ms", "life", "entities",
-                 "breached")
+    __slots__ = ("spec", "metric", "window", "bucket", "limit", "life", "entities", "breached")
 
     def __init__(self, spec: RuleSpec):
         self.spec = spec
@@ -144,7 +143,6 @@ class _Rule:
         self.window = spec.window_ms
         self.bucket = self.window if self.window <= 60_000 else max(self.window // 60, 1000)
         self.limit = spec.threshold
-        self.resolve_ms = duration_ms(spec.resolve_after)
         self.life: Lifecycle = spec.lifecycle()
         self.entities: dict[str, _Counts | _Distinct] = {}
         self.breached: dict[str, int] = {}  # open series -> end of its latest breaching window
@@ -230,7 +228,7 @@ class EntityRules:
                 if last is None:
                     continue
                 emptied = last + r.window  # the first window without the last breach
-                if watermark < emptied + r.resolve_ms:
+                if watermark < emptied + r.life.resolve_ms:
                     continue
                 entity = series.split("=", 1)[1]
                 state = r.entities.get(entity)
@@ -239,7 +237,7 @@ class EntityRules:
                 if verdict.breach:  # breaches by the bucket: look again one bucket later
                     r.breached[series] = last + r.bucket
                     continue
-                out = r.life.step(series, emptied + r.resolve_ms, emptied, verdict)
+                out = r.life.step(series, emptied + r.life.resolve_ms, emptied, verdict)
                 if out:
                     del r.breached[series]
                 alerts += out

@@ -105,10 +105,6 @@ class Lifecycle:
         self.open: dict[str, _Open] = {}  # series breaching or firing
         self.quiet_until: dict[str, int] = {}  # series in cool-down after a resolve
 
-    def firing(self, series: str) -> bool:
-        o = self.open.get(series)
-        return o is not None and o.alert is not None
-
     def firing_since(self, series: str) -> int | None:
         """When the breach of the firing alert on ``series`` began, else None."""
         o = self.open.get(series)

@@ -71,20 +71,19 @@ class MinuteCloser:
         # a snapshot from before ingest delays and bounces resumes with them empty
         self.__dict__.update({"delays": {}, "bounces": {}, **state})
 
+    def _open(self, by_minute: dict):
+        done = self.done_through
+        return [(m, v) for m, v in by_minute.items() if done is None or m > done]
+
     def add(self, part: MinutePart) -> list[CompleteMinute]:
-        for minute, rows in part.minutes.items():
-            if self.done_through is not None and minute <= self.done_through:
-                continue  # a replayed part of a minute already released
+        # Minutes already released are skipped: a replayed part of them changes nothing.
+        for minute, rows in self._open(part.minutes):
             self.pending.setdefault(minute, {})[part.shard] = rows
-        for minute, hist in part.delays.items():
-            if self.done_through is not None and minute <= self.done_through:
-                continue
+        for minute, hist in self._open(part.delays):
             merged = self.delays.setdefault(minute, {})
             for bucket, n in hist.items():
                 merged[bucket] = merged.get(bucket, 0) + n
-        for minute, pages in part.bounces.items():
-            if self.done_through is not None and minute <= self.done_through:
-                continue
+        for minute, pages in self._open(part.bounces):
             merged = self.bounces.setdefault(minute, {})
             for page, (views, bounced) in pages.items():
                 t = merged.setdefault(page, [0, 0])
