@@ -66,6 +66,10 @@ class RedisSettings(Strict):
     embedded_dir: Path = Path(".surgeflow/redis")
     key_prefix: str = Field("sf", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     ttl_days: float = Field(90, gt=0)
+    # Every Redis call gives up after this long (a hung server must not hang the flow for ever);
+    # the feature sink then retries with exponential backoff up to retry_max_backoff_s.
+    socket_timeout_s: float = Field(5.0, gt=0)
+    retry_max_backoff_s: float = Field(30.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -86,7 +90,14 @@ class ClickHouseSettings(Strict):
     raw_events: bool = True  # keep masked raw events (events_raw, 30-day TTL) for drill-down
     # During an outage, rows beyond this many wait on disk in spool_dir instead of in memory.
     max_buffer_rows: int = Field(500_000, ge=1000)
+    # ... and at most this many bytes (estimated) per sink: whichever bound is reached first.
+    max_buffer_bytes: int = Field(64 * 2**20, ge=2**16)
     spool_dir: Path = Path(".surgeflow/spool")
+    # A block ClickHouse rejects for good (not a connection error) is tried this many times, then
+    # written to the dead-letter file spool_dir/rejected-<table>.jsonl instead of blocking its table.
+    max_insert_tries: int = Field(5, ge=1)
+    # Every request to a ClickHouse server gives up after this long (chDB runs in process).
+    timeout_s: float = Field(30.0, gt=0)
 
     @field_validator("timezone")
     @classmethod
@@ -162,14 +173,49 @@ class FlowSettings(Strict):
     workers: int = Field(1, ge=1)
     allowed_lateness_s: float = Field(60.0, ge=0)
     max_event_bytes: int = Field(32_768, ge=256)
-    # Reject timestamps this far ahead of the wall clock (device clock bugs); None = no check.
-    max_future_s: float | None = Field(86_400.0, gt=0)
+    # Event time (flows/shard.py "Time"). The wall clock caps event time, never drives it:
+    # an event more than max_clock_skew_s ahead of the wall clock is a dead letter
+    # (`future_event`), so no device clock can move a partition's clock into the future.
+    max_clock_skew_s: float | None = Field(600.0, gt=0)
+    # A source partition that sent nothing for idle_timeout_s (wall clock) stops holding the
+    # watermark back, as Flink's idleness does; it rejoins with its next event. None = never idle.
+    idle_timeout_s: float | None = Field(60.0, gt=0)
+    # The first watermark of a fresh run is at least the wall clock minus max_lookback_s: one
+    # very old first event cannot make the flow close every minute since. Replaying older
+    # history: raise it to cover the history (or None: no bound).
+    max_lookback_s: float | None = Field(8 * 86_400.0, gt=0)
     # Bytewax epoch length: how often state is snapshotted (wall clock; not event time).
     epoch_interval_s: float = Field(10.0, gt=0)
     # Bytewax recovery store (SQLite partitions); None = no snapshots. With it, a restarted run
     # resumes every shard and source offset from the last completed epoch and replays from there;
     # Redis writes are absolute values, so the replayed epoch rewrites the same bytes.
     recovery_dir: Path | None = None
+
+
+class LimitSettings(Strict):
+    """Hostile input and hostile cardinality: what one event may hold, and how much state any
+    input can make the flow keep. Each cap evicts deterministically and counts each eviction."""
+
+    # -- one event (flows/events.py decode): beyond these it is a dead letter
+    max_depth: int = Field(16, ge=2, le=256)  # nesting of objects / arrays in an event
+    max_keys: int = Field(512, ge=8)  # keys and list items in the whole event
+    max_string_chars: int = Field(4096, ge=64)  # any string value or key
+    max_money: float = Field(1e9, gt=0)  # |revenue|, |cost|, |price| in currency units
+    max_quantity: float = Field(1e6, gt=0)  # |quantity|
+    # -- state
+    max_anonymous_profiles: int = Field(200_000, ge=1)  # per ingest shard: oldest-seen evicted
+    max_identity_links: int = Field(500_000, ge=1)  # per ingest shard: oldest link evicted
+    max_cart_items: int = Field(100, ge=1)  # per profile
+    max_series: int = Field(10_000, ge=1)  # distinct series per minute rule (campaign, page, ...)
+    max_minute_rows: int = Field(50_000, ge=1)  # distinct (channel, campaign, creative, event) per minute and shard
+    max_entity_keys: int = Field(200_000, ge=1)  # IPs, IP clusters, users per entity shard
+
+
+class MetricsSettings(Strict):
+    # Prometheus metrics (/metrics), /healthz and /readyz on one HTTP port; port 0 = any free port.
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
 
 
 class FeatureSettings(Strict):
@@ -230,6 +276,8 @@ class Settings(Strict):
     alerts: AlertSettings = AlertSettings()
     trigger: TriggerSettings = TriggerSettings()
     dashboard: DashboardSettings = DashboardSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    limits: LimitSettings = LimitSettings()
 
 
 def _set_path(doc: dict, path: list[str], value: Any) -> None:

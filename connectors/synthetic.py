@@ -71,7 +71,7 @@ ANOMALY_KINDS = ("traffic_spike", "cvr_drop", "click_fraud", "request_flood", "i
 # The page whose tag breaks in a tracking_bug incident: nothing is tracked after viewing it.
 BUG_PAGE = "/deals"
 CHANNELS = ("app", "web", "mini_program", "sms", "email", "push", "store", "ad")
-# Every reason flows.events.decode can give for a record (future_timestamp needs a wall clock).
+# Every reason flows.events.decode can give for a record (future_event needs a wall clock).
 MALFORMED_REASONS = (
     "invalid_json",
     "not_utf8",

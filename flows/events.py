@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,30 @@ KNOWN_EVENT_NAMES = frozenset(
 MIN_TS_MS = 946_684_800_000  # 2000-01-01
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
 MAX_ID_CHARS = 128
+MAX_INT = 2**63  # orjson writes integers of 64 bits at most: beyond, raw_row could not store it
+MONEY_FIELDS = ("revenue", "cost", "price")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one event may hold; beyond it the record is a dead letter (``too_deep``,
+    ``too_many_keys``, ``string_too_long``, ``bad_number``, ``bad_field``). The defaults are
+    config.settings.LimitSettings'.
+
+    >>> deep = b'{"event_id":"e","user_id":"u","event":"x","timestamp":1795428000000,' \\
+    ...        b'"properties":{"a":[[[[1]]]]}}'
+    >>> decode(deep, limits=Limits(max_depth=4)).reason
+    'too_deep'
+    """
+
+    max_depth: int = 16
+    max_keys: int = 512
+    max_string_chars: int = 4096
+    max_money: float = 1e9
+    max_quantity: float = 1e6
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(slots=True)
@@ -69,6 +94,7 @@ class DeadLetter:
     key: bytes | None = None
     source: str = ""
     ts_ms: int | None = None
+    step: str = "decode_and_route"  # the dataflow step that gave up on the record
 
     def to_json(self) -> bytes:
         """The dead-letter file / message body: reason, detail and the exact original bytes."""
@@ -80,12 +106,37 @@ class DeadLetter:
             {
                 "reason": self.reason,
                 "detail": self.detail,
+                "step": self.step,
                 "source": self.source,
                 "key": self.key.decode("utf-8", "replace") if self.key is not None else None,
                 "raw_b64": base64.b64encode(self.raw).decode("ascii"),
                 "raw_text": text if text is not None and len(text) <= 4096 else None,
             }
         )
+
+
+_failure_log = logging.getLogger("surgeflow.flow")
+_failures: dict[str, int] = {}
+
+
+def step_failure(step: str, exc: BaseException, raw: bytes, key: bytes | None = None,
+                 ts_ms: int | None = None) -> DeadLetter:
+    """A record a step could not handle (an error no validation foresaw) as a dead letter
+    (``step_error``), so the flow goes on without it. The first failures of each step are logged
+    with their traceback, then one in a thousand.
+
+    >>> try:
+    ...     1 / 0
+    ... except ZeroDivisionError as exc:
+    ...     dl = step_failure("profile_shards", exc, b"{}")
+    >>> dl.reason, dl.step, dl.detail
+    ('step_error', 'profile_shards', 'ZeroDivisionError: division by zero')
+    """
+    n = _failures[step] = _failures.get(step, 0) + 1
+    if n <= 10 or n % 1000 == 0:
+        _failure_log.error("step %s failed on a record (%d so far): %s: %s", step, n,
+                           type(exc).__name__, exc, exc_info=exc)
+    return DeadLetter("step_error", f"{type(exc).__name__}: {exc}"[:300], raw, key, "", ts_ms, step)
 
 
 class Reject(Exception):
@@ -140,9 +191,50 @@ def _number(props: dict, name: str) -> float:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Reject("bad_field", f"properties.{name} is not a number")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise Reject("bad_field", f"properties.{name} is not finite")
     return float(value)
+
+
+def _check_shape(doc: dict, limits: Limits) -> None:
+    """Depth, key count, string length and integer size of the whole document, in one pass
+    (iterative: a hostile depth cannot exhaust the stack). orjson parses 1,000 levels, but
+    cannot write back more than 254, and every string is stored somewhere downstream."""
+    max_depth, max_chars = limits.max_depth, limits.max_string_chars
+    budget = limits.max_keys
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            raise Reject("too_deep", f"nested deeper than {max_depth} levels")
+        budget -= len(node)
+        if budget < 0:
+            raise Reject("too_many_keys", f"more than {limits.max_keys} keys and items")
+        if type(node) is dict:
+            for key in node:
+                if len(key) > max_chars:
+                    raise Reject("string_too_long", f"a key longer than {max_chars} characters")
+            values = node.values()
+        else:
+            values = node
+        for v in values:
+            t = type(v)
+            if t is str:
+                if len(v) > max_chars:
+                    raise Reject("string_too_long", f"a string longer than {max_chars} characters")
+            elif t is dict or t is list:
+                stack.append((v, depth + 1))
+            elif t is int and not -MAX_INT <= v < MAX_INT:
+                raise Reject("bad_number", "an integer beyond 64 bits")
+
+
+def _check_amounts(props: dict, limits: Limits) -> None:
+    """Money and quantities must be plausible: 1e308 is valid JSON and overflows every sum."""
+    for name in MONEY_FIELDS:
+        v = props.get(name)
+        if type(v) in (int, float) and not -limits.max_money <= v <= limits.max_money:
+            raise Reject("bad_number", f"properties.{name} beyond +/-{limits.max_money:g}")
+    v = props.get("quantity")
+    if type(v) in (int, float) and not -limits.max_quantity <= v <= limits.max_quantity:
+        raise Reject("bad_number", f"properties.quantity beyond +/-{limits.max_quantity:g}")
 
 
 def _text(obj: dict, name: str, default: str = "") -> str:
@@ -162,11 +254,13 @@ def decode(
     max_bytes: int = 32_768,
     max_future_ms: int | None = None,
     now_ms: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Event | DeadLetter:
     """Decode and validate one raw record; never raises.
 
-    ``max_future_ms`` with ``now_ms`` rejects timestamps too far ahead of the wall clock (a clock
-    bug on a device); it is the only use of the wall clock in event handling.
+    ``max_future_ms`` with ``now_ms`` rejects timestamps further ahead of the wall clock than the
+    allowed clock skew (``future_event``): a device with a wrong clock must not move the stream's
+    event time into the future. The wall clock only caps event time here; it never drives it.
     """
     try:
         if len(raw) > max_bytes:
@@ -195,12 +289,15 @@ def decode(
         else:
             name = etype if etype != "page" else "page_view"
         ts = parse_timestamp(doc.get("timestamp"))
+        _check_shape(doc, limits)  # after the ids, whose own reasons say more
         if max_future_ms is not None and now_ms is not None and ts > now_ms + max_future_ms:
-            raise Reject("future_timestamp", f"timestamp {ts} is ahead of the clock")
+            raise Reject("future_event", f"timestamp {ts} is more than {max_future_ms} ms ahead "
+                                         f"of the wall clock {now_ms}")
         props = doc.get("properties") or {}
         ctx = doc.get("context") or {}
         if not isinstance(props, dict) or not isinstance(ctx, dict):
             raise Reject("bad_field", "properties and context must be objects")
+        _check_amounts(props, limits)
         utm = ctx.get("campaign") or {}
         if not isinstance(utm, dict):
             raise Reject("bad_field", "context.campaign must be an object")

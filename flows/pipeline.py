@@ -43,7 +43,7 @@ from bytewax.outputs import DynamicSink
 from alerts.minute_rules import MinuteRules
 from alerts.rules import load_rules
 from config.settings import Settings
-from flows.events import DeadLetter, Event, decode
+from flows.events import DEFAULT_LIMITS, DeadLetter, Event, Limits, decode, step_failure
 from config.registry import Registry, load_registry
 from features.profile import FeaturePlan
 from flows.entity_alerts import EntityChunk, EntityLogic, SignalRouter
@@ -68,14 +68,26 @@ def shard_config(settings: Settings) -> ShardConfig:
         ingest_shards=settings.flow.shards,
         raw_events=settings.clickhouse.raw_events,
         pii_key=os.environ["SURGEFLOW_PII_KEY"].encode() if os.environ.get("SURGEFLOW_PII_KEY") else None,
+        idle_ms=_ms(settings.flow.idle_timeout_s),
+        lookback_ms=_ms(settings.flow.max_lookback_s),
+        max_anonymous=settings.limits.max_anonymous_profiles,
+        max_links=settings.limits.max_identity_links,
+        max_minute_rows=settings.limits.max_minute_rows,
     )
 
 
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
+
+
 class DecodeAndRoute:
-    """Batch step: raw records -> one Chunk per shard (all shards, for the clock) + dead letters."""
+    """Batch step: raw records -> one Chunk per shard (all shards, for the clock) + dead letters.
+
+    The wall clock read here caps event time (``max_future_ms``) and tells the shards how long a
+    partition has been silent (idleness); it never becomes event time itself."""
 
     def __init__(self, shards: int, partitions: int, max_bytes: int, max_future_ms: int | None,
-                 router: SignalRouter | None = None):
+                 router: SignalRouter | None = None, limits: Limits = DEFAULT_LIMITS):
         self.shards = shards
         self.keys = [f"shard-{i:04d}" for i in range(shards)]
         self.router = router
@@ -83,6 +95,7 @@ class DecodeAndRoute:
         self.partitions = partitions
         self.max_bytes = max_bytes
         self.max_future_ms = max_future_ms
+        self.limits = limits
 
     def __call__(self, batch: list) -> list:
         now_ms = int(time.time() * 1000)
@@ -103,33 +116,45 @@ class DecodeAndRoute:
                 dead.append(DeadLetter("empty_message", "record without a value", b"", msg.key, where))
                 continue
             ev = decode(value, key=msg.key, source=where, max_bytes=self.max_bytes,
-                        max_future_ms=self.max_future_ms, now_ms=now_ms)
+                        max_future_ms=self.max_future_ms, now_ms=now_ms, limits=self.limits)
             if type(ev) is DeadLetter:
                 dead.append(ev)
                 continue
-            part = msg.partition or 0
-            ev.partition = part
-            ts = getattr(msg, "timestamp", None)
-            ev.arrival_ms = getattr(msg, "arrival_ms", 0) or (ts[1] if ts else now_ms)
-            # Kafka's record time (type 0: none); the synthetic source gives its send time
-            ev.ingest_ms = getattr(msg, "ingest_ms", 0) or (ts[1] if ts and ts[0] else 0)
-            routed[zlib.crc32((ev.anon or ev.user).encode()) % self.shards].append(ev)
-            if router is not None:
-                for shard, signal in router.route(ev).items():
-                    signals[shard].append(signal)
+            try:
+                part = msg.partition or 0
+                ev.partition = part
+                ts = getattr(msg, "timestamp", None)
+                ev.arrival_ms = getattr(msg, "arrival_ms", 0) or (ts[1] if ts else now_ms)
+                # Kafka's record time (type 0: none); the synthetic source gives its send time
+                ev.ingest_ms = getattr(msg, "ingest_ms", 0) or (ts[1] if ts and ts[0] else 0)
+                shard = zlib.crc32((ev.anon or ev.user).encode()) % self.shards
+                sigs = router.route(ev) if router is not None else None
+            except Exception as exc:  # noqa: BLE001 - one record must not stop the flow
+                dead.append(step_failure("decode_and_route", exc, value, msg.key, ev.ts_ms))
+                continue
+            routed[shard].append(ev)
+            if sigs:
+                for i, signal in sigs.items():
+                    signals[i].append(signal)
             if ev.ts_ms > clocks.get(part, -1):
                 clocks[part] = ev.ts_ms
         STATS.add("events_in", len(batch))
         out: list = []
         if clocks:
-            out = [(key, Chunk(i, evs, clocks, self.partitions))
+            out = [(key, Chunk(i, evs, clocks, self.partitions, now_ms))
                    for i, (key, evs) in enumerate(zip(self.keys, routed))]
             out += [(key, EntityChunk(i, sig, clocks, self.partitions))
                     for i, (key, sig) in enumerate(zip(self.entity_keys, signals))]
         if dead:
-            STATS.add("events_dead_lettered", len(dead))
+            count_dead(dead)
             out.append((DEAD, dead))
         return out
+
+
+def count_dead(dead: list[DeadLetter]) -> None:
+    STATS.add("events_dead_lettered", len(dead))
+    for d in dead:
+        STATS.add_labeled("dead_letters", d.reason)
 
 
 class MinuteLogic(op.StatefulBatchLogic):
@@ -168,7 +193,13 @@ class AlertLogic(op.StatefulBatchLogic):
             for m in minutes:
                 if m.partial:
                     continue  # cut short by the end of the input: not a drop in traffic
-                for a in self.rules.judge(m):
+                try:
+                    judged = self.rules.judge(m)
+                except Exception as exc:  # noqa: BLE001 - a rule's bug must not stop the flow
+                    STATS.add_labeled("step_errors", "minute_rules")
+                    log.error("minute rules failed on minute %s: %s", m.minute, exc, exc_info=exc)
+                    continue
+                for a in judged:
                     alert = a.to_dict()
                     alert["_arrival_ms"] = m.closed_at_ms  # the minute closed: latency from here
                     alerts.append(alert)
@@ -210,7 +241,10 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
                flow_id: str = "surgeflow", registry: Registry | None = None,
                snapshots: bool = False) -> Dataflow:
     shards = settings.flow.shards
-    max_future = settings.flow.max_future_s
+    max_future = settings.flow.max_clock_skew_s
+    lim = settings.limits
+    limits = Limits(lim.max_depth, lim.max_keys, lim.max_string_chars, lim.max_money,
+                    lim.max_quantity)
     cfg = dataclasses.replace(shard_config(settings), snapshots=snapshots)
     plan = FeaturePlan(registry or load_registry(settings.features.registry))
 
@@ -222,7 +256,7 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     raw = op.input("events_in", flow, source)
     routed = op.flat_map_batch("decode_and_route", raw, DecodeAndRoute(
         shards, partitions, settings.flow.max_event_bytes,
-        int(max_future * 1000) if max_future is not None else None, router))
+        int(max_future * 1000) if max_future is not None else None, router, limits))
     split = op.branch("split_dead_letters", routed, lambda kv: kv[0] != DEAD)
     bad = op.map("bad_records", split.falses, lambda kv: kv[1])
     by_kind = op.branch("split_entity_signals", split.trues, lambda kv: type(kv[1]) is Chunk)
@@ -278,8 +312,8 @@ def _counted_actions(o: ShardOut):
         STATS.add("duplicates", o.duplicates)
         STATS.add("consent_denied", o.consent_denied)
     if o.dead:
-        STATS.add("events_dead_lettered", len(o.dead))
-        STATS.add("late_events", len(o.dead))
+        count_dead(o.dead)
+        STATS.add("late_events", sum(d.reason == "late_event" for d in o.dead))
     if not o.actions:
         return None
     STATS.add("actions_emitted", len(o.actions))

@@ -28,9 +28,11 @@ import orjson
 from bytewax.operators import StatefulBatchLogic
 
 from features.profile import MINUTE_MS, FeaturePlan, Profile
-from flows.events import DeadLetter, Event
+from flows.events import DeadLetter, Event, step_failure
 from alerts.metrics import delay_bucket
+from flows.eviction import OldestFirst
 from flows.minutes import MinutePart
+from surgeflow.stats import STATS
 from models.propensity import PurchasePropensity
 from triggers.rules import SessionPageViews
 from warehouse.raw_events import raw_row
@@ -43,6 +45,7 @@ BOUNCE_MS = BOUNCE_MINUTES * MINUTE_MS
 NOT_INTERACTIONS = frozenset({"push_sent", "sms_sent", "email_sent", "ad_impression",
                               "push_delivered", "identify"})
 MAX_PAGE_CHARS = 200
+OTHER = "(other)"  # where aggregates beyond a cardinality cap are counted
 
 
 def shard_of(user: str, shards: int) -> int:
@@ -66,6 +69,7 @@ class Chunk:
     events: list[Event]
     clocks: dict[int, int]  # source partition -> highest event time in the batch
     partitions: int  # number of source partitions
+    wall_ms: int = 0  # wall time the batch was read: how long partitions have been silent
 
 
 @dataclass(slots=True)
@@ -105,6 +109,11 @@ class ShardConfig:
     snapshots: bool = False
     raw_events: bool = True  # keep a masked copy of each accepted event for events_raw
     pii_key: bytes | None = None  # keyed hash of e-mail / phone in events_raw (None: dropped)
+    idle_ms: int | None = 60_000  # a partition silent this long (wall) stops holding the clock
+    lookback_ms: int | None = None  # the first watermark is at least wall time minus this
+    max_anonymous: int = 200_000  # anonymous profiles per ingest shard
+    max_links: int = 500_000  # identity links per ingest shard
+    max_minute_rows: int = 50_000  # distinct aggregate keys per open minute and shard
 
 
 @dataclass
@@ -143,6 +152,20 @@ class ProfileStore:
         self.unknown_fields = 0  # after a restart: fields a new profile's hash may already hold
         self.rule = SessionPageViews(config.trigger_pages, config.trigger_channel)
         self.model = PurchasePropensity(config.horizon_ms, config.learning_rate)
+        # At most `cap` profiles (anonymous visitors); beyond, the least recently active in
+        # event time is forgotten as if its time to live had passed.
+        self.cap: int | None = None
+        self.recency: OldestFirst | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"cap": None, "recency": None, **state})
+
+    def limit(self, cap: int) -> None:
+        self.cap = cap
+        if self.recency is None:
+            self.recency = OldestFirst()
+            for name, p in self.users.items():
+                self.recency.touch(name, p.last_event)
 
     def apply(self, e: Event, out: ShardOut) -> None:
         p = self.users.get(e.user)
@@ -151,6 +174,15 @@ class ProfileStore:
             p.written = self.unknown_fields
         self.plan.apply(p, e)
         self.dirty.add(e.user)
+        if self.recency is not None:
+            self.recency.touch(e.user, e.ts_ms)
+            while len(self.users) > self.cap:
+                victim = self.recency.pop_oldest()
+                if victim is None:
+                    break
+                if victim in self.users:
+                    self._drop(victim, out)
+                    STATS.add_labeled("evictions", "anonymous_profile")
         if e.name in self.plan.view_events:
             s = self.plan.session(p)
             if s is not None and s[0] <= e.ts_ms <= s[1]:
@@ -179,15 +211,23 @@ class ProfileStore:
         """Remove a profile from this shard (it moves to another), with its model examples."""
         p = self.users.pop(user, None)
         self.dirty.discard(user)
+        if self.recency is not None:
+            self.recency.discard(user)
         if p is not None:
             p.pending_examples = self.model.pending.pop(user, None)
         return p
 
     def forget(self, user: str, out: ShardOut) -> None:
         """Profiling consent withdrawn: the state and the stored profile go."""
+        self._drop(user, out)
+
+    def _drop(self, user: str, out: ShardOut) -> None:
+        """The profile's state and its stored hash go (consent withdrawn, time to live, cap)."""
         self.users.pop(user, None)
         self.model.pending.pop(user, None)
         self.dirty.discard(user)
+        if self.recency is not None:
+            self.recency.discard(user)
         out.features.append(Write(user, None))
 
     # -- time ------------------------------------------------------------------------------
@@ -203,13 +243,13 @@ class ProfileStore:
                 continue  # superseded by a later schedule
             p.next_due = None
             if due >= p.last_event + ttl:
-                del self.users[name]  # silent for the time to live: forget it, as Redis does
-                self.model.pending.pop(name, None)
-                self.dirty.discard(name)
-                out.features.append(Write(name, None))
+                self._drop(name, out)  # silent for the time to live: forget it, as Redis does
                 continue
-            self.plan.advance(p, due)
-            self.model.expire(name, due)
+            try:
+                self.plan.advance(p, due)
+                self.model.expire(name, due)
+            except Exception as exc:  # noqa: BLE001 - one profile's bug must not stop the flow
+                out.dead.append(step_failure("profile_timers", exc, b"", name.encode(), due))
             self.dirty.add(name)
             self._schedule(name, p)  # the next change may come before this watermark too
 
@@ -241,10 +281,14 @@ class ProfileStore:
             p = self.users.get(name)
             if p is None:
                 continue
-            plan.prune_sessions(p, self.watermark)
-            values, removed = plan.delta(name, p)  # only the fields that changed, mostly
-            s = plan.session(p)
-            values["p_purchase_24h"] = f"{model.score_totals(inputs, p.buckets.totals, s[2] if s else 0):.6f}"
+            try:
+                plan.prune_sessions(p, self.watermark)
+                values, removed = plan.delta(name, p)  # only the fields that changed, mostly
+                s = plan.session(p)
+                values["p_purchase_24h"] = f"{model.score_totals(inputs, p.buckets.totals, s[2] if s else 0):.6f}"
+            except Exception as exc:  # noqa: BLE001 - one profile's bug must not stop the flow
+                out.dead.append(step_failure("profile_write", exc, b"", name.encode(), p.as_of))
+                continue
             p.written |= score_bit
             out.features.append(Write(name, values, tuple(removed), p.active, p.arrival_ms))
             p.active = False
@@ -271,22 +315,34 @@ def _session_id(user: str, start: int) -> str:
 
 class IngestShard:
     # State added after the first release: a snapshot taken before it resumes with these empty.
-    _ADDED_STATE = ("delays", "cohorts", "pending_views", "view_cohort", "last_interaction")
+    _ADDED_STATE = ("delays", "cohorts", "pending_views", "view_cohort", "last_interaction",
+                    "part_wall")
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         for name in self._ADDED_STATE:
             if name not in state:
                 setattr(self, name, {})
+        if "link_age" not in state:
+            self.link_age = OldestFirst()
+            for anon in self.links:
+                self.link_age.touch(anon, self.watermark)
+        self.__dict__.setdefault("first_wall", None)
+        self.__dict__.setdefault("idle_reset", True)
 
     def __init__(self, shard: int, config: ShardConfig, plan: FeaturePlan):
         self.shard = shard
         self.config = config
         self.store = ProfileStore(plan, config)  # anonymous visitors
+        self.store.limit(config.max_anonymous)
         self.links: dict[str, str] = {}  # anonymous id -> user id
+        self.link_age = OldestFirst()  # when each link was last used (event time)
         self.swept: set[str] | None = None  # after a restart: linked visitors' hashes deleted
         self.seen: dict[str, int] = {}  # event_id -> ts, kept while a duplicate could be on time
         self.part_max: dict[int, int] = {}
+        self.part_wall: dict[int, int] = {}  # partition -> wall time it last sent an event
+        self.first_wall: int | None = None  # wall time of the first chunk (since a restart)
+        self.idle_reset = False  # after a restart every partition counts as just heard from
         self.partitions = 1
         self.watermark = -END_OF_TIME
         self.clock: int | None = None
@@ -308,17 +364,47 @@ class IngestShard:
 
     # -- input ---------------------------------------------------------------------------
     def ingest(self, chunk: Chunk, out: ShardOut) -> None:
+        wall = chunk.wall_ms
+        if self.first_wall is None or self.idle_reset:
+            # Silence is measured from here: a restart does not make every partition idle.
+            self.first_wall = wall
+            self.part_wall = {part: wall for part in self.part_wall}
+            self.idle_reset = False
+            lookback = self.config.lookback_ms
+            if self.watermark == -END_OF_TIME and lookback is not None and wall:
+                self.advance(wall - lookback, out)  # older events are late: no minute opens there
         ops: dict[int, list] = {}
         for event in chunk.events:
-            self._event(event, out, ops)
+            try:
+                self._event(event, out, ops)
+            except Exception as exc:  # noqa: BLE001 - one event must not stop the flow
+                out.dead.append(step_failure("ingest_shards", exc, event.raw or _event_bytes(event),
+                                             event.user.encode(), event.ts_ms))
         for part, ts in chunk.clocks.items():
             if ts > self.part_max.get(part, -END_OF_TIME):
                 self.part_max[part] = ts
+            self.part_wall[part] = wall
         self.partitions = max(self.partitions, chunk.partitions)
-        if len(self.part_max) >= self.partitions:
-            self.clock = min(self.part_max.values())
-            self.advance(self.clock - self.config.lateness_ms, out)
+        clock = self.stream_clock(wall)
+        if clock is not None and (self.clock is None or clock > self.clock):
+            self.clock = clock
+            self.advance(clock - self.config.lateness_ms, out)
         self._hand_over(ops, out)
+
+    def stream_clock(self, wall: int) -> int | None:
+        """The minimum over the source partitions of their highest event time, leaving out the
+        partitions silent for ``idle_ms`` of wall time (they hold nothing back until they send
+        again; if every partition is silent, the highest time seen). None while a partition that
+        never sent may still be about to (for ``idle_ms`` after the first batch)."""
+        if not self.part_max:
+            return None
+        idle = self.config.idle_ms
+        if idle is None or not wall:
+            return min(self.part_max.values()) if len(self.part_max) >= self.partitions else None
+        if len(self.part_max) < self.partitions and wall - self.first_wall < idle:
+            return None
+        active = [ts for part, ts in self.part_max.items() if wall - self.part_wall[part] < idle]
+        return min(active) if active else max(self.part_max.values())
 
     def _event(self, e: Event, out: ShardOut, ops: dict[int, list]) -> None:
         ts = e.ts_ms
@@ -337,7 +423,6 @@ class IngestShard:
         if self.config.raw_events:
             out.raw.append(raw_row(e, self.config.pii_key))
         self._aggregate(e, ts)
-        e.raw = b""  # the original bytes are only needed for a late event's dead letter
         profile_shards = self.config.profile_shards
         if not e.identified and e.user in self.links:
             if self.swept is not None and e.user not in self.swept:
@@ -345,6 +430,7 @@ class IngestShard:
                 # partitions interleave differently) and written the visitor's own hash.
                 self.swept.add(e.user)
                 out.features.append(Write(e.user, None))
+            self.link_age.touch(e.user, ts)
             e.user = self.links[e.user]
             e.identified = True
         if e.consent is False:  # no profiling, and no identity link either
@@ -356,12 +442,18 @@ class IngestShard:
             return
         if e.identified and e.anon and e.anon != e.user and e.anon not in self.links:
             self.links[e.anon] = e.user
+            self.link_age.touch(e.anon, ts)
+            if len(self.links) > self.config.max_links:  # the least recently used link goes
+                del self.links[self.link_age.pop_oldest()]
+                STATS.add_labeled("evictions", "identity_link")
             out.aliases.append((e.anon, e.user))
             anonymous = self.store.take(e.anon)
             if anonymous is not None:
                 out.features.append(Write(e.anon, None))
                 ops.setdefault(shard_of(e.user, profile_shards), []).append(
                     ("merge", e.user, anonymous))
+        elif e.identified and e.anon in self.links:
+            self.link_age.touch(e.anon, ts)  # the link is in use: it stays
         if e.identified:
             ops.setdefault(shard_of(e.user, profile_shards), []).append(e)
         else:
@@ -370,6 +462,7 @@ class IngestShard:
     def resumed(self) -> None:
         self.store.resumed()
         self.swept = set()
+        self.idle_reset = True
 
     def _aggregate(self, e: Event, ts: int) -> None:
         minute = ts // MINUTE_MS
@@ -379,7 +472,14 @@ class IngestShard:
         key = (e.channel, e.campaign, e.creative, e.name)
         row = rows.get(key)
         if row is None:
-            row = rows[key] = [0, 0.0, 0.0, 0, set()]
+            if len(rows) >= self.config.max_minute_rows:
+                # Hostile cardinality: beyond the cap, new keys of the minute count as one row,
+                # so totals stay right and the state stays bounded.
+                key = (OTHER, OTHER, OTHER, OTHER)
+                STATS.add_labeled("evictions", "minute_row")
+                row = rows.get(key)
+            if row is None:
+                row = rows[key] = [0, 0.0, 0.0, 0, set()]
         row[0] += 1
         row[1] += e.revenue
         row[2] += e.cost
@@ -426,7 +526,12 @@ class IngestShard:
                 pages = self.cohorts.setdefault(minute, {})
                 tally = pages.get(page)
                 if tally is None:
-                    tally = pages[page] = [0, 0]
+                    if len(pages) >= self.config.max_minute_rows:
+                        page = OTHER  # hostile page names: counted together beyond the cap
+                        STATS.add_labeled("evictions", "bounce_page")
+                        tally = pages.get(page)
+                    if tally is None:
+                        tally = pages[page] = [0, 0]
                 tally[0] += 1
                 # Something of the visitor after this view has arrived already (events of a
                 # visitor arrive out of order within the allowed lateness, under BOUNCE_MS): it
@@ -498,6 +603,9 @@ class IngestShard:
             self.seen = {k: v for k, v in self.seen.items() if v >= self.watermark}
             self.last_interaction = {k: v for k, v in self.last_interaction.items()
                                      if v >= self.watermark}
+            # a link unused for the state's time to live goes, as the visitor's profile would
+            while (anon := self.link_age.pop_older_than(self.watermark - self.config.state_ttl_ms)):
+                del self.links[anon]
 
     def finish(self, out: ShardOut) -> None:
         """End of a bounded input: no event can be late any more, so now = the clock."""
@@ -518,12 +626,20 @@ class ProfileShard:
     def receive(self, h: Handover, out: ShardOut) -> None:
         store = self.store
         for op in h.ops:
-            if type(op) is Event:
-                store.apply(op, out)
-            elif op[0] == "merge":
-                store.absorb(op[1], op[2])
-            else:
-                store.forget(op[1], out)
+            try:
+                if type(op) is Event:
+                    store.apply(op, out)
+                elif op[0] == "merge":
+                    store.absorb(op[1], op[2])
+                else:
+                    store.forget(op[1], out)
+            except Exception as exc:  # noqa: BLE001 - one event must not stop the flow
+                if type(op) is Event:
+                    failed = step_failure("profile_shards", exc, op.raw or _event_bytes(op),
+                                          op.user.encode(), op.ts_ms)
+                else:
+                    failed = step_failure("profile_shards", exc, b"", op[1].encode())
+                out.dead.append(failed)
         self.clocks[h.source] = h.clock
         clock = self.clock()
         if clock is not None:

@@ -17,10 +17,57 @@ class Stats:
         self.max_samples = 200_000
         self.seen: dict[str, int] = {}
         self.rng = random.Random(0)
+        # component -> (what is wrong, wall time it started): a sink that cannot reach its
+        # service; /readyz answers 503 while any is set (surgeflow/metrics.py).
+        self.outages: dict[str, tuple[str, float]] = {}
+        # name -> callable returning a number or {label value: number}: sampled when scraped
+        self.gauges: dict[str, object] = {}
+        # name (or ``name{label}``) -> last value set by the flow: watermark_ms, stream_clock_ms,
+        # source_offset{partition}, state sizes, ready, heartbeat_ms (exported as gauges)
+        self.values: dict[str, float] = {}
 
     def add(self, name: str, n: int = 1) -> None:
         with self.lock:
             self.counts[name] = self.counts.get(name, 0) + n
+
+    def add_labeled(self, name: str, label: str, n: int = 1) -> None:
+        """A counter with one label (e.g. dead letters by reason): kept as ``name{label}``."""
+        self.add(f"{name}{{{label}}}", n)
+
+    def labeled(self, name: str) -> dict[str, int]:
+        """The label values of a labelled counter and their counts."""
+        prefix = name + "{"
+        with self.lock:
+            return {k[len(prefix):-1]: v for k, v in self.counts.items() if k.startswith(prefix)}
+
+    def outage(self, component: str, detail: str | None) -> bool:
+        """Mark (detail) or clear (None) an outage of a component; True when this call changed it,
+        so the caller logs one line when an outage starts and one when it ends."""
+        with self.lock:
+            if detail is None:
+                return self.outages.pop(component, None) is not None
+            if component in self.outages:
+                return False
+            self.outages[component] = (detail, time.time())
+            return True
+
+    def gauge(self, name: str, fn) -> None:
+        """Register a callable sampled at scrape time (queue lengths, state sizes)."""
+        with self.lock:
+            self.gauges[name] = fn
+
+    def set(self, name: str, value: float) -> None:
+        """A gauge set by value (the watermark, a state size); the last value wins."""
+        with self.lock:
+            self.values[name] = value
+
+    def set_labeled(self, name: str, label: str, value: float) -> None:
+        """A gauge with one label (e.g. the source offset by partition): kept as ``name{label}``."""
+        self.set(f"{name}{{{label}}}", value)
+
+    def value(self, name: str, default: float | None = None) -> float | None:
+        """The last value set under ``name`` (or ``name{label}``), else ``default``."""
+        return self.values.get(name, default)
 
     def mark_users(self, users: Iterable[str]) -> None:
         if self.track_users:
@@ -60,6 +107,8 @@ class Stats:
             self.users.clear()
             self.samples.clear()
             self.seen.clear()
+            self.outages.clear()
+            self.values.clear()
 
 
 STATS = Stats()

@@ -1,4 +1,6 @@
 """Decoder: every input ends as an Event or a DeadLetter with a reason; never an exception."""
+import json
+
 import orjson
 from hypothesis import given, settings, strategies as st
 
@@ -43,7 +45,7 @@ def test_rejections_name_their_reason():
 
 def test_future_timestamps_against_the_wall_clock():
     dl = decode(orjson.dumps(GOOD), max_future_ms=1000, now_ms=GOOD["timestamp"] - 5000)
-    assert isinstance(dl, DeadLetter) and dl.reason == "future_timestamp"
+    assert isinstance(dl, DeadLetter) and dl.reason == "future_event"
 
 
 def test_hostile_but_printable_ids_are_kept_verbatim():
@@ -76,3 +78,63 @@ def test_any_json_object_decodes_without_raising(doc):
     assert isinstance(result, (Event, DeadLetter))
     if isinstance(result, Event):
         assert result.user and result.event_id and 946_684_800_000 <= result.ts_ms
+
+
+def _nested(depth: int):
+    doc: dict = {}
+    node = doc
+    for _ in range(depth - 1):
+        node["a"] = {}
+        node = node["a"]
+    return doc
+
+
+def test_limits_of_one_event_name_their_reason():
+    """The poison pills of issue 12 and their neighbours: each is a dead letter, not a crash."""
+    deep = orjson.dumps(GOOD)[:-1] + b',"x":' + b'{"a":' * 300 + b"1" + b"}" * 300 + b"}"
+    assert len(deep) < 2500 and isinstance(orjson.loads(deep), dict)  # orjson reads what it cannot write
+    assert decode(deep).reason == "too_deep"
+    assert bad(properties={"revenue": 1e308}).reason == "bad_number"
+    assert bad(properties={"cost": -2e9}).reason == "bad_number"
+    assert bad(properties={"price": 1e10}).reason == "bad_number"
+    assert bad(properties={"quantity": 10**7}).reason == "bad_number"
+    assert decode(b'{"event_id":"e","user_id":"u","event":"x","timestamp":1795428000000,'
+                  b'"properties":{"n":18446744073709551615}}').reason == "bad_number"
+    assert bad(properties={f"k{i}": i for i in range(600)}).reason == "too_many_keys"
+    assert bad(properties={"tags": list(range(600))}).reason == "too_many_keys"
+    assert bad(properties={"note": "x" * 5000}).reason == "string_too_long"
+    assert bad(context={"x" * 5000: 1}).reason == "string_too_long"
+    # just inside every limit: kept
+    assert isinstance(bad(properties={"revenue": 1e9, "quantity": 10**6, "note": "x" * 4096,
+                                      "deep": _nested(14)}), Event)
+
+
+def test_limits_are_configurable():
+    from flows.events import Limits
+    doc = orjson.dumps({**GOOD, "properties": {"revenue": 5e9, "a": {"b": {"c": 1}}}})
+    assert decode(doc).reason == "bad_number"
+    assert isinstance(decode(doc, limits=Limits(max_money=1e10)), Event)
+    assert decode(doc, limits=Limits(max_money=1e10, max_depth=3)).reason == "too_deep"
+
+
+leaf = (st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=50))
+deep_json = st.recursive(leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+                         max_leaves=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(props=deep_json, ctx=deep_json, money=st.floats(allow_nan=False, allow_infinity=False))
+def test_every_accepted_event_can_be_stored(props, ctx, money):
+    """Whatever decode accepts, the steps after it can handle: the raw row serialises, the
+    amounts sum in cents, the feature code takes the event."""
+    from features.profile import cents
+    from warehouse.raw_events import raw_row
+    doc = {**GOOD, "properties": props, "context": ctx}
+    if isinstance(props, dict):
+        doc["properties"] = {**props, "revenue": money}
+    ev = decode(json.dumps(doc).encode())  # the standard library writes integers of any size
+    if isinstance(ev, Event):
+        row = raw_row(ev, b"k")
+        assert orjson.loads(row[-1]) is not None
+        assert isinstance(cents(ev.revenue), int) and isinstance(cents(ev.properties.get("price")), int)
