@@ -36,8 +36,11 @@ WORKDIR /app
 # their own file over it. Read-only for the runtime user.
 COPY config/*.yaml /app/config/
 # Writable state for relative default paths (`.surgeflow/...`: the embedded demo's Redis, chDB
-# and output files) when the image runs `surgeflow demo`; `run` itself writes nothing locally.
-RUN mkdir -p /app/.surgeflow && chown surgeflow:surgeflow /app/.surgeflow
+# and output files) when the image runs `surgeflow demo`; `run` keeps its recovery store and
+# sink spool in /var/lib/surgeflow (a named volume in docker-compose.yml; owned by the runtime
+# user, so a fresh volume inherits it).
+RUN mkdir -p /app/.surgeflow /var/lib/surgeflow \
+ && chown surgeflow:surgeflow /app/.surgeflow /var/lib/surgeflow
 
 USER surgeflow
 

@@ -121,7 +121,8 @@ def bench_flow(client, dsn: str, args) -> dict:
             settings = load_settings(None, env={}, redis__url=redis_url, redis__key_prefix=db,
                                      clickhouse__dsn=dsn, clickhouse__database=db,
                                      clickhouse__spool_dir=str(tmp / "spool"),
-                                     output__dir=str(tmp / "out"),
+                                     output__dir=str(tmp / "out"), flow__recovery_dir=None,
+                                     flow__max_lookback_s=None,
                                      source__synthetic={"seed": 3, "users": 20_000, "events_per_s": args.rate,
                                                         "duration_s": duration, "speed": speed,
                                                         "start_ms": 1_795_000_000_000, "anomalies": []})

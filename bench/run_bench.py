@@ -597,7 +597,7 @@ class Bench:
             output__kind="kafka",
             redis__url=self.redis_url,
             clickhouse__dsn=self.dsn, clickhouse__database=database,
-            flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__workers=a.workers, flow__shards=a.shards,
+            flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None, flow__workers=a.workers, flow__shards=a.shards,
             flow__epoch_interval_s=a.epoch_s,
         )
 

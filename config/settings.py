@@ -189,7 +189,10 @@ class FlowSettings(Strict):
     # Bytewax recovery store (SQLite partitions); None = no snapshots. With it, a restarted run
     # resumes every shard and source offset from the last completed epoch and replays from there;
     # Redis writes are absolute values, so the replayed epoch rewrites the same bytes.
-    recovery_dir: Path | None = None
+    recovery_dir: Path | None = Path(".surgeflow/recovery")
+    # After SIGINT / SIGTERM the flow drains and snapshots; if that takes longer than this, the
+    # process ends at once (as a crash: the next start replays from the last snapshot).
+    drain_timeout_s: float | None = Field(60.0, gt=0)
 
 
 class LimitSettings(Strict):

@@ -3,26 +3,30 @@
 With ``speed`` > 0 the source replays the past at ``speed`` event-time seconds per wall second and,
 once it reaches the present, follows the wall clock (a live stream). ``speed`` = 0 emits as fast
 as possible (tests, benchmarks). Resume state is the count of records emitted: the generator is
-deterministic, so a restart regenerates and skips them.
+deterministic, so a restart regenerates and skips them. The resume state also pins the
+stream's start, so a demo restarted later goes on with the same stream (catching up from where it
+stopped) instead of starting a new one behind the restored watermark.
 """
 from __future__ import annotations
 
 import itertools
-import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from connectors.records import RawRecord
 from connectors.synthetic import SyntheticSpec, generate
-
-# Set to end every synthetic source gracefully (demo deadline, Ctrl-C): the flow drains and stops.
-STOP = threading.Event()
+from surgeflow.shutdown import STOP  # noqa: F401 - set to end the source gracefully
 
 
-class _Partition(StatefulSourcePartition[RawRecord, int]):
-    def __init__(self, spec: SyntheticSpec, speed: float, resume: int | None, batch_size: int):
+class _Partition(StatefulSourcePartition[RawRecord, tuple]):
+    def __init__(self, spec: SyntheticSpec, speed: float, resume, batch_size: int):
+        if isinstance(resume, tuple):  # (start of the stream, records emitted)
+            spec = replace(spec, start_ms=resume[0])
+            resume = resume[1]
+        self.spec = spec
         self.records = generate(spec)
         self.emitted = resume or 0
         if self.emitted:
@@ -67,8 +71,8 @@ class _Partition(StatefulSourcePartition[RawRecord, int]):
             return datetime.now(timezone.utc) + timedelta(milliseconds=50)
         return None
 
-    def snapshot(self) -> int:
-        return self.emitted
+    def snapshot(self) -> tuple:
+        return (self.spec.start_ms, self.emitted)
 
 
 class SyntheticSource(FixedPartitionedSource[RawRecord, int]):

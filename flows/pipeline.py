@@ -139,6 +139,12 @@ class DecodeAndRoute:
             if ev.ts_ms > clocks.get(part, -1):
                 clocks[part] = ev.ts_ms
         STATS.add("events_in", len(batch))
+        offsets = {}  # how far each source partition was read: consumer lag in /metrics
+        for msg in batch:
+            m = msg.msg if isinstance(msg, KafkaError) else msg
+            offsets[m.partition or 0] = m.offset
+        for part, offset in offsets.items():
+            STATS.set_labeled("source_offset", str(part), offset)
         out: list = []
         if clocks:
             out = [(key, Chunk(i, evs, clocks, self.partitions, now_ms))

@@ -15,6 +15,7 @@ from bytewax.testing import cluster_main, run_main
 from config.settings import Settings
 from connectors import clickhouse, kafka
 from connectors.files import JsonLinesSink, JsonLinesSource
+from connectors.stoppable import Stoppable
 from config.registry import load_registry
 from connectors.redis_features import RedisFeatureSink, write_registry
 from connectors.synthetic import Anomaly, SyntheticSpec
@@ -22,6 +23,7 @@ from connectors.synthetic_source import SyntheticSource
 from features.layout import user_key_pattern
 from flows.events import DeadLetter
 from flows.pipeline import Outputs, build_flow
+from surgeflow.stats import STATS
 
 
 def public(record: dict) -> bytes:
@@ -45,17 +47,17 @@ def make_source(settings: Settings):
     """(source, number of source partitions)."""
     kind = settings.source.kind
     if kind == "synthetic":
-        return SyntheticSource(synthetic_spec(settings), settings.source.synthetic.speed), 1
+        return Stoppable(SyntheticSource(synthetic_spec(settings), settings.source.synthetic.speed)), 1
     if kind == "file":
         paths = settings.source.file.paths
         if not paths:
             raise ValueError("source.file.paths is empty")
-        return JsonLinesSource(paths), len(paths)
+        return Stoppable(JsonLinesSource(paths)), len(paths)
     k = settings.kafka
     partitions = kafka.partition_count(k.brokers, k.events_topic, k.client_config)
-    return kafka.events_source(k.brokers, k.events_topic, tail=k.tail,
-                               from_beginning=k.starting_offset == "beginning",
-                               batch_size=k.batch_size, extra=k.client_config), partitions
+    return Stoppable(kafka.events_source(k.brokers, k.events_topic, tail=k.tail,
+                                         from_beginning=k.starting_offset == "beginning",
+                                         batch_size=k.batch_size, extra=k.client_config)), partitions
 
 
 def make_outputs(settings: Settings, redis_url: str) -> Outputs:
@@ -135,9 +137,11 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     started = time.monotonic()
+    STATS.set("ready", 1)  # /readyz: the flow runs (and no sink reports an outage)
     try:
         _run(flow, workers, epoch, recovery)
     finally:
+        STATS.set("ready", 0)
         gc.set_threshold(*threshold)
         gc.unfreeze()
     return RunResult(time.monotonic() - started)

@@ -32,6 +32,7 @@ from flows.events import DeadLetter, Event, step_failure
 from alerts.metrics import delay_bucket
 from flows.eviction import OldestFirst
 from flows.minutes import MinutePart
+from surgeflow.shutdown import stopping
 from surgeflow.stats import STATS
 from models.propensity import PurchasePropensity
 from triggers.rules import SessionPageViews
@@ -692,7 +693,10 @@ class _Logic(StatefulBatchLogic):
         if self.state is None:
             return [], False
         out = ShardOut(self.state.shard)
-        self.state.finish(out)
+        if stopping():  # a stop, not the input's end: write what is pending, keep "now" as is
+            self.state.store.flush(out)
+        else:
+            self.state.finish(out)
         return ([out] if out else []), False
 
     def snapshot(self) -> bytes | None:
@@ -709,9 +713,19 @@ class IngestLogic(_Logic):
     def on_batch(self, chunks: list[Chunk]):
         if self.state is None:
             self._created(IngestShard(chunks[0].shard, self.config, self.plan))
-        out = ShardOut(self.state.shard)
+        state = self.state
+        out = ShardOut(state.shard)
         for chunk in chunks:
-            self.state.ingest(chunk, out)
+            state.ingest(chunk, out)
+        label = str(state.shard)
+        STATS.set_labeled("state_anonymous_profiles", label, len(state.store.users))
+        STATS.set_labeled("state_identity_links", label, len(state.links))
+        STATS.set_labeled("state_dedupe_ids", label, len(state.seen))
+        if state.shard == 0:  # every ingest shard sees every batch: one speaks for the stream
+            if state.clock is not None:
+                STATS.set("stream_clock_ms", state.clock)
+            if state.watermark > -END_OF_TIME:
+                STATS.set("watermark_ms", state.watermark)
         return self._flushed(out)
 
 
@@ -722,4 +736,5 @@ class ProfileLogic(_Logic):
         out = ShardOut(self.state.shard)
         for h in handovers:
             self.state.receive(h, out)
+        STATS.set_labeled("state_profiles", str(self.state.shard), len(self.state.store.users))
         return self._flushed(out)

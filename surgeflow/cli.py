@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -68,20 +67,13 @@ class Progress:
         console.print(self.line(), highlight=False)
 
 
-def _graceful_stop(deadline_s: float | None) -> None:
-    """Ctrl-C (or the demo deadline) ends the sources; the flow drains and the run ends normally."""
-    from connectors.synthetic_source import STOP
+def _graceful_stop(deadline_s: float | None, drain_timeout_s: float | None) -> None:
+    """SIGINT / SIGTERM (or the demo deadline) end every source; the flow drains, takes its last
+    snapshot and the run ends normally (surgeflow/shutdown.py)."""
+    from surgeflow import shutdown
 
-    def stop(*_):
-        if STOP.is_set():
-            raise KeyboardInterrupt
-        console.print("\nstopping: draining the flow (Ctrl-C again to abort)")
-        STOP.set()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    if deadline_s:
-        threading.Timer(deadline_s, STOP.set).start()
+    shutdown.install(drain_timeout_s, deadline_s,
+                     say=lambda text: console.print(f"\n{text}", highlight=False))
 
 
 def _summary(settings: Settings, redis_url: str, seconds: float, extra: dict) -> dict:
@@ -143,8 +135,9 @@ def demo(config: Optional[Path] = ConfigOption,
     page = None
     if settings.dashboard.in_demo:
         page = _start_dashboard(settings)
+    stop_metrics = _start_metrics(settings, any_port_if_busy=True)
     console.print("Ctrl-C stops" + (f"; stopping after {seconds:g} s" if seconds else ""))
-    _graceful_stop(seconds)
+    _graceful_stop(seconds, settings.flow.drain_timeout_s)
     try:
         with Progress():
             result = run(settings, redis_url)
@@ -154,12 +147,28 @@ def demo(config: Optional[Path] = ConfigOption,
             "outputs_dir": str(settings.output.dir.resolve()),
         })
     finally:
+        stop_metrics()
         if page is not None:
             page[0].should_exit = True
             page[1].join(5)
         if server is not None:
             server.stop()
     _finish(summary)
+
+
+def _start_metrics(settings: Settings, any_port_if_busy: bool = False):
+    """Prometheus metrics, /healthz and /readyz (surgeflow/metrics.py); returns its stop."""
+    from surgeflow import metrics
+
+    try:
+        address, stop = metrics.serve(settings, any_port_if_busy=any_port_if_busy)
+    except OSError as exc:
+        console.print(f"[red]{exc} (set metrics.port, or metrics.enabled: false)[/red]")
+        raise typer.Exit(2) from None
+    if address:
+        console.print(f"  metrics     {address}/metrics  (health: {address}/healthz, "
+                      f"{address}/readyz)", highlight=False)
+    return stop
 
 
 def _migrate_or_exit(settings: Settings, embedded_redis=None) -> None:
@@ -214,9 +223,13 @@ def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML config
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(3) from None
     _migrate_or_exit(settings)
-    _graceful_stop(None)
-    with Progress():
-        result = run(settings, settings.redis.url, workers)
+    stop_metrics = _start_metrics(settings)
+    _graceful_stop(None, settings.flow.drain_timeout_s)
+    try:
+        with Progress():
+            result = run(settings, settings.redis.url, workers)
+    finally:
+        stop_metrics()
     _finish(_summary(settings, settings.redis.url, result.seconds, {}))
 
 

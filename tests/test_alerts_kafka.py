@@ -70,7 +70,7 @@ def run_stream(kafka, redis_url, chdb_dsn, chdb_client, name: str, spec: Synthet
         kafka__dead_letter_topic=outs["dead"], kafka__actions_topic=outs["actions"],
         kafka__alerts_topic=outs["alerts"], redis__url=redis_url, redis__key_prefix=f"al{name}",
         clickhouse__dsn=chdb_dsn, clickhouse__database=database, clickhouse__raw_events=False,
-        flow__max_clock_skew_s=None, flow__max_lookback_s=None, alerts__webhook__url=webhook,
+        flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None, alerts__webhook__url=webhook,
         clickhouse__spool_dir=str(Path(chdb_dsn.removeprefix("chdb://")).parent / f"spool-{name}"))
     run(settings, redis_url)
     alerts = [json.loads(m.value()) for m in consume_all(kafka.bootstrap, outs["alerts"])]

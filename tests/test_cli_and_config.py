@@ -90,5 +90,5 @@ def test_demo_stops_on_ctrl_c_with_a_summary(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    assert "stopping: draining the flow" in err
+    assert "stopping (SIGINT): draining the flow" in err
     assert json.loads(summary.read_text())["events_in"] > 0

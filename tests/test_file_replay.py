@@ -28,7 +28,7 @@ def test_replay_two_files(tmp_path, redis_url, chdb_dsn, chdb_client, ch_databas
     settings = load_settings(
         None, env={}, source__kind="file", source__file={"paths": [str(f) for f in files]},
         output__dir=str(tmp_path / "out"), redis__url=redis_url, redis__key_prefix="replay",
-        clickhouse__dsn=chdb_dsn, clickhouse__database=ch_database, flow__max_clock_skew_s=None, flow__max_lookback_s=None)
+        clickhouse__dsn=chdb_dsn, clickhouse__database=ch_database, flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None)
     run(settings, redis_url)
 
     dead = [json.loads(x) for x in (tmp_path / "out" / "dead_letters.jsonl").read_text().splitlines()]

@@ -179,7 +179,7 @@ def run_flow(tmp_path, name, prefix, redis_url, chdb_dsn, database, with_hostile
     settings = load_settings(
         None, env={}, source__kind="file", source__file={"paths": [str(f)]},
         output__dir=str(tmp_path / name), redis__url=redis_url, redis__key_prefix=prefix,
-        clickhouse__dsn=chdb_dsn, clickhouse__database=database, flow__max_clock_skew_s=None, flow__max_lookback_s=None)
+        clickhouse__dsn=chdb_dsn, clickhouse__database=database, flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None)
     run(settings, redis_url)
     dead_file = tmp_path / name / "dead_letters.jsonl"
     # split on b"\n" only: str.splitlines would also cut at U+2028 or \x85 inside a JSON string

@@ -121,7 +121,7 @@ def run_flow(kafka, topic, redis_url, prefix, dsn, database, workers):
         kafka__dead_letter_topic=outs["dead"], kafka__actions_topic=outs["actions"],
         kafka__alerts_topic=outs["alerts"], redis__url=redis_url, redis__key_prefix=prefix,
         clickhouse__dsn=dsn, clickhouse__database=database, flow__shards=8,
-        flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__allowed_lateness_s=60)
+        flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None, flow__allowed_lateness_s=60)
     STATS.reset()
     run(settings, redis_url, workers=workers)
     return settings, outs

@@ -41,8 +41,9 @@ def write_config(tmp_path, kafka, topic, redis_url, prefix, recovery=None):
         "output": {"kind": "files", "dir": str(tmp_path / prefix / "out")},
         "redis": {"url": redis_url, "key_prefix": prefix},
         "clickhouse": {"dsn": f"chdb://{tmp_path / prefix / 'chdb'}", "database": "surgeflow"},
+        "metrics": {"port": 0},
         "flow": {"max_clock_skew_s": None, "max_lookback_s": None, "epoch_interval_s": 0.5, "workers": 2,
-                 **({"recovery_dir": str(recovery)} if recovery else {})},
+                 "recovery_dir": str(recovery) if recovery else None},
     }
     path = tmp_path / f"{prefix}.yaml"
     path.write_text(yaml.safe_dump(doc))

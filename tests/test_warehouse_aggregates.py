@@ -136,7 +136,7 @@ def replayed(tmp_path_factory, redis_url, chdb_dsn, chdb_client):
         None, env={}, source__kind="file", source__file={"paths": [str(tmp / "events.jsonl")]},
         output__dir=str(tmp / "out"), redis__url=redis_url, redis__key_prefix="agg",
         clickhouse__dsn=chdb_dsn, clickhouse__database=db, clickhouse__timezone=TZ,
-        clickhouse__spool_dir=str(tmp / "spool"), flow__max_clock_skew_s=None, flow__max_lookback_s=None)
+        clickhouse__spool_dir=str(tmp / "spool"), flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None)
     run(settings, redis_url)
     first = {name: table(chdb_client, db, name) for name in ("events_minute", "events_hour", "events_day")}
     run(settings, redis_url)  # the same input again: a replay must not double-count
