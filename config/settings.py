@@ -238,7 +238,6 @@ class WebhookSettings(Strict):
     headers: dict[str, str] = {}
     # HMAC-SHA256 signature of each body, with the secret from this environment variable
     secret_env: str = "SURGEFLOW_WEBHOOK_SECRET"
-    max_queued: int = Field(10_000, ge=10)
 
     @field_validator("url")
     @classmethod

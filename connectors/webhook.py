@@ -8,10 +8,12 @@ errors, timeouts, HTTP 408, 429 and 5xx are retried with exponential backoff and
 any other 4xx is permanent: the message goes to ``<spool_dir>/webhook_rejected.jsonl`` with the
 response, and delivery goes on. An outage is logged once, and its end with its duration.
 
-At most ``max_queued`` messages wait in memory: beyond that the oldest are spilled to JSON-lines
-files in ``spool_dir`` (one body per line, byte for byte what is sent) and sent first when the
-endpoint is back, also by the next run. ``close`` waits ``close_wait_s`` for the queue to drain,
-then spools the rest.
+Every batch is written ahead to a JSON-lines file in ``spool_dir`` (one body per line, byte for
+byte what is sent) before ``write_batch`` returns, and the thread sends from those files, oldest
+first; a file is removed once its last message is delivered. So nothing waits in memory, and a
+run killed at any moment leaves what it had not sent to the next run, which sends it first
+(at-least-once: a message sent just before the kill is sent again, with the same key). ``close``
+waits ``close_wait_s`` for the files to drain; what is left stays for the next run.
 
 The key is made safe for a header: characters outside printable ASCII, and ``%``, are
 percent-encoded (UTF-8), so ordinary ids pass unchanged and distinct ids stay distinct.
@@ -101,7 +103,6 @@ class _WebhookPartition(StatelessSinkPartition):
         u = urllib3.util.parse_url(sink.url)
         self.where = f"{u.scheme}://{u.host}" + (f":{u.port}" if u.port else "")
         self.timeout_s, self.close_wait_s = sink.timeout_s, sink.close_wait_s
-        self.max_queued = sink.max_queued
         self.backoff_initial_s, self.backoff_max_s = sink.backoff_initial_s, sink.backoff_max_s
         # the configured headers may not override those this sink sets (in any spelling)
         ours = {"content-type", "idempotency-key", "x-surgeflow-signature"}
@@ -116,11 +117,10 @@ class _WebhookPartition(StatelessSinkPartition):
         self.http = urllib3.PoolManager(num_pools=1, maxsize=1, retries=False,
                                         timeout=urllib3.Timeout(total=sink.timeout_s))
         self.rng = random.Random()
-        # Pending messages, oldest first: current, the rest of head, spooled, queue.
+        # Pending messages, oldest first: current, the rest of head, spooled.
         self.current: tuple[str, bytes] | None = None  # in flight, retried until done
         self.head: tuple[Path, BinaryIO] | None = None  # the spool file being sent
         self.spooled: deque[Path] = deque(self._adopt(worker_index, worker_count))
-        self.queue: deque[tuple[str, bytes]] = deque()
         self.cond = threading.Condition()
         self.stop = self.closed = False
         self.down_since: float | None = None
@@ -145,35 +145,29 @@ class _WebhookPartition(StatelessSinkPartition):
         self.spool_seq = max(own) + 1 if own else 0
         return [p for *_, p in found]
 
-    @property
-    def queued(self) -> int:
-        """Messages waiting in memory (at most ``max_queued`` after each ``write_batch``)."""
-        return len(self.queue)
-
-    # -- the flow's side: queue, never wait for the endpoint ------------------------------
+    # -- the flow's side: write ahead, never wait for the endpoint ---------------------------
     def write_batch(self, items: list) -> None:
+        bodies = []
+        for item in items:
+            # an item is one alert or, as the pipeline emits them, a list of alerts
+            for alert in item if isinstance(item, (list, tuple)) else (item,):
+                if hasattr(alert, "to_dict"):
+                    alert = alert.to_dict()
+                try:
+                    key, body = idempotency_key(alert), encode(alert)
+                except (KeyError, TypeError, ValueError) as exc:
+                    self._reject("", None, f"not an alert: {_describe(exc)}",
+                                 orjson.dumps(repr(alert)[:EXCERPT_CHARS]))
+                    continue
+                bodies.append(body)
+        if not bodies:
+            return
+        # Written ahead: the batch is in a spool file before the flow moves on. Once Bytewax
+        # snapshots this epoch it will not replay these alerts, so a kill -9 before they were
+        # sent must not lose them: the next run sends them from the file.
         with self.cond:
-            for item in items:
-                # an item is one alert or, as the pipeline emits them, a list of alerts
-                for alert in item if isinstance(item, (list, tuple)) else (item,):
-                    if hasattr(alert, "to_dict"):
-                        alert = alert.to_dict()
-                    try:
-                        self.queue.append((idempotency_key(alert), encode(alert)))
-                    except (KeyError, TypeError, ValueError) as exc:
-                        self._reject("", None, f"not an alert: {_describe(exc)}",
-                                     orjson.dumps(repr(alert)[:EXCERPT_CHARS]))
-            if len(self.queue) > self.max_queued:
-                # spill to half, so a long outage writes few big files, not one per batch
-                self._spill(len(self.queue) - self.max_queued // 2)
+            self.spooled.append(self._write_spool(self._next_spool_path(), bodies))
             self.cond.notify_all()
-
-    def _spill(self, n: int) -> None:
-        bodies = [self.queue.popleft()[1] for _ in range(n)]
-        path = self._write_spool(self._next_spool_path(), bodies)
-        self.spooled.append(path)
-        STATS.add("webhook_spilled", n)
-        log.warning("webhook %s is behind; %d alerts spilled to %s", self.where, n, path)
 
     def _next_spool_path(self) -> Path:
         path = self.spool_dir / f"spool-w{self.worker}-{self.spool_seq:012d}.jsonl"
@@ -248,7 +242,7 @@ class _WebhookPartition(StatelessSinkPartition):
                 self.cond.notify_all()
 
     def _take(self) -> tuple[str, bytes] | None:
-        """The oldest pending message: from the spool files first, then from memory."""
+        """The oldest pending message of the spool files."""
         while self.head is not None or self.spooled:
             if self.head is None:
                 path = self.spooled.popleft()
@@ -273,7 +267,7 @@ class _WebhookPartition(StatelessSinkPartition):
                 self._reject("", None, f"unreadable spool line in {path.name}: "
                              f"{_describe(exc)}",
                              orjson.dumps(body.decode("utf-8", "replace")[:EXCERPT_CHARS]))
-        return self.queue.popleft() if self.queue else None
+        return None
 
     def _post(self, key: str, body: bytes) -> _Outcome:
         headers = {**self.headers, "Idempotency-Key": key}
@@ -310,7 +304,7 @@ class _WebhookPartition(StatelessSinkPartition):
 
     # -- shutdown ----------------------------------------------------------------------------
     def _pending(self) -> bool:
-        return bool(self.current or self.head or self.spooled or self.queue)
+        return bool(self.current or self.head or self.spooled)
 
     def close(self) -> None:
         with self.cond:
@@ -333,7 +327,7 @@ class _WebhookPartition(StatelessSinkPartition):
         """Everything not delivered goes to disk, keeping the order for the next run."""
         current, self.current = self.current, None
         front = [current[1]] if current else []
-        left = len(front) + len(self.queue)
+        left = len(front)
         if self.head is not None:
             path, f = self.head
             rest = f.read()
@@ -341,14 +335,10 @@ class _WebhookPartition(StatelessSinkPartition):
             self.head = None
             left += rest.count(b"\n")
             self._write_spool(path, front, rest)  # stays first in line
-        elif front and self.spooled:
-            # taken from memory before these files were spilled: it goes before them
+        elif front and self.spooled:  # its file is gone (all taken): it goes before the others
             self._write_spool(self.spooled[0], front, self.spooled[0].read_bytes())
-        elif current:
-            self.queue.appendleft(current)
-        if self.queue:
-            self._write_spool(self._next_spool_path(), [b for _, b in self.queue])
-            self.queue.clear()
+        elif front:
+            self._write_spool(self._next_spool_path(), front)
         if left or self.spooled:
             log.warning("webhook %s not drained at shutdown; %d alerts (besides %d spool files "
                         "not yet started) kept in %s for the next run", self.where, left,
@@ -359,7 +349,7 @@ class WebhookSink(DynamicSink):
     """POSTs each alert (items are alerts, or lists of alerts) to ``url``; see the module doc."""
 
     def __init__(self, url: str, timeout_s: float = 5.0, headers: dict[str, str] | None = None,
-                 secret: str | None = None, max_queued: int = 10_000,
+                 secret: str | None = None,
                  spool_dir: Path = Path(".surgeflow/spool"), backoff_initial_s: float = 0.5,
                  backoff_max_s: float = 30.0, close_wait_s: float = 5.0):
         parsed = urllib3.util.parse_url(url)
@@ -369,12 +359,11 @@ class WebhookSink(DynamicSink):
             # checked now: a bad header would otherwise fail every request, forever
             if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
                 raise ValueError(f"webhook header {name!r} has an invalid name or value")
-        if timeout_s <= 0 or max_queued < 1 or backoff_initial_s <= 0 or close_wait_s < 0:
-            raise ValueError("webhook timeout, backoff and max_queued must be > 0")
+        if timeout_s <= 0 or backoff_initial_s <= 0 or close_wait_s < 0:
+            raise ValueError("webhook timeout and backoff must be > 0")
         self.url, self.timeout_s = url, timeout_s
         self.headers = dict(headers or {})
         self.secret = secret
-        self.max_queued = max_queued
         self.spool_dir = Path(spool_dir).resolve()  # the program may change directory
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = max(backoff_max_s, backoff_initial_s)

@@ -85,7 +85,7 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
         secret = os.environ.get(hook.secret_env)
         out.alerts.append(("webhook", WebhookSink(
             hook.url, timeout_s=hook.timeout_s, headers=dict(hook.headers), secret=secret,
-            max_queued=hook.max_queued, spool_dir=ch.spool_dir.resolve() / "webhook")))
+            spool_dir=ch.spool_dir.resolve() / "webhook")))
     encode_dead = DeadLetter.to_json
     if settings.output.kind == "files":
         d = settings.output.dir
