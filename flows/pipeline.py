@@ -52,6 +52,7 @@ from flows.shard import Chunk, IngestLogic, ProfileLogic, ShardConfig, ShardOut
 from surgeflow.stats import STATS
 
 log = logging.getLogger("surgeflow.alerts")
+flow_log = logging.getLogger("surgeflow.flow")
 DEAD = "dead"
 ENTITIES = "entities"
 
@@ -96,6 +97,15 @@ class DecodeAndRoute:
         self.max_bytes = max_bytes
         self.max_future_ms = max_future_ms
         self.limits = limits
+        self.trouble = 0.0  # since when the Kafka consumer reports errors (monotonic), 0: none
+
+    def _source_trouble(self, error: KafkaError) -> None:
+        """A broker outage: the consumer retries by itself; say so once, count every report."""
+        STATS.add_labeled("kafka_source_errors", error.err.name() if hasattr(error.err, "name")
+                          else "error")
+        if STATS.outage("kafka:source", str(error.err)):
+            self.trouble = time.monotonic()
+            flow_log.warning("Kafka source: %s; the consumer keeps retrying", error.err)
 
     def __call__(self, batch: list) -> list:
         now_ms = int(time.time() * 1000)
@@ -107,7 +117,10 @@ class DecodeAndRoute:
         for msg in batch:
             if isinstance(msg, KafkaError):
                 m = msg.msg
-                dead.append(DeadLetter("kafka_error", str(msg.err), m.value or b"", m.key,
+                if m.value is None:  # the consumer's trouble (broker down...), not a record's
+                    self._source_trouble(msg)
+                    continue
+                dead.append(DeadLetter("kafka_error", str(msg.err), m.value, m.key,
                                        f"{m.topic}:{m.partition}:{m.offset}"))
                 continue
             value = msg.value
@@ -139,6 +152,10 @@ class DecodeAndRoute:
             if ev.ts_ms > clocks.get(part, -1):
                 clocks[part] = ev.ts_ms
         STATS.add("events_in", len(batch))
+        STATS.add_labeled("step_out", "decode_and_route", len(batch) - len(dead))
+        if clocks and self.trouble and STATS.outage("kafka:source", None):
+            flow_log.warning("Kafka source reads again after %.0f s", time.monotonic() - self.trouble)
+            self.trouble = 0.0
         offsets = {}  # how far each source partition was read: consumer lag in /metrics
         for msg in batch:
             m = msg.msg if isinstance(msg, KafkaError) else msg

@@ -717,6 +717,7 @@ class IngestLogic(_Logic):
         out = ShardOut(state.shard)
         for chunk in chunks:
             state.ingest(chunk, out)
+        STATS.add_labeled("step_in", "ingest_shards", sum(len(c.events) for c in chunks))
         label = str(state.shard)
         STATS.set_labeled("state_anonymous_profiles", label, len(state.store.users))
         STATS.set_labeled("state_identity_links", label, len(state.links))
@@ -736,5 +737,7 @@ class ProfileLogic(_Logic):
         out = ShardOut(self.state.shard)
         for h in handovers:
             self.state.receive(h, out)
+        STATS.add_labeled("step_in", "profile_shards", sum(len(h.ops) for h in handovers))
+        STATS.add_labeled("step_out", "profile_shards", len(out.features))
         STATS.set_labeled("state_profiles", str(self.state.shard), len(self.state.store.users))
         return self._flushed(out)
