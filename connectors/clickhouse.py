@@ -2,37 +2,148 @@
 
 The schema is owned by ``warehouse/migrations`` (applied by :func:`ensure_schema`). The same SQL
 runs on chDB and on a ClickHouse server. chDB opens one data directory per process, so clients are
-shared per DSN within a process; a lock serialises their use across workers.
+shared per DSN within a process; a lock serialises their use across workers. A request to a
+server gives up after ``timeout_s`` (clients are shared per DSN and timeout).
 
-Inserts never block the flow: ``write_batch`` only queues rows; a thread per sink inserts them
-when ``max_rows`` are waiting or the oldest has waited ``max_delay_s``. Each complete minute of
-aggregates is one block with the minute as its ``insert_deduplication_token``, so a block sent
-twice (a replay, or a retry after a half-done insert) counts once, in the minute table and in
-every rollup fed from it. When ClickHouse fails, the sink retries with exponential backoff (up
-to 30 s between attempts), logs the outage once and its end, and keeps at most
-``max_buffer_rows`` rows in memory: older blocks are spilled to ``spool_dir`` and sent first when
-ClickHouse is back, also after a restart of the program.
+Inserts never block the flow: ``write_batch`` only queues rows; a thread per sink inserts them,
+oldest first, when ``max_rows`` are waiting or the oldest has waited ``max_delay_s``.
+
+What each table gets:
+
+- ``events_minute_in`` (and every table its views feed): exactly once. Each complete minute is
+  one block whose ``insert_deduplication_token`` is the minute, so a block sent twice (a replay,
+  a retry after a half-done insert, a spool file sent again after a crash) counts once, in the
+  minute table and in every rollup.
+- ``events_raw``, ``alerts``, ``actions``: at least once, collapsed by key. Their blocks carry no
+  token (rows are batched freely), so a retry after a half-done insert or a spool file resent
+  after a crash can store a row twice; these tables are ReplacingMergeTree on the row's id
+  (``event_id``, ``(alert_id, status, seq)``, ``action_id``), so duplicates collapse in merges
+  and ``FINAL`` reads count each row once.
+
+Outages and bad blocks: an insert that fails with a connection problem or with one of
+:data:`WAIT_CODES` (ClickHouse saying "not now": a table detached, too many parts, memory,
+timeouts, credentials or quotas) is retried with exponential backoff (up to 30 s) for as long as
+it takes; the outage is logged once, and its end. Any other failure belongs to the block (a
+value of the wrong type, say): the block is tried ``max_insert_tries`` times, then written to
+``<spool_dir>/rejected-<table>.jsonl`` (error, table, token, columns, rows as JSON) and counted
+(``clickhouse_rejected_blocks{table}``), and later blocks go on.
+
+Memory: the queue holds at most ``max_buffer_rows`` rows and ``max_buffer_bytes`` (an estimate of
+the rows' Python objects, :func:`row_bytes`) after each ``write_batch``; beyond either, the oldest
+blocks are spilled to ``spool_dir`` (written to a temporary file, fsynced, renamed: on disk
+before they leave memory) and sent first when ClickHouse is back, also by the next run. Besides
+the queue, the insert thread holds the one block it is inserting; spool files are read back one
+block at a time. A spool file is deleted once each of its blocks is inserted or set aside.
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
+import os
 import pickle
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import clickhouse_connect
+import orjson
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from clickhouse_connect.driver.exceptions import DatabaseError, DataError
 
 from surgeflow.stats import STATS
 
 log = logging.getLogger("surgeflow.clickhouse")
 _CLIENTS: dict[str, tuple[object, threading.Lock]] = {}
 _CLIENTS_LOCK = threading.Lock()
+DEFAULT_TIMEOUT_S = 30.0
+
+# ClickHouse error codes that say "not now" rather than "not this block": the insert is retried
+# for as long as it takes. Setting such a block aside would not fix anything, and every later
+# block would follow it into the dead-letter file. (Names as errorCodeToName gives them.)
+WAIT_CODES = {
+    60: "UNKNOWN_TABLE",  # a table detached, or re-created by a migration
+    81: "UNKNOWN_DATABASE",
+    159: "TIMEOUT_EXCEEDED",
+    160: "TOO_SLOW",
+    164: "READONLY",
+    192: "UNKNOWN_USER",  # credentials: the operator fixes them, the rows wait
+    193: "WRONG_PASSWORD",
+    194: "REQUIRED_PASSWORD",
+    201: "QUOTA_EXCEEDED",
+    202: "TOO_MANY_SIMULTANEOUS_QUERIES",
+    203: "NO_FREE_CONNECTION",
+    209: "SOCKET_TIMEOUT",
+    210: "NETWORK_ERROR",
+    225: "NO_ZOOKEEPER",
+    236: "ABORTED",
+    241: "MEMORY_LIMIT_EXCEEDED",
+    242: "TABLE_IS_READ_ONLY",
+    243: "NOT_ENOUGH_SPACE",
+    252: "TOO_MANY_PARTS",
+    285: "TOO_FEW_LIVE_REPLICAS",
+    319: "UNKNOWN_STATUS_OF_INSERT",
+    394: "QUERY_WAS_CANCELLED",
+    425: "SYSTEM_ERROR",
+    439: "CANNOT_SCHEDULE_TASK",
+    473: "DEADLOCK_AVOIDED",
+    497: "ACCESS_DENIED",
+    516: "AUTHENTICATION_FAILED",
+    999: "KEEPER_EXCEPTION",
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when an insert failed for a reason that waiting can fix (see :data:`WAIT_CODES`).
+
+    >>> is_transient(DatabaseError("Code: 252. Too many parts", code=252))
+    True
+    >>> is_transient(DatabaseError("Code: 53. Type mismatch", code=53))
+    False
+    >>> from clickhouse_connect.driver.exceptions import OperationalError
+    >>> is_transient(OperationalError("Error executing HTTP request")), is_transient(OSError())
+    (True, True)
+    >>> is_transient(ValueError("could not convert string to float: 'abc'"))
+    False
+    """
+    code = getattr(exc, "code", None)
+    if code is not None:
+        return code in WAIT_CODES
+    if isinstance(exc, DataError):
+        return False  # the client could not serialise the block: its own fault
+    # no code: the network, or a gateway answering in ClickHouse's place (HTTP 502, 503)
+    return isinstance(exc, (DatabaseError, OSError))
+
+
+def row_bytes(row) -> int:
+    """Estimated memory of one queued row: CPython object sizes, a tuple of pointers plus each
+    string (49 bytes + 1 a character, ASCII), 32 for a number or a datetime, lists recursively.
+    Cheap (no ``sys.getsizeof`` walk); strings shared between rows are counted for each.
+
+    >>> row_bytes(("web", 3, 1.5))
+    196
+    >>> row_bytes((["u1", "u2"],))
+    238
+    """
+    n = 56 + 8 * len(row)
+    for v in row:
+        if isinstance(v, str):
+            n += 49 + len(v)
+        elif isinstance(v, (list, tuple)):
+            n += row_bytes(v)
+        elif isinstance(v, bytes):
+            n += 33 + len(v)
+        else:
+            n += 32
+    return n
+
+
+def rows_bytes(rows: list) -> int:
+    return sum(map(row_bytes, rows))
 
 
 def normalize_dsn(dsn: str) -> str:
@@ -52,13 +163,23 @@ def chdb_dir(dsn: str) -> Path | None:
     return Path(dsn[len("chdb://"):]) if dsn.startswith("chdb://") else None
 
 
-def connect(dsn: str):
-    """A shared client and its lock for this DSN."""
+def _client(dsn: str, timeout_s: float):
+    if dsn.startswith("chdb://"):
+        return clickhouse_connect.get_client(dsn=dsn)  # in process: no network to time out
+    seconds = max(1, math.ceil(timeout_s))  # clickhouse-connect takes whole seconds
+    return clickhouse_connect.get_client(dsn=dsn, connect_timeout=min(seconds, 10),
+                                         send_receive_timeout=seconds)
+
+
+def connect(dsn: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """A shared client and its lock for this DSN. chDB: one per process, whatever the timeout
+    (it runs in process); a server: one per timeout, each request giving up after it."""
     dsn = normalize_dsn(dsn)
+    key = dsn if dsn.startswith("chdb://") else f"{dsn}#{max(1, math.ceil(timeout_s))}"
     with _CLIENTS_LOCK:
-        if dsn not in _CLIENTS:
-            _CLIENTS[dsn] = (clickhouse_connect.get_client(dsn=dsn), threading.Lock())
-        return _CLIENTS[dsn]
+        if key not in _CLIENTS:
+            _CLIENTS[key] = (_client(dsn, timeout_s), threading.Lock())
+        return _CLIENTS[key]
 
 
 def ensure_schema(dsn: str, db: str, tz: str = "UTC") -> list[int]:
@@ -124,172 +245,483 @@ TABLES = {
 }
 DEDUPE = {"deduplicate_blocks_in_dependent_materialized_views": 1}
 BACKOFF_MAX_S = 30.0
+_REJECT_LOCKS: dict[Path, threading.Lock] = {}  # a rejected file is shared by the workers
+_PARTITIONS: "weakref.WeakSet[_InsertPartition]" = weakref.WeakSet()
+
+
+def queue_rows() -> dict[str, int]:
+    """Rows queued in memory per table, over the live sinks (the ``sink_queue_rows`` gauge)."""
+    out: dict[str, int] = {}
+    for p in list(_PARTITIONS):
+        out[p.stat] = out.get(p.stat, 0) + p.rows
+    return out
+
+
+def spool_files() -> dict[str, int]:
+    """Spool files waiting per table (the ``sink_spool_files`` gauge)."""
+    out: dict[str, int] = {}
+    for p in list(_PARTITIONS):
+        out[p.stat] = out.get(p.stat, 0) + len(p.spooled)
+    return out
+
+
+@dataclass(slots=True, eq=False)
+class _Block:
+    token: str | None
+    rows: list
+    closed_at_ms: int | None = None
+    nbytes: int = 0
+    spooled: bool = False  # read back from a spool file (which stays until the file is done)
+    tries: int = 0  # failures that were the block's own (not an outage)
+    path: Path | None = None  # write-ahead: the file holding this block's rows until inserted
+
+    def saved(self) -> tuple:
+        return self.token, self.rows, self.closed_at_ms
+
+
+def _read_spool(path: Path) -> Iterator[tuple]:
+    """The blocks of a spool file, one at a time."""
+    with path.open("rb") as f:
+        while True:
+            try:
+                obj = pickle.load(f)
+            except EOFError:
+                return
+            if isinstance(obj, list):  # a file of an earlier version: one list of blocks
+                yield from obj
+            else:
+                yield obj
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _InsertPartition(StatelessSinkPartition):
+    close_wait_s = 30.0  # at close, how long to keep retrying before spooling the rest to disk
+    backoff_initial_s = 0.5
+
     def __init__(self, dsn: str, db: str, table: str, max_rows: int, max_delay_s: float,
-                 max_buffer_rows: int, spool: Path | None):
-        self.client, self.lock = connect(dsn)
+                 max_buffer_rows: int, spool: Path | None, max_buffer_bytes: int = 64 * 2**20,
+                 max_insert_tries: int = 5, reject_path: Path | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, write_ahead: bool = False,
+                 adopt: tuple[Path, ...] = ()):
+        self.client, self.lock = connect(dsn, timeout_s)
+        # Write-ahead: every row is in a spool file (fsynced) before write_batch returns, so a
+        # kill -9 after Bytewax snapshotted the epoch cannot lose rows still queued here.
+        self.write_ahead = write_ahead and spool is not None
         self.table = f"{db}.{table}"
         self.stat = table
+        self.component = f"clickhouse:{table}"
         self.spec = TABLES[table]
         self.max_rows, self.max_delay_s = max_rows, max_delay_s
-        self.max_buffer_rows = max_buffer_rows
-        self.blocks: deque[tuple[str | None, list, int | None]] = deque()  # oldest first
+        self.max_buffer_rows, self.max_buffer_bytes = max_buffer_rows, max_buffer_bytes
+        self.max_insert_tries = max(1, max_insert_tries)
+        self.reject_path = reject_path or Path.cwd() / f"rejected-{table}.jsonl"
+        self.reject_lock = _REJECT_LOCKS.setdefault(self.reject_path, threading.Lock())
+        self.blocks: deque[_Block] = deque()  # oldest first
         self.rows = 0  # rows in self.blocks
+        self.bytes = 0  # their estimated memory (row_bytes)
         self.first_at = 0.0
+        self.current: _Block | None = None  # being inserted: retried until inserted or set aside
+        self.front: deque[_Block] = deque()  # the rest of a block split around a bad row: next
         self.spool = spool
-        self.spooled: deque[Path] = deque(sorted(spool.glob("*.pickle"))) if spool else deque()
-        self.spool_seq = int(self.spooled[-1].stem) + 1 if self.spooled else 0
+        self.adopt = adopt
+        self.spooled: deque[Path] = deque(self._adopt_spool())
+        self.reader: Iterator[tuple] | None = None  # the blocks of spooled[0], as it is sent
+        self.spill_failing = False
         self.cond = threading.Condition()
         self.closing = False
+        self.close_deadline = math.inf
         self.down_since: float | None = None
+        self.failed_tries = 0
+        _PARTITIONS.add(self)
+        STATS.gauge("sink_queue_rows", queue_rows)
+        STATS.gauge("sink_spool_files", spool_files)
         self.thread = threading.Thread(target=self._run, name=f"insert-{table}", daemon=True)
         self.thread.start()
+
+    def _adopt_spool(self) -> list[Path]:
+        """The spool files of earlier runs, oldest first: those of workers that are gone (a
+        run with fewer workers now), then this worker's own; a ``.tmp`` is a spill cut short by
+        a crash (its blocks never left memory then), so it is dropped."""
+        found = []
+        for d in (*self.adopt, self.spool):
+            if d is None or not d.is_dir():
+                continue
+            for tmp in d.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+            found += sorted(d.glob("*.pickle"))
+        self.spool_seq = 1 + max((int(p.stem) for p in found if p.parent == self.spool), default=-1)
+        return found
 
     # -- the flow's side: queue, never wait for ClickHouse -------------------------------
     def write_batch(self, items: list) -> None:
         spec = self.spec
         with self.cond:
             was_empty = self.rows == 0
+            journal: dict[int, tuple[_Block, list]] = {}  # write-ahead: new rows per block
             for item in items:
                 if spec.blocks is not None:
                     for token, rows, closed_at_ms in spec.blocks(item):
-                        self.blocks.append((token, rows, closed_at_ms))
-                        self.rows += len(rows)
+                        block = _Block(token, rows, closed_at_ms, rows_bytes(rows))
+                        self._queue(block)
+                        journal[id(block)] = (block, rows)
                 else:
                     rows = list(spec.rows(item))
                     if not rows:
                         continue
                     last = self.blocks[-1] if self.blocks else None
-                    if last is not None and last[0] is None and len(last[1]) < self.max_rows:
-                        last[1].extend(rows)
+                    if last is not None and last.token is None and len(last.rows) < self.max_rows:
+                        nbytes = rows_bytes(rows)
+                        last.rows.extend(rows)
+                        last.nbytes += nbytes
+                        self.rows += len(rows)
+                        self.bytes += nbytes
                     else:
-                        self.blocks.append((None, rows, None))
-                    self.rows += len(rows)
+                        last = _Block(None, rows, None, rows_bytes(rows))
+                        self._queue(last)
+                    journal.setdefault(id(last), (last, []))[1].extend(rows)
+            if self.write_ahead and journal:
+                self._write_ahead(journal.values())
             if was_empty and self.rows:
                 self.first_at = time.monotonic()
-            if self.rows > self.max_buffer_rows:
-                self._spill(self.max_buffer_rows // 2)
+            if self.rows > self.max_buffer_rows or self.bytes > self.max_buffer_bytes:
+                # spill to half, so a long outage writes few big files, not one per batch
+                self._spill(self.max_buffer_rows // 2, self.max_buffer_bytes // 2)
             if self.rows >= self.max_rows or spec.blocks is not None:
                 self.cond.notify()
 
-    def _spill(self, keep_rows: int) -> None:
-        """Move the oldest blocks to disk until at most ``keep_rows`` rows stay in memory."""
+    def _write_ahead(self, chunks) -> None:
+        """Append each block's new rows to its file (a new block: a new file), fsync. The files
+        use the spool's format: a run that dies leaves them to the next, which sends them first
+        (a block inserted just before the kill is sent again: tokens or keys collapse it)."""
+        self.spool.mkdir(parents=True, exist_ok=True)
+        created = False
+        for block, rows in chunks:
+            if block.path is None:
+                block.path = self.spool / f"{self.spool_seq:012d}.pickle"
+                self.spool_seq += 1
+                created = True
+            with block.path.open("ab") as f:
+                pickle.dump((block.token, rows, block.closed_at_ms), f,
+                            protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+        if created:
+            _fsync_dir(self.spool)
+
+    def _queue(self, block: _Block) -> None:
+        self.blocks.append(block)
+        self.rows += len(block.rows)
+        self.bytes += block.nbytes
+
+    def _spill(self, keep_rows: int, keep_bytes: int) -> None:
+        """Move the oldest blocks to disk until at most ``keep_rows`` rows and ``keep_bytes``
+        stay in memory. The blocks leave memory only once their file is durably on disk."""
         if self.spool is None or not self.blocks:
             return
-        self.spool.mkdir(parents=True, exist_ok=True)
-        spilled = []
-        while self.blocks and self.rows > keep_rows:
-            block = self.blocks.popleft()
-            self.rows -= len(block[1])
-            spilled.append(block)
-        path = self.spool / f"{self.spool_seq:012d}.pickle"
-        self.spool_seq += 1
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(spilled, protocol=pickle.HIGHEST_PROTOCOL))
-        tmp.rename(path)
+        taken, rows, nbytes = [], self.rows, self.bytes
+        for block in self.blocks:
+            if rows <= keep_rows and nbytes <= keep_bytes:
+                break
+            taken.append(block)
+            rows -= len(block.rows)
+            nbytes -= block.nbytes
+        if taken and all(b.path is not None for b in taken):  # written ahead: on disk already
+            for _ in taken:
+                self.spooled.append(self.blocks.popleft().path)
+            self.rows, self.bytes = rows, nbytes
+            STATS.add("clickhouse_rows_spilled", sum(len(b.rows) for b in taken))
+            return
+        try:
+            path = self._write_spool([b for b in taken if b.path is None])
+        except OSError as exc:  # a full or broken disk: the rows stay in memory, nothing lost
+            if not self.spill_failing:
+                log.error("%s: cannot spill to %s (%s); rows stay in memory", self.table,
+                          self.spool, exc)
+            self.spill_failing = True
+            return
+        self.spill_failing = False
+        for block in taken:
+            self.blocks.popleft()
+            if block.path is not None:
+                self.spooled.append(block.path)
+        self.rows, self.bytes = rows, nbytes
         self.spooled.append(path)
-        n = sum(len(block[1]) for block in spilled)
+        n = sum(len(block.rows) for block in taken)
         STATS.add("clickhouse_rows_spilled", n)
         log.warning("%s: ClickHouse is behind; %d rows spilled to %s", self.table, n, path)
 
+    def _write_spool(self, blocks: list[_Block]) -> Path:
+        """Write to a temporary file, fsync, rename, fsync the directory: the file is whole on
+        disk, or absent, whenever the program dies."""
+        self.spool.mkdir(parents=True, exist_ok=True)
+        path = self.spool / f"{self.spool_seq:012d}.pickle"
+        tmp = path.with_suffix(".tmp")
+        try:
+            with tmp.open("wb") as f:
+                for block in blocks:  # one pickle per block: read back one at a time
+                    pickle.dump(block.saved(), f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.spool)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.spool_seq += 1
+        return path
+
     # -- the insert thread ---------------------------------------------------------------
     def _run(self) -> None:
-        backoff = 0.5
+        try:
+            self._insert_loop()
+        except Exception:  # a bug or a broken disk: say so; close() still spills what is left
+            log.exception("%s: the insert thread stopped; rows wait for close()", self.table)
+
+    def _insert_loop(self) -> None:
+        backoff = 0.0  # the next pause after a failure; 0: backoff_initial_s
         while True:
             with self.cond:
-                while not self._due():
-                    if self.closing:
+                while self.current is None:
+                    if self._due():
+                        self.current = self._take()
+                        if self.current is not None:
+                            break
+                    if self.closing and not self._pending():
                         return
                     self.cond.wait(self.max_delay_s / 4)
-            try:
-                self._send_all()
-            except Exception as exc:  # noqa: BLE001 - kept, retried, reported
-                STATS.add("clickhouse_insert_errors")
-                if self.down_since is None:
-                    self.down_since = time.monotonic()
-                    log.error("insert into %s failed (%s); retrying with backoff, rows kept",
-                              self.table, str(exc).splitlines()[0][:200])
-                with self.cond:
-                    if self.closing and time.monotonic() - self.down_since > self.close_wait_s:
-                        self._spill(0)
-                        log.error("%s: ClickHouse unreachable at shutdown; rows left in %s",
-                                  self.table, self.spool)
-                        return
-                    self.cond.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                block = self.current
+            exc = self._insert(block)
+            if exc is None:
+                self._recovered()
+                self._finish(block)
+                backoff = 0.0
                 continue
-            if self.down_since is not None:
-                log.warning("ClickHouse is back for %s after %.1f s", self.table,
-                            time.monotonic() - self.down_since)
-                self.down_since = None
-            backoff = 0.5
-
-    close_wait_s = 30.0  # at close, how long to keep retrying before spooling the rest to disk
+            STATS.add("clickhouse_insert_errors")
+            if is_transient(exc):
+                self._failed(exc)
+            else:
+                self._recovered()  # ClickHouse answered: the fault is the block's
+                if self._block_failed(block, exc):
+                    backoff = 0.0
+                    continue
+            with self.cond:
+                if self.closing and time.monotonic() >= self.close_deadline:
+                    self._spill_at_close()
+                    return
+            delay = backoff or self.backoff_initial_s
+            self._pause(delay)
+            backoff = min(delay * 2, BACKOFF_MAX_S)
 
     def _due(self) -> bool:
-        if self.spooled:
+        if self.front or self.spooled:
             return True
         if not self.rows:
             return False
-        if self.blocks[0][0] is not None:
+        if self.blocks[0].token is not None:
             return True  # a complete minute is one insert anyway: waiting would only delay it
         return (self.closing or self.rows >= self.max_rows
                 or time.monotonic() - self.first_at >= self.max_delay_s)
 
-    def _send_all(self) -> None:
+    def _pending(self) -> bool:
+        return bool(self.current or self.front or self.spooled or self.blocks)
+
+    def _take(self) -> _Block | None:
+        """The oldest block: from the spool files first (older than anything in memory)."""
+        if self.front:
+            return self.front.popleft()
         while self.spooled:
             path = self.spooled[0]
-            for block in pickle.loads(path.read_bytes()):
-                self._insert(*block)
-            path.unlink()
-            self.spooled.popleft()
-        while True:
-            with self.cond:
-                if not self.blocks:
-                    return
-                block = self.blocks.popleft()  # new rows meanwhile start a new block
-                self.rows -= len(block[1])
+            if self.reader is None:
+                self.reader = _read_spool(path)
             try:
-                self._insert(*block)
-            except Exception:
-                with self.cond:
-                    self.blocks.appendleft(block)
-                    self.rows += len(block[1])
-                raise
-            with self.cond:
-                self.first_at = time.monotonic()
+                token, rows, closed_at_ms = next(self.reader)
+                return _Block(token, rows, closed_at_ms, spooled=True)
+            except StopIteration:  # every block of the file is in, or set aside
+                path.unlink(missing_ok=True)
+            except Exception as exc:  # noqa: BLE001 - unreadable: keep it aside for a human
+                STATS.add("clickhouse_spool_unreadable")
+                log.error("%s: spool file %s is unreadable (%s); renamed to .bad", self.table,
+                          path, exc)
+                path.rename(path.with_suffix(".bad"))
+            self.reader = None
+            self.spooled.popleft()
+        if not self.blocks:
+            return None
+        block = self.blocks.popleft()  # new rows meanwhile start a new block
+        self.rows -= len(block.rows)
+        self.bytes -= block.nbytes
+        return block
 
-    def _insert(self, token: str | None, rows: list, closed_at_ms: int | None) -> None:
-        settings = DEDUPE | {"insert_deduplication_token": token} if token else {}
-        with self.lock:
-            self.client.insert(self.table, rows, column_names=self.spec.columns, settings=settings)
-        STATS.add(f"rows_{self.stat}", len(rows))
-        if closed_at_ms:  # queryable now: the delay since the minute closed, for the figures
-            STATS.observe_since("minute_queryable_ms", [closed_at_ms])
+    def _insert(self, block: _Block) -> Exception | None:
+        settings = DEDUPE | {"insert_deduplication_token": block.token} if block.token else {}
+        try:
+            with self.lock:
+                self.client.insert(self.table, block.rows, column_names=self.spec.columns,
+                                   settings=settings)
+        except Exception as exc:  # noqa: BLE001 - classified by the caller
+            return exc
+        STATS.add(f"rows_{self.stat}", len(block.rows))
+        if block.closed_at_ms:  # queryable now: the delay since the minute closed, for the figures
+            STATS.observe_since("minute_queryable_ms", [block.closed_at_ms])
+        return None
+
+    def _finish(self, block: _Block) -> None:
+        if block.path is not None:  # inserted (or set aside): its write-ahead file is done
+            block.path.unlink(missing_ok=True)
+        with self.cond:
+            self.current = None
+            if not block.spooled:
+                self.first_at = time.monotonic()
+            self.cond.notify_all()
+
+    def _block_failed(self, block: _Block, exc: Exception) -> bool:
+        """Counts a failure of the block's own; True once it is dealt with (set aside, or split)
+        and the next try needs no pause."""
+        block.tries += 1
+        if block.tries < self.max_insert_tries:
+            if block.tries == 1:
+                log.warning("insert into %s failed (%s); trying the block %d times before "
+                            "setting it aside", self.table, _describe(exc), self.max_insert_tries)
+            return False
+        if block.token is None and len(block.rows) > 1 and getattr(exc, "code", None) is None:
+            self._split(block)
+            return True
+        self._reject(block, exc)
+        self._finish(block)
+        return True
+
+    def _split(self, block: _Block) -> None:
+        """The client could not serialise a freely batched block: some row holds a bad value.
+        Its halves are tried once each, down to the bad rows, so the good rows still go in (a
+        block with a token stays whole: the token names exactly its rows). Serialising fails
+        before anything is sent, so this costs no round trips."""
+        half = len(block.rows) // 2
+        first, second = ([_Block(None, rows, None, rows_bytes(rows), block.spooled,
+                                 tries=self.max_insert_tries - 1)
+                          for rows in (block.rows[:half], block.rows[half:])])
+        second.path = block.path  # the file holds both halves: it goes when the last is done
+        with self.cond:
+            self.current = first
+            self.front.appendleft(second)
+
+    def _reject(self, block: _Block, exc: Exception) -> None:
+        record = {"at_ms": int(time.time() * 1000), "table": self.table, "token": block.token,
+                  "tries": block.tries, "error": _describe(exc), "columns": self.spec.columns,
+                  "rows": block.rows}
+        line = orjson.dumps(record, default=repr) + b"\n"
+        self.reject_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.reject_lock, self.reject_path.open("ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        STATS.add_labeled("clickhouse_rejected_blocks", self.stat)
+        log.error("%s rejected a block of %d rows %d times (%s); kept in %s, later blocks go on",
+                  self.table, len(block.rows), block.tries, _describe(exc), self.reject_path)
+
+    def _failed(self, exc: Exception) -> None:
+        self.failed_tries += 1
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+        # marked at every failure: another worker's recovery may have cleared it meanwhile
+        if STATS.outage(self.component, _describe(exc)):
+            log.error("insert into %s failed (%s); retrying with backoff, rows kept",
+                      self.table, _describe(exc))
+
+    def _recovered(self) -> None:
+        if self.down_since is None:
+            return
+        if STATS.outage(self.component, None):
+            log.warning("ClickHouse is back for %s after %.1f s (%d tries failed)", self.table,
+                        time.monotonic() - self.down_since, self.failed_tries)
+        self.down_since, self.failed_tries = None, 0
+
+    def _pause(self, delay: float) -> None:
+        """Waits ``delay`` (new rows do not cut it short; close() does, at its deadline)."""
+        until = time.monotonic() + delay
+        with self.cond:
+            while True:
+                end = min(until, self.close_deadline) if self.closing else until
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
+
+    def _spill_at_close(self) -> None:
+        """ClickHouse still failing at shutdown: what is left goes to disk for the next run."""
+        unsent = [b for b in (self.current, *self.front) if b is not None and not b.spooled]
+        self.current = None
+        self.front.clear()
+        for block in reversed(unsent):  # they came from memory: they go first, in order
+            self.blocks.appendleft(block)
+            self.rows += len(block.rows)
+            self.bytes += block.nbytes
+        self.reader = None  # a spool file being sent stays whole on disk, sent again next run
+        self._spill(0, 0)
+        if self.blocks:
+            log.error("%s: ClickHouse unavailable at shutdown and %s; %d rows lost", self.table,
+                      "no spool directory" if self.spool is None else "spilling failed",
+                      self.rows)
+        elif self.spooled:
+            log.error("%s: ClickHouse unavailable at shutdown; rows left in %s for the next run",
+                      self.table, self.spool)
 
     def close(self) -> None:
         with self.cond:
             self.closing = True
-            self.cond.notify()
+            self.close_deadline = time.monotonic() + self.close_wait_s
+            self.cond.notify_all()
         self.thread.join()
+        with self.cond:
+            if self.blocks or any(not b.spooled for b in (self.current, *self.front) if b):
+                self._spill_at_close()  # the insert thread died on a bug: keep its rows
+        if self.down_since is not None:  # a sink that is gone reports no outage
+            STATS.outage(self.component, None)
+        _PARTITIONS.discard(self)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 class ClickHouseSink(DynamicSink):
-    """Inserts each item's rows into one table (see :data:`TABLES` for what an item is)."""
+    """Inserts each item's rows into one table (see :data:`TABLES` for what an item is, and the
+    module doc for what each table is guaranteed)."""
 
     def __init__(self, dsn: str, db: str, table: str, max_rows: int = 5000,
                  max_delay_s: float = 1.0, max_buffer_rows: int = 1_000_000,
-                 spool_dir: Path | None = None):
+                 spool_dir: Path | None = None, *, max_buffer_bytes: int = 64 * 2**20,
+                 max_insert_tries: int = 5, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 write_ahead: bool = False):
         if table not in TABLES:
             raise ValueError(f"unknown table {table}")
         self.dsn, self.db, self.table = dsn, db, table
         self.max_rows, self.max_delay_s = max_rows, max_delay_s
         self.max_buffer_rows, self.spool_dir = max_buffer_rows, spool_dir
+        self.max_buffer_bytes, self.max_insert_tries = max_buffer_bytes, max_insert_tries
+        self.timeout_s = timeout_s
+        self.write_ahead = write_ahead
+        base = Path(spool_dir) if spool_dir is not None else Path.cwd()
+        self.reject_path = base.resolve() / f"rejected-{table}.jsonl"
 
     def build(self, step_id: str, worker_index: int, worker_count: int):
-        spool = (self.spool_dir / f"{self.db}.{self.table}" / f"worker-{worker_index}"
-                 if self.spool_dir is not None else None)
+        spool, adopt = None, ()
+        if self.spool_dir is not None:
+            base = self.spool_dir / f"{self.db}.{self.table}"
+            spool = base / f"worker-{worker_index}"
+            # spool files of workers an earlier run had and this one has not
+            adopt = tuple(sorted(
+                (d for d in base.glob("worker-*") if d.is_dir() and d.name[7:].isdigit()
+                 and int(d.name[7:]) >= worker_count and int(d.name[7:]) % worker_count == worker_index),
+                key=lambda d: int(d.name[7:]))) if base.is_dir() else ()
         return _InsertPartition(self.dsn, self.db, self.table, self.max_rows, self.max_delay_s,
-                                self.max_buffer_rows, spool)
+                                self.max_buffer_rows, spool, self.max_buffer_bytes,
+                                self.max_insert_tries, self.reject_path, self.timeout_s,
+                                self.write_ahead, adopt)

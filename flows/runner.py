@@ -61,16 +61,23 @@ def make_source(settings: Settings):
 
 
 def make_outputs(settings: Settings, redis_url: str) -> Outputs:
-    ch = settings.clickhouse
+    ch, r = settings.clickhouse, settings.redis
+    # With a recovery store, rows queued for ClickHouse are written ahead to the spool before
+    # the flow moves on: a snapshot then never covers rows that only lived in memory.
+    write_ahead = settings.flow.recovery_dir is not None
+    reject_dir = ch.spool_dir.resolve()
 
     def table(name: str) -> clickhouse.ClickHouseSink:
         return clickhouse.ClickHouseSink(ch.dsn, ch.database, name, ch.insert_batch_rows,
                                          ch.flush_interval_s, ch.max_buffer_rows,
-                                         ch.spool_dir.resolve())
+                                         ch.spool_dir.resolve(), max_buffer_bytes=ch.max_buffer_bytes,
+                                         max_insert_tries=ch.max_insert_tries, timeout_s=ch.timeout_s,
+                                         write_ahead=write_ahead)
 
     out = Outputs(
-        features=RedisFeatureSink(redis_url, settings.redis.key_prefix,
-                                  int(settings.redis.ttl_days * 86_400)),
+        features=RedisFeatureSink(redis_url, r.key_prefix, int(r.ttl_days * 86_400),
+                                  socket_timeout_s=r.socket_timeout_s,
+                                  retry_max_backoff_s=r.retry_max_backoff_s),
         aggregates=table("events_minute_in"),
         raw_events=table("events_raw") if ch.raw_events else None,
         actions=[("clickhouse", table("actions"))],
@@ -96,12 +103,13 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
         k = settings.kafka
         out.actions.append(("kafka", kafka.KafkaTopicSink(
             k.brokers, k.actions_topic, public, lambda a: a["user_id"].encode(), k.client_config,
-            observe="action_latency_ms")))
+            observe="action_latency_ms", reject_dir=reject_dir)))
         out.alerts.append(("kafka", kafka.KafkaTopicSink(
             k.brokers, k.alerts_topic, public, lambda a: a["series"].encode(), k.client_config,
-            observe="alert_latency_ms")))
+            observe="alert_latency_ms", reject_dir=reject_dir)))
         out.dead_letters.append(("kafka", kafka.KafkaTopicSink(
-            k.brokers, k.dead_letter_topic, encode_dead, lambda d: d.key, k.client_config)))
+            k.brokers, k.dead_letter_topic, encode_dead, lambda d: d.key, k.client_config,
+            reject_dir=reject_dir)))
     return out
 
 
@@ -123,7 +131,9 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
         kafka.ensure_topics(k.brokers, [k.actions_topic, k.alerts_topic, k.dead_letter_topic],
                             extra=k.client_config)
     registry = load_registry(settings.features.registry)
-    write_registry(redis_url, settings.redis.key_prefix, registry.to_dict())
+    write_registry(redis_url, settings.redis.key_prefix, registry.to_dict(),
+                   socket_timeout_s=settings.redis.socket_timeout_s,
+                   retry_max_backoff_s=settings.redis.retry_max_backoff_s)
     if source is None:
         source, partitions = make_source(settings)
     recovery = recovery_config(settings.flow.recovery_dir)

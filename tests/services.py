@@ -305,6 +305,69 @@ def http_call(port: int, method: str, path: str, body=None):
         conn.close()
 
 
+def start_redis_aof(data_dir: Path, port: int = 0) -> tuple[subprocess.Popen, int]:
+    """A redis-server of the caller's own (not the session's), every write fsynced to its
+    append-only file, so a SIGKILL loses nothing it acknowledged. Started again with the same
+    ``data_dir`` and ``port`` after a kill, it reloads that file. Returns the process and its
+    port once it answers."""
+    import redis
+
+    from connectors.embedded_redis import find_redis_server
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or _free_ports(1)[0]
+    with open(data_dir / "redis.stdout", "ab") as out:
+        proc = subprocess.Popen(
+            [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+             "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", "--daemonize", "no",
+             "--logfile", str((data_dir / "redis.log").resolve())],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+    deadline = time.monotonic() + 15
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited ({proc.returncode}):\n"
+                                   + _tail(data_dir / "redis.log"))
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError,
+                                     redis.BusyLoadingError):
+                if client.info("server").get("process_id") == proc.pid:  # ours, loaded
+                    return proc, port
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("redis-server did not answer:\n" + _tail(data_dir / "redis.log"))
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def kill_kafka(broker: KafkaBroker) -> None:
+    """SIGKILL the broker (no controlled shutdown), keeping its data for ``restart_kafka``."""
+    proc, broker._proc = broker._proc, None
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def restart_kafka(broker: KafkaBroker) -> None:
+    """Start a killed broker again on the same ports and data directory; waits until it
+    answers metadata requests."""
+    assert broker.workdir is not None and broker._proc is None
+    with open(broker.workdir / "stdout.log", "ab") as out:
+        broker._proc = subprocess.Popen(
+            broker._java("kafka.Kafka", str(broker.workdir / "server.properties"),
+                         # the killed broker's registration must lapse before the new one is
+                         # let in: with the default 9 s session that is most of the restart
+                         "--override", "broker.session.timeout.ms=2000",
+                         "--override", "broker.heartbeat.interval.ms=500", heap="512m"),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=broker.workdir, preexec_fn=_die_with_parent,
+        )
+    broker._wait_ready()
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["fetch-kafka"]:
         print(ensure_kafka_libs())
