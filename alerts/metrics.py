@@ -24,17 +24,34 @@ Each series is a mapping ``series key -> (value, n)``: ``n`` is the sample size 
 {'campaign=c1': (0.75, 10.0)}
 >>> s.series("events", "channel", 1)
 {'channel=ad': (410, None), 'channel=web': (2, None)}
+
+Distinct series are capped per split (channel, campaign, page): at most ``max_series`` keys each.
+Beyond, the key least recently active (its last minute with data; ties: the smallest key) is
+forgotten with all its sums, a key with an open alert (``protected``) only when every key is one;
+each counts ``evictions{minute_series}`` and is listed in :attr:`MinuteSeries.evicted`.
+
+>>> s = MinuteSeries(windows={60}, max_series=2)
+>>> for minute, campaign in enumerate(["c1", "c2", "c1", "c3"]):
+...     s.add(CompleteMinute(minute, [("ad", campaign, "", "ad_click", 1, 0.0, 0.0, 0, [])]))
+>>> sorted(s.series("events", "campaign", 1)), s.evicted  # c2 was the least recently active
+(['campaign=c1', 'campaign=c3'], ['campaign=c2'])
 """
 from __future__ import annotations
 
 import ipaddress
 import math
 import zlib
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
 
+from flows.eviction import OldestFirst
+from surgeflow.stats import STATS
+
 DAY_MINUTES = 1440
+MAX_SERIES = 10_000  # default cap on keys per split (config: limits.max_series)
+SPLITS = ("channel", "campaign", "page")  # how series are split, besides "all"
 
 # Counters kept per campaign (and "all") and minute, summed over sliding windows.
 (IMPRESSIONS, AD_CLICKS, CLICKS, COST, ORDERS, CHECKOUTS, PRODUCT_VIEWS, VIEWS, BOUNCES,
@@ -102,9 +119,12 @@ ENTITY_METRICS: dict[str, EntityMetric] = {
 class MinuteSeries:
     """Everything the minute metrics need, updated one complete minute at a time."""
 
-    def __init__(self, windows: set[int], day_offset_min: int = 0):
+    def __init__(self, windows: set[int], day_offset_min: int = 0, max_series: int = MAX_SERIES):
+        if max_series < 1:
+            raise ValueError("max_series must be >= 1")
         self.windows = sorted(windows | {1})
-        self.queues: dict[int, deque[tuple[int, dict[str, list[float]]]]] = {w: deque() for w in self.windows}
+        self.queues: dict[int, deque[int]] = {w: deque() for w in self.windows}  # minutes in w
+        self.rows: dict[int, dict[str, list[float]]] = {}  # queued minute -> key -> counters
         self.sums: dict[int, dict[str, list[float]]] = {w: {} for w in self.windows}
         self.minute: int | None = None
         self.events: dict[str, int] = {}
@@ -116,8 +136,39 @@ class MinuteSeries:
         self.today_curve: list[int] = []  # users so far, per minute of today
         self.yesterday_curve: list[int] = []
         self.delays: dict[int, int] = {}
+        self._bound(max_series)
 
-    def add(self, m) -> None:
+    def _bound(self, max_series: int) -> None:
+        """The state of the cap (also rebuilt for a snapshot from before it)."""
+        self.max_series = max_series
+        # split -> key -> last minute with data (eviction order)
+        self.recency: dict[str, OldestFirst] = {split: OldestFirst() for split in SPLITS}
+        # key -> the queued minutes it has counts in, so an evicted key leaves every window
+        self.key_minutes: dict[str, array] = {}
+        self.peaks: dict[int, int] = {}  # queued minute -> most keys its counts held (compaction)
+        self.evicted: list[str] = []  # keys evicted by the latest add
+        for minute, counts in self.rows.items():
+            self.peaks[minute] = len(counts)
+            for key in counts:
+                if key != "all":
+                    self.key_minutes.setdefault(key, array("q")).append(minute)
+                    self.recency[key.split("=", 1)[0]].touch(key, minute)
+        for key, last in self.known.items():
+            self.recency[key.split("=", 1)[0]].touch(key, last)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "recency" not in state:  # a snapshot from before the cap: (minute, counts) queues
+            self.rows = {minute: counts for minute, counts in self.queues[self.windows[-1]]}
+            self.queues = {w: deque(minute for minute, _ in q) for w, q in self.queues.items()}
+            self._bound(MAX_SERIES)
+
+    def size(self) -> int:
+        """Keys kept, over every split (figures, gauges)."""
+        return sum(len(r) for r in self.recency.values())
+
+    def add(self, m, protected: frozenset[str] | set[str] = frozenset()) -> None:
+        """One complete minute. ``protected`` keys (open alerts) are evicted last."""
         minute = m.minute
         self.minute = minute
         counts: dict[str, list[float]] = {}
@@ -152,14 +203,68 @@ class MinuteSeries:
                 c[VIEWS] += views
                 c[BOUNCES] += bounced
         self.events = events
-        self._slide(minute, counts)
+        self._admit(minute, counts, protected)
+        self._slide(minute, dict(counts) if self.evicted else counts)
         self._users(minute, users)
         self.delays = m.delays
 
+    def _admit(self, minute: int, counts: dict[str, list[float]], protected) -> None:
+        """Mark this minute's keys active; beyond the cap per split, evict the least recently
+        active (ties: the smallest key), keys with an open alert last."""
+        self.evicted = []
+        touched = set()
+        for key in (*self.events, *counts):
+            if key != "all":
+                split = key.split("=", 1)[0]
+                self.recency[split].touch(key, minute)
+                touched.add(split)
+        for split in sorted(touched):
+            recency = self.recency[split]
+            if len(recency) <= self.max_series:
+                continue
+            lasts = {k: recency.last[k] for k in protected if k in recency.last}
+            held: list[str] = []  # protected keys popped on the way, oldest first
+            while len(recency) + len(held) > self.max_series:
+                key = recency.pop_oldest()
+                if key is None:  # every key left has an open alert: the oldest of them goes
+                    key = held.pop(0)
+                elif key in lasts:
+                    held.append(key)
+                    continue
+                self._purge(key, counts)
+                self.evicted.append(key)
+                STATS.add_labeled("evictions", "minute_series")
+            for key in held:
+                recency.touch(key, lasts[key])
+
+    def _purge(self, key: str, counts: dict[str, list[float]]) -> None:
+        """Forget everything of one key: it no longer counts in any window."""
+        self.known.pop(key, None)
+        self.events.pop(key, None)
+        counts.pop(key, None)
+        for sums in self.sums.values():
+            sums.pop(key, None)
+        rows, peaks = self.rows, self.peaks
+        for minute in self.key_minutes.pop(key, ()):
+            row = rows[minute]
+            del row[key]
+            if 4 * len(row) < peaks[minute]:  # a dict keeps its size: copy it once mostly empty
+                rows[minute] = dict(row)
+                peaks[minute] = len(row)
+
     def _slide(self, minute: int, counts: dict[str, list[float]]) -> None:
+        self.rows[minute] = counts
+        self.peaks[minute] = len(counts)
+        for key in counts:
+            if key != "all":
+                minutes = self.key_minutes.get(key)
+                if minutes is None:
+                    minutes = self.key_minutes[key] = array("q")
+                minutes.append(minute)
+        widest = self.windows[-1]
         for w in self.windows:
             queue, sums = self.queues[w], self.sums[w]
-            queue.append((minute, counts))  # the dicts are shared between windows, never changed
+            queue.append(minute)
             for key, c in counts.items():
                 s = sums.get(key)
                 if s is None:
@@ -168,8 +273,15 @@ class MinuteSeries:
                 else:
                     for i, v in enumerate(c):
                         s[i] += v
-            while queue[0][0] <= minute - w:
-                for key, c in queue.popleft()[1].items():
+            while queue[0] <= minute - w:
+                gone = queue.popleft()
+                leaving = self.rows[gone]
+                for key, c in leaving.items():
+                    if w == widest and key != "all":
+                        minutes = self.key_minutes[key]
+                        del minutes[0]  # (this minute: the oldest it has counts in)
+                        if not minutes:
+                            del self.key_minutes[key]
                     s = sums.get(key)
                     if s is None:  # nothing counted for it in the window
                         continue
@@ -177,11 +289,17 @@ class MinuteSeries:
                         s[i] -= v
                     if not any(abs(v) > 1e-9 for v in s):
                         del sums[key]
+                if w == widest:
+                    del self.rows[gone], self.peaks[gone]
 
     def forget_idle(self, before: int) -> None:
-        """Channels and campaigns without events since ``before`` are no longer judged as zero."""
-        for key in [k for k, last in self.known.items() if last < before]:
-            del self.known[key]
+        """Keys without data since ``before`` are forgotten: a channel or campaign is no longer
+        judged as zero (their windows are empty by then)."""
+        if self.minute is not None:  # (never a key still in a window)
+            before = min(before, self.minute - self.windows[-1] + 1)
+        for recency in self.recency.values():
+            while (key := recency.pop_older_than(before)) is not None:
+                self._purge(key, {})
 
     def _users(self, minute: int, users: set[int]) -> None:
         local = minute + self.day_offset_min

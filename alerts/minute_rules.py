@@ -18,6 +18,12 @@ as zero, so a drop to nothing is seen; a ratio without any sample is not judged.
 ...        for a in rules.judge(minute(m, 900 if m == 30 else 100 + m % 3))]
 >>> out
 [('firing', 30), ('resolved', 31)]
+
+Series are bounded: at most ``max_series`` keys per split (channel, campaign, page; see
+:class:`alerts.metrics.MinuteSeries`), evicting the least recently active first and a series
+with an open alert only when every series has one. An evicted series' detectors go with it,
+except in a rule where its alert is open: that alert is still judged every minute (as a quiet
+series: zero, or no sample for a ratio) until it resolves, then forgotten when idle.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import math
 import zoneinfo
 
 from alerts.lifecycle import Alert, Verdict
-from alerts.metrics import RATIOS, MinuteSeries
+from alerts.metrics import MAX_SERIES, RATIOS, MinuteSeries
 from alerts.rules import RuleCatalogue, RuleSpec
 
 MINUTE_MS = 60_000
@@ -34,20 +40,23 @@ IDLE_MINUTES = 2 * 1440
 
 
 class MinuteRules:
-    def __init__(self, catalogue: RuleCatalogue, timezone: str = "UTC"):
+    def __init__(self, catalogue: RuleCatalogue, timezone: str = "UTC",
+                 max_series: int = MAX_SERIES):
         self.rules: list[RuleSpec] = catalogue.minute_rules
         windows = {r.window_ms // MINUTE_MS for r in self.rules if r.metric in RATIOS}
         self.timezone = timezone
-        self.series = MinuteSeries(windows)
+        self.series = MinuteSeries(windows, max_series=max_series)
         self.lifecycles = {r.name: r.lifecycle() for r in self.rules}
         self.factories = {r.name: r.detector.factory() for r in self.rules if r.detector is not None}
         self.detectors: dict[tuple[str, str], object] = {}
         self.last_judged: dict[tuple[str, str], int] = {}  # (rule, series) -> minute with data
 
-    def retuned(self, catalogue: RuleCatalogue) -> "MinuteRules":
+    def retuned(self, catalogue: RuleCatalogue, max_series: int | None = None) -> "MinuteRules":
         """These rules with the current catalogue (after a restart): a rule whose declaration
-        did not change keeps its detectors and open alerts; a changed or new one starts afresh."""
-        fresh = MinuteRules(catalogue, self.timezone)
+        did not change keeps its detectors and open alerts; a changed or new one starts afresh.
+        A new cap on series (None: keep the current one) applies from the next minute."""
+        max_series = max_series or self.series.max_series
+        fresh = MinuteRules(catalogue, self.timezone, max_series)
         before = {r.name: r for r in self.rules}
         for r in fresh.rules:
             if before.get(r.name) == r:
@@ -58,12 +67,15 @@ class MinuteRules:
                         fresh.last_judged[key] = self.last_judged.get(key, 0)
         if set(fresh.series.windows) <= set(self.series.windows):
             fresh.series = self.series  # the sliding windows it needs are all there
+            fresh.series.max_series = max_series
         return fresh
 
     def judge(self, m) -> list[Alert]:
         """One complete minute: update the series, judge every rule's series, learn."""
         self.series.day_offset_min = _offset_min(self.timezone, m.minute)
-        self.series.add(m)
+        self.series.add(m, {key for life in self.lifecycles.values() for key in life.open})
+        if self.series.evicted:
+            self._evicted(self.series.evicted)
         start, end = m.minute * MINUTE_MS, (m.minute + 1) * MINUTE_MS
         alerts: list[Alert] = []
         for rule in self.rules:
@@ -82,6 +94,17 @@ class MinuteRules:
         if m.minute % 60 == 0:
             self._forget_idle(m.minute)
         return alerts
+
+    def _evicted(self, keys: list[str]) -> None:
+        """Series evicted from the sums: their detectors go, unless their alert is open."""
+        by_split: dict[str, list[str]] = {}
+        for rule in self.rules:
+            by_split.setdefault(rule.by, []).append(rule.name)
+        for key in keys:
+            for name in by_split.get(key.split("=", 1)[0], ()):
+                if key not in self.lifecycles[name].open:
+                    self.detectors.pop((name, key), None)
+                    self.last_judged.pop((name, key), None)
 
     def _forget_idle(self, minute: int) -> None:
         """Series without data for IDLE_MINUTES (a campaign that ended, a page gone): their

@@ -19,14 +19,29 @@ maxima, event-time sessions), so a replay or another worker count gives the same
 ('1', True, False)
 >>> values["lifecycle"], values["activity"], values["rfm_tier"]
 ('new', 'highly_active', 'general-develop')
+
+Bounded state: the cart keeps at most ``max_cart_items`` lines (adds and removals since the
+latest order); beyond, the oldest line goes (smallest (time, quantity, cents)), counted as
+``evictions{cart_item}``, so the cart is the newest lines whatever the arrival order. The other
+per-profile collections are bounded by time: minute buckets by the longest window, sessions by
+that window plus the session gap (sessions are more than a gap apart), touches are two.
+
+>>> plan = FeaturePlan(load_registry(), max_cart_items=2)
+>>> p = plan.new_profile()
+>>> for i in range(3):  # three adds of one item at 25.00; the first goes
+...     plan.apply(p, _demo_event("add_to_cart", t0 + i * 1000))
+>>> sorted(p.cart), plan.values("u1", p)[0]["cart_items"]
+([(1790000001000, 1, 2500), (1790000002000, 1, 2500)], '2')
 """
 from __future__ import annotations
 
+import heapq
 from array import array
 from typing import Callable
 
 from config.registry import Registry
 from features.buckets import MinuteBuckets
+from surgeflow.stats import STATS
 from triggers.rules import idempotency_key
 
 MINUTE_MS = 60_000
@@ -35,6 +50,7 @@ CART_ADD, CART_REMOVE, ORDER, CHECKOUT = "add_to_cart", "remove_from_cart", "ord
 # Inputs a feature may read besides the window totals (Profile.changed bits, see FeaturePlan.delta)
 IN_SESSION, IN_CART, IN_TOUCH, IN_TIME0 = 1, 2, 4, 8  # then one bit per first/last time
 FULL_EVERY_MS = DAY_MS  # a profile is written in full at least once per event-time day
+MAX_CART_ITEMS = 100  # default cap on cart lines per profile (config: limits.max_cart_items)
 
 
 def cents(value) -> int:
@@ -100,7 +116,8 @@ class Profile:
         self.buckets = buckets
         self.times: list[int | None] = [None] * n_times
         self.sess = array("q")  # sessions as flat (start, end, views) triples, see join_session
-        self.cart: list[tuple[int, int, int]] = []  # (ts, +/- quantity, +/- cents) after last order
+        # (ts, +/- quantity, +/- cents) after the last order; a min-heap: the oldest line first
+        self.cart: list[tuple[int, int, int]] = []
         self.last_order: int | None = None
         self.last_checkout: int | None = None
         self.cart_updated: int | None = None
@@ -116,6 +133,11 @@ class Profile:
         self.changed = 0  # inputs other than the window totals moved since the last write (IN_*)
         self.sent_as_of: int | None = None  # as_of of the last write; None: write in full next
 
+    def __setstate__(self, state) -> None:
+        for name, value in state[1].items():
+            setattr(self, name, value)
+        heapq.heapify(self.cart)  # a snapshot from before the cap kept it in arrival order
+
 
 def _max(a, b):
     return b if a is None else a if b is None else max(a, b)
@@ -128,8 +150,11 @@ def _min(a, b):
 class FeaturePlan:
     """The registry compiled for the flow: event routing into state, and value functions."""
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, max_cart_items: int = MAX_CART_ITEMS):
+        if max_cart_items < 1:
+            raise ValueError("max_cart_items must be >= 1")
         self.registry = registry
+        self.max_cart_items = max_cart_items
         params = registry.params
         self.gap_ms = int(params["session_gap_min"] * MINUTE_MS)
         self.session_horizon_ms = max(registry.windows.values()) * MINUTE_MS + self.gap_ms
@@ -220,8 +245,7 @@ class FeaturePlan:
             p.arrival_ms = e.arrival_ms
         p.active = True
 
-    @staticmethod
-    def _cart(p: Profile, e, ts: int, name: str) -> None:
+    def _cart(self, p: Profile, e, ts: int, name: str) -> None:
         if name == CHECKOUT:
             p.last_checkout = _max(p.last_checkout, ts)
             return
@@ -230,13 +254,21 @@ class FeaturePlan:
             if p.last_order is None or ts > p.last_order:
                 p.last_order = ts
                 p.cart = [c for c in p.cart if c[0] > ts]
+                heapq.heapify(p.cart)
             return
         if p.last_order is not None and ts <= p.last_order:
             return  # a cart change from before the latest order: that cart is gone
         q = quantity(e.properties)
         line = cents(e.properties.get("price")) * q
         sign = 1 if name == CART_ADD else -1
-        p.cart.append((ts, sign * q, sign * line))
+        heapq.heappush(p.cart, (ts, sign * q, sign * line))
+        self._cap_cart(p.cart)
+
+    def _cap_cart(self, cart: list) -> None:
+        """At most max_cart_items lines: the oldest go (O(log n) each)."""
+        while len(cart) > self.max_cart_items:
+            heapq.heappop(cart)
+            STATS.add_labeled("evictions", "cart_item")
 
     def advance(self, p: Profile, now_ms: int) -> None:
         """A timer fired: "now" for this profile moved without an event."""
@@ -257,6 +289,7 @@ class FeaturePlan:
         orders = [t for t in (p.last_order, other.last_order) if t is not None]
         p.last_order = max(orders) if orders else None
         p.cart = sorted(c for c in p.cart + other.cart if p.last_order is None or c[0] > p.last_order)
+        self._cap_cart(p.cart)  # (a sorted list is a heap)
         p.last_checkout = _max(p.last_checkout, other.last_checkout)
         p.cart_updated = _max(p.cart_updated, other.cart_updated)
         p.first_touch = _min(p.first_touch, other.first_touch)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from bytewax.operators import StatefulBatchLogic
 
-from alerts.entities import BY_IP, BY_USER, EntityRules, Signal
+from alerts.entities import BY_IP, BY_USER, MAX_ENTITY_KEYS, EntityRules, Signal
 from alerts.metrics import ENTITY_METRICS, ip_cluster, normal_ip
 from alerts.rules import RuleSpec
 from flows.events import Event
@@ -83,11 +83,13 @@ class SignalRouter:
 class EntityShard:
     """One shard's entity rules and its watermark: as the ingest shards', the minimum over the
     source partitions of their highest event time, minus the allowed lateness, so both drop the
-    same late events."""
+    same late events. Each rule keeps at most ``max_entity_keys`` entities (see
+    :mod:`alerts.entities` for the eviction)."""
 
-    def __init__(self, shard: int, rules: list[RuleSpec], lateness_ms: int):
+    def __init__(self, shard: int, rules: list[RuleSpec], lateness_ms: int,
+                 max_entity_keys: int = MAX_ENTITY_KEYS):
         self.shard = shard
-        self.rules = EntityRules(rules)
+        self.rules = EntityRules(rules, max_entity_keys)
         self.lateness_ms = lateness_ms
         self.part_max: dict[int, int] = {}
         self.partitions = 1
@@ -126,21 +128,24 @@ class EntityShard:
 
 class EntityLogic(StatefulBatchLogic):
     """Bytewax adapter. Snapshots are pickled bytes (immutable, as Bytewax asks); a resumed
-    shard takes the current rule catalogue, keeping the state of the rules that did not change."""
+    shard takes the current rule catalogue, keeping the state of the rules that did not change,
+    and the current cap on entities (``limits.max_entity_keys``)."""
 
     def __init__(self, rules: list[RuleSpec], lateness_ms: int, resume: bytes | None,
-                 snapshots: bool):
+                 snapshots: bool, max_entity_keys: int = MAX_ENTITY_KEYS):
         self.rules, self.lateness_ms, self.snapshots = rules, lateness_ms, snapshots
+        self.max_entity_keys = max_entity_keys
         self.state: EntityShard | None = None
         if resume is not None:
             state = pickle.loads(resume)
             if isinstance(state, EntityShard):
-                state.rules = state.rules.retuned(rules)
+                state.rules = state.rules.retuned(rules, max_entity_keys)
                 self.state = state
 
     def on_batch(self, chunks: list[EntityChunk]):
         if self.state is None:
-            self.state = EntityShard(chunks[0].shard, self.rules, self.lateness_ms)
+            self.state = EntityShard(chunks[0].shard, self.rules, self.lateness_ms,
+                                     self.max_entity_keys)
         alerts = [a for chunk in chunks for a in self.state.ingest(chunk)]
         return ([[a.to_dict() for a in alerts]] if alerts else []), False
 

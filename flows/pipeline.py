@@ -202,13 +202,14 @@ class AlertLogic(op.StatefulBatchLogic):
     pickled bytes; a resumed step takes the current catalogue, keeping the state of the rules
     that did not change."""
 
-    def __init__(self, catalogue, timezone: str, resume: bytes | None, snapshots: bool):
+    def __init__(self, catalogue, timezone: str, resume: bytes | None, snapshots: bool,
+                 max_series: int):
         self.snapshots = snapshots
         rules = pickle.loads(resume) if resume is not None else None
         if isinstance(rules, MinuteRules):
-            self.rules = rules.retuned(catalogue)
+            self.rules = rules.retuned(catalogue, max_series=max_series)
         else:  # nothing to resume (or a snapshot from before the rule catalogue)
-            self.rules = MinuteRules(catalogue, timezone)
+            self.rules = MinuteRules(catalogue, timezone, max_series=max_series)
 
     def on_batch(self, batches: list[list[CompleteMinute]]) -> tuple[list, bool]:
         alerts = []
@@ -269,7 +270,8 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     limits = Limits(lim.max_depth, lim.max_keys, lim.max_string_chars, lim.max_money,
                     lim.max_quantity)
     cfg = dataclasses.replace(shard_config(settings), snapshots=snapshots)
-    plan = FeaturePlan(registry or load_registry(settings.features.registry))
+    plan = FeaturePlan(registry or load_registry(settings.features.registry),
+                       max_cart_items=settings.limits.max_cart_items)
 
     catalogue = load_rules(settings.alerts.rules)
     entity_rules = catalogue.entity_rules
@@ -315,13 +317,15 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     tz = settings.clickhouse.timezone
     minute_alerts = op.stateful_batch("minute_rules",
                                       op.key_on("all-series", minutes, lambda _: "all"),
-                                      lambda resume: AlertLogic(catalogue, tz, resume, snapshots))
+                                      lambda resume: AlertLogic(catalogue, tz, resume, snapshots,
+                                                                settings.limits.max_series))
     alerts = op.map("minute_alerts", minute_alerts, lambda kv: kv[1])
     if router is not None:
         lateness = int(settings.flow.allowed_lateness_s * 1000)
         entity_alerts = op.stateful_batch("entity_rules", by_kind.falses,
                                           lambda resume: EntityLogic(entity_rules, lateness, resume,
-                                                                     snapshots))
+                                                                     snapshots,
+                                                                     max_entity_keys=settings.limits.max_entity_keys))
         alerts = op.merge("alerts", alerts, op.map("entity_alerts", entity_alerts, lambda kv: kv[1]))
     alerts = op.map("alerts_to_log", alerts, log_alerts)
     for name, sink in outputs.alerts:
