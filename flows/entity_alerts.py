@@ -23,13 +23,15 @@ import pickle
 import zlib
 from dataclasses import dataclass
 
+import orjson
 from bytewax.operators import StatefulBatchLogic
 
 from alerts.entities import BY_IP, BY_USER, MAX_ENTITY_KEYS, EntityRules, Signal
 from alerts.metrics import ENTITY_METRICS, ip_cluster, normal_ip
 from alerts.rules import RuleSpec
-from flows.events import Event
-from flows.shard import END_OF_TIME
+from flows.events import Event, step_failure
+from flows.stream_clock import END_OF_TIME, StreamClock
+from surgeflow.shutdown import stopping
 
 
 @dataclass(slots=True)
@@ -38,8 +40,7 @@ class EntityChunk:
     signals: list[Signal]
     clocks: dict[int, int]  # source partition -> highest event time in the batch
     partitions: int
-
-
+    wall_ms: int = 0  # wall time the batch was read: how long partitions have been silent
 
 
 class SignalRouter:
@@ -81,34 +82,54 @@ class SignalRouter:
 
 
 class EntityShard:
-    """One shard's entity rules and its watermark: as the ingest shards', the minimum over the
-    source partitions of their highest event time, minus the allowed lateness, so both drop the
-    same late events. Each rule keeps at most ``max_entity_keys`` entities (see
-    :mod:`alerts.entities` for the eviction)."""
+    """One shard's entity rules and its watermark: the ingest shards' stream clock (the same
+    idleness and lookback floor, :mod:`flows.stream_clock`) minus the allowed lateness, so both
+    drop the same late events. Each rule keeps at most ``max_entity_keys`` entities (see
+    :mod:`alerts.entities` for the eviction). A signal whose rules raise is dead-lettered with
+    the step name and the rest go on."""
 
     def __init__(self, shard: int, rules: list[RuleSpec], lateness_ms: int,
-                 max_entity_keys: int = MAX_ENTITY_KEYS):
+                 max_entity_keys: int = MAX_ENTITY_KEYS, idle_ms: int | None = None,
+                 lookback_ms: int | None = None):
         self.shard = shard
         self.rules = EntityRules(rules, max_entity_keys)
         self.lateness_ms = lateness_ms
-        self.part_max: dict[int, int] = {}
-        self.partitions = 1
+        self.idle_ms, self.lookback_ms = idle_ms, lookback_ms
+        self.stream = StreamClock()
         self.watermark = -END_OF_TIME
         self.seen: dict[str, int] = {}  # event id -> time, while a duplicate could be on time
 
-    def ingest(self, chunk: EntityChunk) -> list:
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "stream" not in state:  # a snapshot from before the stream clock had its own class
+            self.stream = StreamClock()
+            self.stream.part_max = self.__dict__.pop("part_max", {})
+            self.stream.partitions = self.__dict__.pop("partitions", 1)
+            self.stream.resumed()
+            self.idle_ms = self.lookback_ms = None
+
+    def ingest(self, chunk: EntityChunk, dead: list | None = None) -> list:
         alerts = []
+        if self.stream.observe({}, chunk.partitions, chunk.wall_ms):
+            if self.watermark == -END_OF_TIME and self.lookback_ms is not None and chunk.wall_ms:
+                alerts += self._advance(chunk.wall_ms - self.lookback_ms)
         for s in chunk.signals:
             if s.ts_ms < self.watermark or s.event_id in self.seen:
                 continue  # late (dead-lettered by its ingest shard) or a duplicate
             self.seen[s.event_id] = s.ts_ms
-            alerts += self.rules.observe(s)
-        for part, ts in chunk.clocks.items():
-            if ts > self.part_max.get(part, -END_OF_TIME):
-                self.part_max[part] = ts
-        self.partitions = max(self.partitions, chunk.partitions)
-        if len(self.part_max) >= self.partitions:
-            alerts += self._advance(min(self.part_max.values()) - self.lateness_ms)
+            try:
+                alerts += self.rules.observe(s)
+            except Exception as exc:  # noqa: BLE001 - one event must not stop the flow
+                if dead is None:
+                    raise
+                # A signal carries no raw bytes (they would cross workers for every event): the
+                # dead letter keeps the signal, whose event id finds the event in events_raw.
+                dead.append(step_failure("entity_rules", exc, orjson.dumps(s._asdict()),
+                                         s.user.encode(), s.ts_ms))
+        self.stream.observe(chunk.clocks, chunk.partitions, chunk.wall_ms)
+        clock = self.stream.now(chunk.wall_ms, self.idle_ms)
+        if clock is not None:
+            alerts += self._advance(clock - self.lateness_ms)
         return alerts
 
     def _advance(self, watermark: int) -> list:
@@ -121,37 +142,53 @@ class EntityShard:
 
     def finish(self) -> list:
         """End of a bounded input: nothing can be late any more; now = the clock."""
-        if not self.part_max:
-            return []
-        return self._advance(min(self.part_max.values()))
+        clock = self.stream.final()
+        return [] if clock is None else self._advance(clock)
+
+    def resumed(self) -> None:
+        self.stream.resumed()
 
 
 class EntityLogic(StatefulBatchLogic):
     """Bytewax adapter. Snapshots are pickled bytes (immutable, as Bytewax asks); a resumed
     shard takes the current rule catalogue, keeping the state of the rules that did not change,
-    and the current cap on entities (``limits.max_entity_keys``)."""
+    the current cap on entities (``limits.max_entity_keys``) and the current idleness and
+    lookback. A stop (SIGTERM) keeps "now" where it is, as the ingest shards do."""
 
     def __init__(self, rules: list[RuleSpec], lateness_ms: int, resume: bytes | None,
-                 snapshots: bool, max_entity_keys: int = MAX_ENTITY_KEYS):
+                 snapshots: bool, max_entity_keys: int = MAX_ENTITY_KEYS,
+                 idle_ms: int | None = None, lookback_ms: int | None = None):
         self.rules, self.lateness_ms, self.snapshots = rules, lateness_ms, snapshots
         self.max_entity_keys = max_entity_keys
+        self.idle_ms, self.lookback_ms = idle_ms, lookback_ms
         self.state: EntityShard | None = None
         if resume is not None:
             state = pickle.loads(resume)
             if isinstance(state, EntityShard):
                 state.rules = state.rules.retuned(rules, max_entity_keys)
+                state.idle_ms, state.lookback_ms = idle_ms, lookback_ms
+                state.resumed()
                 self.state = state
 
     def on_batch(self, chunks: list[EntityChunk]):
+        """Emits ``(alert dicts, dead letters)`` when either is non-empty."""
         if self.state is None:
             self.state = EntityShard(chunks[0].shard, self.rules, self.lateness_ms,
-                                     self.max_entity_keys)
-        alerts = [a for chunk in chunks for a in self.state.ingest(chunk)]
-        return ([[a.to_dict() for a in alerts]] if alerts else []), False
+                                     self.max_entity_keys, self.idle_ms, self.lookback_ms)
+            if self.snapshots:  # perhaps a restart of a shard that had no snapshot yet
+                self.state.resumed()
+        dead: list = []
+        alerts = [a for chunk in chunks for a in self.state.ingest(chunk, dead)]
+        return self._out(alerts, dead), False
 
     def on_eof(self):
-        alerts = self.state.finish() if self.state is not None else []
-        return ([[a.to_dict() for a in alerts]] if alerts else []), False
+        if self.state is None or stopping():  # a stop, not the input's end: "now" stays
+            return [], False
+        return self._out(self.state.finish(), []), False
+
+    @staticmethod
+    def _out(alerts: list, dead: list) -> list:
+        return [([a.to_dict() for a in alerts], dead)] if alerts or dead else []
 
     def snapshot(self) -> bytes | None:
         if self.state is None or not self.snapshots:

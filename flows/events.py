@@ -77,6 +77,7 @@ class Event:
     identified: bool = False  # user_id given: ``user`` is the user id
     consent: bool | None = None  # context.consent.profiling; False = no profile
     partition: int = 0  # source partition, for the stream clock
+    offset: int = 0  # position in its source partition: the profile shards apply in this order
     arrival_ms: int = 0  # wall time the record reached the system, for latency figures only
     raw: bytes = b""  # the original record, kept for a dead letter if the event turns out late
     creative: str = ""  # properties.creative_id, else the UTM content

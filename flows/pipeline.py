@@ -136,6 +136,7 @@ class DecodeAndRoute:
             try:
                 part = msg.partition or 0
                 ev.partition = part
+                ev.offset = msg.offset
                 ts = getattr(msg, "timestamp", None)
                 ev.arrival_ms = getattr(msg, "arrival_ms", 0) or (ts[1] if ts else now_ms)
                 # Kafka's record time (type 0: none); the synthetic source gives its send time
@@ -156,17 +157,18 @@ class DecodeAndRoute:
         if clocks and self.trouble and STATS.outage("kafka:source", None):
             flow_log.warning("Kafka source reads again after %.0f s", time.monotonic() - self.trouble)
             self.trouble = 0.0
-        offsets = {}  # how far each source partition was read: consumer lag in /metrics
+        offsets: dict[int, int] = {}  # how far each partition was read: consumer lag, release
         for msg in batch:
             m = msg.msg if isinstance(msg, KafkaError) else msg
-            offsets[m.partition or 0] = m.offset
+            if m.value is not None and m.offset > offsets.get(m.partition or 0, -1):
+                offsets[m.partition or 0] = m.offset
         for part, offset in offsets.items():
             STATS.set_labeled("source_offset", str(part), offset)
         out: list = []
         if clocks:
-            out = [(key, Chunk(i, evs, clocks, self.partitions, now_ms))
+            out = [(key, Chunk(i, evs, clocks, self.partitions, now_ms, offsets))
                    for i, (key, evs) in enumerate(zip(self.keys, routed))]
-            out += [(key, EntityChunk(i, sig, clocks, self.partitions))
+            out += [(key, EntityChunk(i, sig, clocks, self.partitions, now_ms))
                     for i, (key, sig) in enumerate(zip(self.entity_keys, signals))]
         if dead:
             count_dead(dead)
@@ -310,9 +312,7 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     for name, sink in outputs.actions:
         op.output(f"actions_to_{name}", actions, sink)
     late = op.filter_map("late_events", results, lambda o: o.dead or None)
-    dead = op.merge("dead_letters", bad, late)
-    for name, sink in outputs.dead_letters:
-        op.output(f"dead_letters_to_{name}", dead, sink)
+    dead_streams = [bad, late]
 
     tz = settings.clickhouse.timezone
     minute_alerts = op.stateful_batch("minute_rules",
@@ -322,15 +322,28 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     alerts = op.map("minute_alerts", minute_alerts, lambda kv: kv[1])
     if router is not None:
         lateness = int(settings.flow.allowed_lateness_s * 1000)
-        entity_alerts = op.stateful_batch("entity_rules", by_kind.falses,
-                                          lambda resume: EntityLogic(entity_rules, lateness, resume,
-                                                                     snapshots,
-                                                                     max_entity_keys=settings.limits.max_entity_keys))
-        alerts = op.merge("alerts", alerts, op.map("entity_alerts", entity_alerts, lambda kv: kv[1]))
+        entity_out = op.stateful_batch(
+            "entity_rules", by_kind.falses,
+            lambda resume: EntityLogic(entity_rules, lateness, resume, snapshots,
+                                       max_entity_keys=settings.limits.max_entity_keys,
+                                       idle_ms=cfg.idle_ms, lookback_ms=cfg.lookback_ms))
+        entity_alerts = op.filter_map("entity_alerts", entity_out, lambda kv: kv[1][0] or None)
+        alerts = op.merge("alerts", alerts, entity_alerts)
+        dead_streams.append(op.filter_map("entity_dead_letters", entity_out,
+                                          lambda kv: _counted_dead(kv[1][1]) or None))
     alerts = op.map("alerts_to_log", alerts, log_alerts)
     for name, sink in outputs.alerts:
         op.output(f"alerts_to_{name}", alerts, sink)
+    dead = op.merge("dead_letters", *dead_streams)
+    for name, sink in outputs.dead_letters:
+        op.output(f"dead_letters_to_{name}", dead, sink)
     return flow
+
+
+def _counted_dead(dead: list) -> list:
+    if dead:
+        count_dead(dead)
+    return dead
 
 
 def _counted_actions(o: ShardOut):

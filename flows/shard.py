@@ -8,8 +8,9 @@ When a visitor logs in, its anonymous profile travels in the handover and is mer
 user's profile: a DAG, no cycle, so it runs unchanged in Bytewax cluster mode.
 
 Time. Every source batch reaches every ingest shard as a :class:`Chunk` with the highest event
-time per source partition. An ingest shard's clock is the minimum over all partitions of their
-highest event time; its watermark is the clock minus the allowed lateness. Profile shards take
+time per source partition. An ingest shard's clock is the minimum over the partitions of their
+highest event time (:mod:`flows.stream_clock`: idle partitions aside); its watermark is the clock
+minus the allowed lateness. Profile shards take
 the minimum of the ingest shards' clocks, which travel in the handovers. The watermark is "now"
 for every profile, whether or not it sends anything: it fires timers (a bucket leaving a window,
 a day passing for "days since" features, a model label horizon, the state's time to live) and
@@ -32,13 +33,13 @@ from flows.events import DeadLetter, Event, step_failure
 from alerts.metrics import delay_bucket
 from flows.eviction import OldestFirst
 from flows.minutes import MinutePart
+from flows.stream_clock import END_OF_TIME, StreamClock
 from surgeflow.shutdown import stopping
 from surgeflow.stats import STATS
 from models.propensity import PurchasePropensity
 from triggers.rules import SessionPageViews
 from warehouse.raw_events import raw_row
 
-END_OF_TIME = 2**62
 PAGE_VIEWS = frozenset({"page", "page_view"})
 BOUNCE_MINUTES = 10  # a view with no interaction of its visitor this long after it bounced
 BOUNCE_MS = BOUNCE_MINUTES * MINUTE_MS
@@ -71,17 +72,22 @@ class Chunk:
     clocks: dict[int, int]  # source partition -> highest event time in the batch
     partitions: int  # number of source partitions
     wall_ms: int = 0  # wall time the batch was read: how long partitions have been silent
+    # source partition -> highest offset read (None: tests without positions, nothing waits)
+    progress: dict[int, int] | None = None
 
 
 @dataclass(slots=True)
 class Handover:
     """Ingest shard -> profile shard: events, anonymous profiles to merge, consent withdrawals,
-    in order, and the ingest shard's clock."""
+    each with the source position of the event it came from, and the ingest shard's clock and
+    how far it has read each source partition (every ingest shard sends every profile shard one
+    per batch, so the profile shard knows when nothing earlier can still come)."""
 
     shard: int
     source: int
-    ops: list  # Event | ("merge", user, Profile) | ("forget", user)
+    ops: list  # (partition, offset, ts, Event | ("merge", user, Profile) | ("forget", user))
     clock: int | None
+    progress: dict[int, int]
     final: bool = False
 
 
@@ -130,6 +136,7 @@ class ShardOut:
     minutes: MinutePart | None = None
     raw: list[tuple] = field(default_factory=list)  # events_raw rows
     handovers: list[tuple[str, Handover]] = field(default_factory=list)
+    handover_to: dict[int, Handover] = field(default_factory=dict)  # profile shard -> its one
     events: int = 0
     duplicates: int = 0
     consent_denied: int = 0
@@ -316,8 +323,7 @@ def _session_id(user: str, start: int) -> str:
 
 class IngestShard:
     # State added after the first release: a snapshot taken before it resumes with these empty.
-    _ADDED_STATE = ("delays", "cohorts", "pending_views", "view_cohort", "last_interaction",
-                    "part_wall")
+    _ADDED_STATE = ("delays", "cohorts", "pending_views", "view_cohort", "last_interaction")
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -328,8 +334,15 @@ class IngestShard:
             self.link_age = OldestFirst()
             for anon in self.links:
                 self.link_age.touch(anon, self.watermark)
-        self.__dict__.setdefault("first_wall", None)
-        self.__dict__.setdefault("idle_reset", True)
+        if "stream" not in state:  # a snapshot from before the stream clock had its own class
+            self.stream = StreamClock()
+            self.stream.part_max = self.__dict__.pop("part_max", {})
+            self.stream.partitions = self.__dict__.pop("partitions", 1)
+            for name in ("part_wall", "first_wall", "idle_reset"):
+                self.__dict__.pop(name, None)
+            self.stream.resumed()
+        self.__dict__.pop("sent_clock", None)  # before handovers carried the read positions
+        self.__dict__.setdefault("progress", {})
 
     def __init__(self, shard: int, config: ShardConfig, plan: FeaturePlan):
         self.shard = shard
@@ -340,14 +353,10 @@ class IngestShard:
         self.link_age = OldestFirst()  # when each link was last used (event time)
         self.swept: set[str] | None = None  # after a restart: linked visitors' hashes deleted
         self.seen: dict[str, int] = {}  # event_id -> ts, kept while a duplicate could be on time
-        self.part_max: dict[int, int] = {}
-        self.part_wall: dict[int, int] = {}  # partition -> wall time it last sent an event
-        self.first_wall: int | None = None  # wall time of the first chunk (since a restart)
-        self.idle_reset = False  # after a restart every partition counts as just heard from
-        self.partitions = 1
+        self.stream = StreamClock()
         self.watermark = -END_OF_TIME
         self.clock: int | None = None
-        self.sent_clock: dict[int, int | None] = {}
+        self.progress: dict[int, int] = {}  # source partition -> highest offset read
         # minute -> (channel, campaign, creative, event name) -> [events, revenue, cost, orders, users]
         self.minutes: dict[int, dict[tuple[str, str, str, str], list]] = {}
         self.delays: dict[int, dict[int, int]] = {}  # minute -> ingest-delay histogram
@@ -366,11 +375,7 @@ class IngestShard:
     # -- input ---------------------------------------------------------------------------
     def ingest(self, chunk: Chunk, out: ShardOut) -> None:
         wall = chunk.wall_ms
-        if self.first_wall is None or self.idle_reset:
-            # Silence is measured from here: a restart does not make every partition idle.
-            self.first_wall = wall
-            self.part_wall = {part: wall for part in self.part_wall}
-            self.idle_reset = False
+        if self.stream.observe({}, chunk.partitions, wall):
             lookback = self.config.lookback_ms
             if self.watermark == -END_OF_TIME and lookback is not None and wall:
                 self.advance(wall - lookback, out)  # older events are late: no minute opens there
@@ -381,31 +386,18 @@ class IngestShard:
             except Exception as exc:  # noqa: BLE001 - one event must not stop the flow
                 out.dead.append(step_failure("ingest_shards", exc, event.raw or _event_bytes(event),
                                              event.user.encode(), event.ts_ms))
-        for part, ts in chunk.clocks.items():
-            if ts > self.part_max.get(part, -END_OF_TIME):
-                self.part_max[part] = ts
-            self.part_wall[part] = wall
-        self.partitions = max(self.partitions, chunk.partitions)
-        clock = self.stream_clock(wall)
+        self.stream.observe(chunk.clocks, chunk.partitions, wall)
+        if chunk.progress is None:  # no positions: nothing can come before what was sent
+            self.progress.update(dict.fromkeys(chunk.clocks, END_OF_TIME))
+        else:
+            for part, offset in chunk.progress.items():
+                if offset > self.progress.get(part, -1):
+                    self.progress[part] = offset
+        clock = self.stream.now(wall, self.config.idle_ms)
         if clock is not None and (self.clock is None or clock > self.clock):
             self.clock = clock
             self.advance(clock - self.config.lateness_ms, out)
         self._hand_over(ops, out)
-
-    def stream_clock(self, wall: int) -> int | None:
-        """The minimum over the source partitions of their highest event time, leaving out the
-        partitions silent for ``idle_ms`` of wall time (they hold nothing back until they send
-        again; if every partition is silent, the highest time seen). None while a partition that
-        never sent may still be about to (for ``idle_ms`` after the first batch)."""
-        if not self.part_max:
-            return None
-        idle = self.config.idle_ms
-        if idle is None or not wall:
-            return min(self.part_max.values()) if len(self.part_max) >= self.partitions else None
-        if len(self.part_max) < self.partitions and wall - self.first_wall < idle:
-            return None
-        active = [ts for part, ts in self.part_max.items() if wall - self.part_wall[part] < idle]
-        return min(active) if active else max(self.part_max.values())
 
     def _event(self, e: Event, out: ShardOut, ops: dict[int, list]) -> None:
         ts = e.ts_ms
@@ -437,7 +429,8 @@ class IngestShard:
         if e.consent is False:  # no profiling, and no identity link either
             out.consent_denied += 1
             if e.identified:
-                ops.setdefault(shard_of(e.user, profile_shards), []).append(("forget", e.user))
+                ops.setdefault(shard_of(e.user, profile_shards), []).append(
+                    (e.partition, e.offset, ts, ("forget", e.user)))
             elif e.user in self.store.users:
                 self.store.forget(e.user, out)
             return
@@ -452,18 +445,19 @@ class IngestShard:
             if anonymous is not None:
                 out.features.append(Write(e.anon, None))
                 ops.setdefault(shard_of(e.user, profile_shards), []).append(
-                    ("merge", e.user, anonymous))
+                    (e.partition, e.offset, ts, ("merge", e.user, anonymous)))
         elif e.identified and e.anon in self.links:
             self.link_age.touch(e.anon, ts)  # the link is in use: it stays
         if e.identified:
-            ops.setdefault(shard_of(e.user, profile_shards), []).append(e)
+            ops.setdefault(shard_of(e.user, profile_shards), []).append(
+                (e.partition, e.offset, ts, e))
         else:
             self.store.apply(e, out)
 
     def resumed(self) -> None:
         self.store.resumed()
         self.swept = set()
-        self.idle_reset = True
+        self.stream.resumed()
 
     def _aggregate(self, e: Event, ts: int) -> None:
         minute = ts // MINUTE_MS
@@ -561,18 +555,21 @@ class IngestShard:
         return out
 
     def _hand_over(self, ops: dict[int, list], out: ShardOut, final: bool = False) -> None:
-        """Send each profile shard its operations, and the clock when it moved a minute (or at
-        the first and the last batch): enough for minute windows, without a message per batch."""
-        clock = self.clock
+        """Send each profile shard its operations with the clock and the read positions: one
+        handover per profile shard and output, even empty, so that the profile shards can
+        release what every ingest shard has read past."""
+        clock, progress = self.clock, dict(self.progress)
+        sent = out.handover_to
         for j in range(self.config.profile_shards):
+            h = sent.get(j)
+            if h is None:
+                h = sent[j] = Handover(j, self.shard, [], clock, progress, final)
+                out.handovers.append((f"profiles-{j:04d}", h))
+            else:  # several chunks in one batch: one handover with all their operations
+                h.clock, h.progress, h.final = clock, progress, h.final or final
             items = ops.get(j)
-            sent = self.sent_clock.get(j, -END_OF_TIME)
-            moved = clock is not None and (sent is None or sent == -END_OF_TIME
-                                           or minute_of(clock) != minute_of(sent))
-            if items or moved or final or j not in self.sent_clock:
-                out.handovers.append((f"profiles-{j:04d}",
-                                      Handover(j, self.shard, items or [], clock, final)))
-                self.sent_clock[j] = clock
+            if items:
+                h.ops += items
 
     # -- time ----------------------------------------------------------------------------
     def advance(self, watermark: int, out: ShardOut, *, final: bool = False) -> None:
@@ -610,41 +607,92 @@ class IngestShard:
 
     def finish(self, out: ShardOut) -> None:
         """End of a bounded input: no event can be late any more, so now = the clock."""
-        clock = min(self.part_max.values()) if self.part_max else self.watermark
-        self.clock = max(clock, self.watermark)
+        clock = self.stream.final()
+        self.clock = max(clock if clock is not None else self.watermark, self.watermark)
         self.advance(self.clock, out, final=True)
         self.store.finish(self.clock, out)
         self._hand_over({}, out, final=True)
 
 
 class ProfileShard:
+    """The profiles of identified users. A user's operations come from several ingest shards
+    (one per anonymous id the user had, and the user id's own), which run side by side: the
+    order they arrive in depends on batch boundaries, workers and restarts. So a profile shard
+    holds them until every ingest shard has read past their source position, then applies them
+    in the order of the source partition (offsets): the same order in every run, and the same
+    trigger actions. The wait is one batch (every ingest shard reports its read positions in
+    every batch)."""
+
     def __init__(self, shard: int, config: ShardConfig, plan: FeaturePlan):
         self.shard = shard
         self.config = config
         self.store = ProfileStore(plan, config)
         self.clocks: dict[int, int | None] = {}  # ingest shard -> its clock
+        self.progress: dict[int, dict[int, int]] = {}  # ingest shard -> partition -> offset read
+        self.pending: list[tuple] = []  # (partition, offset, ts, op) not yet released
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"progress": {}, "pending": [], **state})
 
     def receive(self, h: Handover, out: ShardOut) -> None:
-        store = self.store
-        for op in h.ops:
-            try:
-                if type(op) is Event:
-                    store.apply(op, out)
-                elif op[0] == "merge":
-                    store.absorb(op[1], op[2])
-                else:
-                    store.forget(op[1], out)
-            except Exception as exc:  # noqa: BLE001 - one event must not stop the flow
-                if type(op) is Event:
-                    failed = step_failure("profile_shards", exc, op.raw or _event_bytes(op),
-                                          op.user.encode(), op.ts_ms)
-                else:
-                    failed = step_failure("profile_shards", exc, b"", op[1].encode())
-                out.dead.append(failed)
+        """Take one handover; :meth:`release` applies what can be."""
+        if h.ops:
+            self.pending += h.ops
         self.clocks[h.source] = h.clock
+        self.progress[h.source] = h.progress
+
+    def release(self, out: ShardOut, everything: bool = False) -> None:
+        """Apply, in source order, every pending operation that every ingest shard has read
+        past, then move "now" on (never past a pending operation's event time)."""
+        store = self.store
+        if self.pending:
+            if everything:
+                ready, self.pending = self.pending, []
+            else:
+                frontier = self._frontier()
+                ready, waiting = [], []
+                for item in self.pending:
+                    (ready if item[1] <= frontier.get(item[0], -1) else waiting).append(item)
+                self.pending = waiting
+            ready.sort(key=_position)  # stable: one event's operations keep their order
+            for part, offset, ts, op in ready:
+                self._apply(op, out)
         clock = self.clock()
         if clock is not None:
-            store.advance(clock - self.config.lateness_ms, out)
+            watermark = clock - self.config.lateness_ms
+            if self.pending:
+                watermark = min(watermark, min(item[2] for item in self.pending))
+            store.advance(watermark, out)
+
+    def _frontier(self) -> dict[int, int]:
+        """Per source partition, the offset every ingest shard has read past."""
+        if len(self.progress) < self.config.ingest_shards:
+            return {}
+        shards = iter(self.progress.values())
+        frontier = dict(next(shards))
+        for progress in shards:
+            for part, offset in list(frontier.items()):
+                seen = progress.get(part, -1)
+                if seen < offset:
+                    frontier[part] = seen
+        return frontier
+
+    def _apply(self, op, out: ShardOut) -> None:
+        store = self.store
+        try:
+            if type(op) is Event:
+                store.apply(op, out)
+            elif op[0] == "merge":
+                store.absorb(op[1], op[2])
+            else:
+                store.forget(op[1], out)
+        except Exception as exc:  # noqa: BLE001 - one event must not stop the flow
+            if type(op) is Event:
+                failed = step_failure("profile_shards", exc, op.raw or _event_bytes(op),
+                                      op.user.encode(), op.ts_ms)
+            else:
+                failed = step_failure("profile_shards", exc, b"", op[1].encode())
+            out.dead.append(failed)
 
     def clock(self) -> int | None:
         if len(self.clocks) < self.config.ingest_shards or None in self.clocks.values():
@@ -655,8 +703,13 @@ class ProfileShard:
         self.store.resumed()
 
     def finish(self, out: ShardOut) -> None:
+        self.release(out, everything=True)
         clock = self.clock()
         self.store.finish(clock if clock is not None else self.store.watermark, out)
+
+
+def _position(item: tuple) -> tuple[int, int]:
+    return item[0], item[1]
 
 
 def _event_bytes(e: Event) -> bytes:
@@ -737,6 +790,7 @@ class ProfileLogic(_Logic):
         out = ShardOut(self.state.shard)
         for h in handovers:
             self.state.receive(h, out)
+        self.state.release(out)
         STATS.add_labeled("step_in", "profile_shards", sum(len(h.ops) for h in handovers))
         STATS.add_labeled("step_out", "profile_shards", len(out.features))
         STATS.set_labeled("state_profiles", str(self.state.shard), len(self.state.store.users))

@@ -16,6 +16,7 @@ class Harness:
         self.config = config or ShardConfig(lateness_ms=0, ingest_shards=2, profile_shards=3)
         self.plan = plan or FeaturePlan(load_registry())
         self.partitions = partitions
+        self.offsets: dict[int, int] = {}  # partition -> last offset given
         self.ingest = [IngestShard(i, self.config, self.plan) for i in range(self.config.ingest_shards)]
         self.profiles: dict[int, ProfileShard] = {}
         self.redis: dict[str, dict[str, str]] = {}
@@ -28,15 +29,19 @@ class Harness:
     def feed(self, events: list[Event]) -> None:
         """One source batch: every ingest shard gets its events and the partitions' clocks."""
         clocks: dict[int, int] = {}
+        progress: dict[int, int] = {}
         routed: list[list[Event]] = [[] for _ in self.ingest]
         for e in events:
+            # positions in the partition, as a source gives them
+            e.offset = progress[e.partition] = self.offsets.get(e.partition, -1) + 1
+            self.offsets[e.partition] = e.offset
             routed[zlib.crc32((e.anon or e.user).encode()) % len(self.ingest)].append(e)
             clocks[e.partition] = max(clocks.get(e.partition, e.ts_ms), e.ts_ms)
         if not clocks:
             return
         for shard, evs in zip(self.ingest, routed):
             out = ShardOut(shard.shard)
-            shard.ingest(Chunk(shard.shard, evs, clocks, self.partitions), out)
+            shard.ingest(Chunk(shard.shard, evs, clocks, self.partitions, progress=progress), out)
             shard.store.flush(out)
             self._collect(out)
 
@@ -75,6 +80,7 @@ class Harness:
                 shard = self.profiles[h.shard] = ProfileShard(h.shard, self.config, self.plan)
             o = ShardOut(h.shard)
             shard.receive(h, o)
+            shard.release(o)
             shard.store.flush(o)
             self._collect(o)
 

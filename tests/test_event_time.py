@@ -155,3 +155,103 @@ def test_isolated_step_failure_becomes_a_dead_letter_and_the_shard_goes_on():
     assert [(d.reason, d.step, d.raw) for d in failed] == [
         ("step_error", "ingest_shards", b'{"the": "original bytes"}')]
     assert "anon-good" in s.store.users and "anon-bad" not in s.store.users
+
+
+# -- the entity rules keep the ingest shards' clock -------------------------------------------------
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+from alerts.entities import Signal  # noqa: E402
+from alerts.rules import load_rules  # noqa: E402
+from flows.entity_alerts import EntityChunk, EntityLogic, EntityShard  # noqa: E402
+from surgeflow import shutdown  # noqa: E402
+
+ENTITY_RULES = load_rules().entity_rules
+
+batches = st.lists(st.tuples(st.integers(0, 2),            # partition that sent
+                             st.integers(-5 * MIN, 30 * MIN),  # its event time, from T
+                             st.integers(0, 40_000),        # wall time passed since the last batch
+                             st.booleans()),                # a restart before this batch
+                   min_size=1, max_size=40)
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(batches, st.sampled_from([None, 10_000, 30_000]), st.sampled_from([None, 20 * MIN]))
+def test_entity_shards_and_ingest_shards_keep_one_watermark(steps, idle, lookback):
+    """Both consume the same batches' clocks: they must drop the same late events, so their
+    watermarks agree after every batch, restarts, idleness and the lookback floor included."""
+    ingest = shard(idle_ms=idle, lookback_ms=lookback)
+    entity = EntityShard(0, ENTITY_RULES, LATE, idle_ms=idle, lookback_ms=lookback)
+    wall = W
+    for i, (part, offset, pause, restart) in enumerate(steps):
+        wall += pause
+        if restart:
+            ingest.store.plan = None
+            ingest = pickle.loads(pickle.dumps(ingest))
+            ingest.store.plan = PLAN
+            ingest.resumed()
+            entity = pickle.loads(pickle.dumps(entity))
+            entity.resumed()
+        ts = T + offset
+        ingest.ingest(Chunk(0, [event(f"e{i}", "u1", "page_view", ts)], {part: ts}, 3, wall),
+                      ShardOut(0))
+        entity.ingest(EntityChunk(0, [], {part: ts}, 3, wall))
+        assert entity.watermark == ingest.watermark
+
+
+def test_entity_shard_lets_a_silent_partition_go_and_forgets_old_event_ids():
+    entity = EntityShard(0, ENTITY_RULES, LATE, idle_ms=10_000)
+    sig = Signal(T, "login_failed", "u1", "203.0.113.7", "NL", event_id="a")
+    entity.ingest(EntityChunk(0, [sig], {0: T}, 2, W))
+    assert entity.watermark == -2**62  # partition 1 may still send
+    for i in range(1, 6):
+        entity.ingest(EntityChunk(0, [], {0: T + i * MIN}, 2, W + i * 10_000))
+    assert entity.watermark == T + 5 * MIN - LATE and entity.seen == {}
+
+
+def test_a_failing_entity_rule_costs_one_signal_as_a_dead_letter(monkeypatch):
+    entity = EntityShard(0, ENTITY_RULES, LATE)
+    real = entity.rules.observe
+
+    def observe(s):
+        if s.event_id == "poison":
+            raise ValueError("rule bug")
+        return real(s)
+
+    monkeypatch.setattr(entity.rules, "observe", observe)
+    sigs = [Signal(T + i, "login_failed", "u1", "203.0.113.7", "NL", event_id=f"e{i}")
+            for i in range(3)]
+    sigs.insert(1, sigs[0]._replace(event_id="poison"))
+    dead: list = []
+    entity.ingest(EntityChunk(0, sigs, {0: T + 3}, 1), dead)
+    assert [(d.reason, d.step, orjson.loads(d.raw)["event_id"]) for d in dead] == [
+        ("step_error", "entity_rules", "poison")]
+    assert set(entity.seen) == {"e0", "e1", "e2", "poison"}
+
+
+def test_a_stop_keeps_the_entity_shards_now(monkeypatch):
+    """SIGTERM ends the input; the shard must not jump to the end of time, or the next start
+    drops as late what is still on time."""
+    logic = EntityLogic(ENTITY_RULES, LATE, None, snapshots=True)
+    logic.on_batch([EntityChunk(0, [], {0: T + 10 * MIN}, 1, W)])
+    before = logic.state.watermark
+    monkeypatch.setattr(shutdown, "stopping", lambda: True)
+    monkeypatch.setattr("flows.entity_alerts.stopping", lambda: True)
+    assert logic.on_eof() == ([], False) and logic.state.watermark == before == T + 10 * MIN - LATE
+    monkeypatch.setattr("flows.entity_alerts.stopping", lambda: False)
+    logic.on_eof()
+    assert logic.state.watermark == T + 10 * MIN
+
+
+def test_an_entity_snapshot_from_before_the_stream_clock_resumes():
+    entity = EntityShard(0, ENTITY_RULES, LATE)
+    entity.ingest(EntityChunk(0, [], {0: T, 1: T + 5}, 2))
+    old = entity.__dict__.copy()
+    stream = old.pop("stream")
+    old.update(part_max=dict(stream.part_max), partitions=stream.partitions)
+    for name in ("idle_ms", "lookback_ms"):
+        old.pop(name)
+    legacy = EntityShard.__new__(EntityShard)
+    legacy.__setstate__(old)
+    legacy.ingest(EntityChunk(0, [], {0: T + 9}, 2))
+    assert legacy.watermark == T + 5 - LATE and legacy.stream.partitions == 2

@@ -82,7 +82,7 @@ def test_late_events_are_dead_lettered_and_duplicates_dropped():
     s.ingest(Chunk(0, [ev(4, "u", "page_view", T0 + 5 * 60_000)], {}, 1), out)  # too late
     assert out.duplicates == 1 and out.events == 2
     assert [d.reason for d in out.dead] == ["late_event"] and s.late_events == 1
-    forwarded = [e.event_id for _, h in out.handovers for e in h.ops]
+    forwarded = [op[3].event_id for _, h in out.handovers for op in h.ops]
     assert forwarded == ["e1", "e3"]
 
 
@@ -301,5 +301,5 @@ def test_after_a_restart_a_linked_visitor_s_own_hash_is_deleted_once():
     later = ev(4, "anon-1", "page_view", T0 + 2000)
     (out,), _ = restarted.on_batch([Chunk(0, [login, visit, later], {0: T0 + 2000, 1: T0 + 1000}, 2)])
     assert [w.user for w in out.features if w.values is None] == ["anon-1"]
-    ops = [op for _, h in out.handovers for op in h.ops]
+    ops = [op[3] for _, h in out.handovers for op in h.ops]
     assert [op.user for op in ops if hasattr(op, "user")] == ["u9", "u9", "u9"]
