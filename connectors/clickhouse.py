@@ -316,7 +316,7 @@ class _InsertPartition(StatelessSinkPartition):
         self.write_ahead = write_ahead and spool is not None
         self.table = f"{db}.{table}"
         self.stat = table
-        self.component = f"clickhouse:{table}"
+        self.component = "clickhouse"  # one outage, one log line, whatever the tables
         self.spec = TABLES[table]
         self.max_rows, self.max_delay_s = max_rows, max_delay_s
         self.max_buffer_rows, self.max_buffer_bytes = max_buffer_rows, max_buffer_bytes
@@ -630,16 +630,16 @@ class _InsertPartition(StatelessSinkPartition):
         if self.down_since is None:
             self.down_since = time.monotonic()
         # marked at every failure: another worker's recovery may have cleared it meanwhile
-        if STATS.outage(self.component, _describe(exc)):
-            log.error("insert into %s failed (%s); retrying with backoff, rows kept",
-                      self.table, _describe(exc))
+        if STATS.outage(self.component, f"{self.table}: {_describe(exc)}", member=str(id(self))):
+            log.error("ClickHouse unavailable (insert into %s failed: %s); retrying with backoff, "
+                      "rows kept", self.table, _describe(exc))
 
     def _recovered(self) -> None:
         if self.down_since is None:
             return
-        if STATS.outage(self.component, None):
-            log.warning("ClickHouse is back for %s after %.1f s (%d tries failed)", self.table,
-                        time.monotonic() - self.down_since, self.failed_tries)
+        if STATS.outage(self.component, None, member=str(id(self))):
+            log.warning("ClickHouse is back after %.1f s (%s: %d tries failed)",
+                        time.monotonic() - self.down_since, self.table, self.failed_tries)
         self.down_since, self.failed_tries = None, 0
 
     def _pause(self, delay: float) -> None:
@@ -682,7 +682,7 @@ class _InsertPartition(StatelessSinkPartition):
             if self.blocks or any(not b.spooled for b in (self.current, *self.front) if b):
                 self._spill_at_close()  # the insert thread died on a bug: keep its rows
         if self.down_since is not None:  # a sink that is gone reports no outage
-            STATS.outage(self.component, None)
+            STATS.outage(self.component, None, member=str(id(self)))
         _PARTITIONS.discard(self)
 
 

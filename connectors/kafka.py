@@ -137,7 +137,7 @@ class _TopicPartition(StatelessSinkPartition):
                  reject_dir: Path):
         self.config = {**SINK_DEFAULTS, **config}
         self.topic, self.encode, self.key_of, self.observe = topic, encode, key_of, observe
-        self.component = f"kafka:{topic}"
+        self.component = "kafka"  # the source and every topic's sink: one outage, one line
         self.reject_path = reject_dir / f"rejected-{topic}.jsonl"
         with _REJECT_LOCKS_LOCK:  # the file is shared by the workers
             self.reject_lock = _REJECT_LOCKS.setdefault(self.reject_path, threading.Lock())
@@ -242,16 +242,17 @@ class _TopicPartition(StatelessSinkPartition):
         if self.down_since is None:
             self.down_since = time.monotonic()
         # marked at every failure: another worker's recovery may have cleared it meanwhile
-        if STATS.outage(self.component, detail):
-            log.warning("Kafka %s: %s; the flow waits, retrying", self.topic, detail)
+        if STATS.outage(self.component, f"{self.topic}: {detail}", member=str(id(self))):
+            log.warning("Kafka unavailable (topic %s: %s); the flow waits, retrying",
+                        self.topic, detail)
 
     def _recovered(self) -> None:
         self.backoff_s = BACKOFF_INITIAL_S
         if self.down_since is None:
             return
-        if STATS.outage(self.component, None):
-            log.warning("Kafka %s: delivering again after %.1f s", self.topic,
-                        time.monotonic() - self.down_since)
+        if STATS.outage(self.component, None, member=str(id(self))):
+            log.warning("Kafka is back after %.1f s (topic %s delivers again)",
+                        time.monotonic() - self.down_since, self.topic)
         self.down_since, self.tries = None, 0
 
     def _reject(self, record: _Record, err: KafkaError) -> None:

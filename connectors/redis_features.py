@@ -262,7 +262,7 @@ class _RedisPartition(StatelessSinkPartition):
             self.down_since = time.monotonic()
         # marked at every failure: another worker's recovery may have cleared it meanwhile
         detail = f"{type(exc).__name__}: {str(exc)[:200]}"
-        if STATS.outage("redis", detail):
+        if STATS.outage("redis", detail, member=str(id(self))):
             log.warning("Redis %s unavailable (%s); the flow waits, retrying with backoff",
                         self.where, detail)
 
@@ -270,7 +270,7 @@ class _RedisPartition(StatelessSinkPartition):
         self.backoff.reset()
         if self.down_since is None:
             return
-        if STATS.outage("redis", None):
+        if STATS.outage("redis", None, member=str(id(self))):
             log.warning("Redis %s is back after %.1f s (%d tries failed)", self.where,
                         time.monotonic() - self.down_since, self.tries)
         self.down_since, self.tries = None, 0

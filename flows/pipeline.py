@@ -103,9 +103,11 @@ class DecodeAndRoute:
         """A broker outage: the consumer retries by itself; say so once, count every report."""
         STATS.add_labeled("kafka_source_errors", error.err.name() if hasattr(error.err, "name")
                           else "error")
-        if STATS.outage("kafka:source", str(error.err)):
+        if not self.trouble:
             self.trouble = time.monotonic()
-            flow_log.warning("Kafka source: %s; the consumer keeps retrying", error.err)
+        if STATS.outage("kafka", f"source: {error.err}", member="source"):
+            flow_log.warning("Kafka unavailable (source: %s); the consumer keeps retrying",
+                             error.err)
 
     def __call__(self, batch: list) -> list:
         now_ms = int(time.time() * 1000)
@@ -154,8 +156,10 @@ class DecodeAndRoute:
                 clocks[part] = ev.ts_ms
         STATS.add("events_in", len(batch))
         STATS.add_labeled("step_out", "decode_and_route", len(batch) - len(dead))
-        if clocks and self.trouble and STATS.outage("kafka:source", None):
-            flow_log.warning("Kafka source reads again after %.0f s", time.monotonic() - self.trouble)
+        if clocks and self.trouble:
+            if STATS.outage("kafka", None, member="source"):
+                flow_log.warning("Kafka is back after %.0f s (the source reads again)",
+                                 time.monotonic() - self.trouble)
             self.trouble = 0.0
         offsets: dict[int, int] = {}  # how far each partition was read: consumer lag, release
         for msg in batch:

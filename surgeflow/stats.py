@@ -20,6 +20,7 @@ class Stats:
         # component -> (what is wrong, wall time it started): a sink that cannot reach its
         # service; /readyz answers 503 while any is set (surgeflow/metrics.py).
         self.outages: dict[str, tuple[str, float]] = {}
+        self.outage_members: dict[str, set[str]] = {}  # component -> who currently sees it down
         # name -> callable returning a number or {label value: number}: sampled when scraped
         self.gauges: dict[str, object] = {}
         # name (or ``name{label}``) -> last value set by the flow: watermark_ms, stream_clock_ms,
@@ -40,12 +41,19 @@ class Stats:
         with self.lock:
             return {k[len(prefix):-1]: v for k, v in self.counts.items() if k.startswith(prefix)}
 
-    def outage(self, component: str, detail: str | None) -> bool:
-        """Mark (detail) or clear (None) an outage of a component; True when this call changed it,
-        so the caller logs one line when an outage starts and one when it ends."""
+    def outage(self, component: str, detail: str | None, member: str = "") -> bool:
+        """Mark (detail) or clear (None) an outage of a service as seen by one of its users
+        (``member``: a table, a topic, a worker's sink); True when this call started the outage
+        (the first member to fail) or ended it (the last member to recover), so the callers log
+        one line when a service goes down and one when it is back, however many use it."""
         with self.lock:
+            members = self.outage_members.setdefault(component, set())
             if detail is None:
+                members.discard(member)
+                if members:
+                    return False
                 return self.outages.pop(component, None) is not None
+            members.add(member)
             if component in self.outages:
                 return False
             self.outages[component] = (detail, time.time())
@@ -108,6 +116,7 @@ class Stats:
             self.samples.clear()
             self.seen.clear()
             self.outages.clear()
+            self.outage_members.clear()
             self.values.clear()
 
 

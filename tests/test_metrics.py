@@ -255,3 +255,18 @@ def test_consumer_lag_with_an_unreachable_broker_keeps_the_scrape_short(served):
         assert took < 0.5, took
     finally:
         lag.close()
+
+
+def test_an_outage_seen_by_several_users_starts_once_and_ends_with_the_last():
+    from surgeflow.stats import Stats
+
+    stats = Stats()
+    assert stats.outage("clickhouse", "events_raw: detached", member="raw")
+    assert not stats.outage("clickhouse", "actions: detached", member="actions")
+    assert not stats.outage("clickhouse", None, member="raw")  # actions still fails
+    assert "clickhouse" in stats.outages
+    assert not stats.outage("clickhouse", "events_raw: detached", member="raw")  # same outage
+    assert not stats.outage("clickhouse", None, member="raw")
+    assert stats.outage("clickhouse", None, member="actions")
+    assert "clickhouse" not in stats.outages
+    assert not stats.outage("clickhouse", None, member="actions")  # already over
