@@ -90,7 +90,8 @@ class ClickHouseSettings(Strict):
     raw_events: bool = True  # keep masked raw events (events_raw, 30-day TTL) for drill-down
     # During an outage, rows beyond this many wait on disk in spool_dir instead of in memory.
     max_buffer_rows: int = Field(500_000, ge=1000)
-    # ... and at most this many bytes (estimated) per sink: whichever bound is reached first.
+    # ... and at most this many bytes (estimated) in all the queues together (every table and
+    # worker): whichever bound is reached first. Per sink for the rows.
     max_buffer_bytes: int = Field(64 * 2**20, ge=2**16)
     spool_dir: Path = Path(".surgeflow/spool")
     # A block ClickHouse rejects for good (not a connection error) is tried this many times, then

@@ -29,7 +29,8 @@ value of the wrong type, say): the block is tried ``max_insert_tries`` times, th
 (``clickhouse_rejected_blocks{table}``), and later blocks go on.
 
 Memory: the queue holds at most ``max_buffer_rows`` rows and ``max_buffer_bytes`` (an estimate of
-the rows' Python objects, :func:`row_bytes`) after each ``write_batch``; beyond either, the oldest
+the rows' Python objects, :func:`row_bytes`; a sink's bound, split evenly over its workers'
+partitions) after each ``write_batch``; beyond either, the oldest
 blocks are spilled to ``spool_dir`` (written to a temporary file, fsynced, renamed: on disk
 before they leave memory) and sent first when ClickHouse is back, also by the next run. Besides
 the queue, the insert thread holds the one block it is inserting; spool files are read back one
@@ -257,6 +258,16 @@ def queue_rows() -> dict[str, int]:
     return out
 
 
+def queue_bytes() -> dict[str, int]:
+    """Estimated bytes queued in memory per table (``sink_queue_bytes``): at most the sink's
+    ``max_buffer_bytes`` after each write, the rest is spilled to the spool."""
+    out: dict[str, int] = {}
+    for p in list(_PARTITIONS):
+        with p.cond:  # not halfway through a write that is about to spill
+            out[p.stat] = out.get(p.stat, 0) + p.bytes
+    return out
+
+
 def spool_files() -> dict[str, int]:
     """Spool files waiting per table (the ``sink_spool_files`` gauge)."""
     out: dict[str, int] = {}
@@ -341,6 +352,7 @@ class _InsertPartition(StatelessSinkPartition):
         self.failed_tries = 0
         _PARTITIONS.add(self)
         STATS.gauge("sink_queue_rows", queue_rows)
+        STATS.gauge("sink_queue_bytes", queue_bytes)
         STATS.gauge("sink_spool_files", spool_files)
         self.thread = threading.Thread(target=self._run, name=f"insert-{table}", daemon=True)
         self.thread.start()
@@ -721,7 +733,8 @@ class ClickHouseSink(DynamicSink):
                 (d for d in base.glob("worker-*") if d.is_dir() and d.name[7:].isdigit()
                  and int(d.name[7:]) >= worker_count and int(d.name[7:]) % worker_count == worker_index),
                 key=lambda d: int(d.name[7:]))) if base.is_dir() else ()
+        # the byte bound is this table's share: each worker's partition holds its part of it
         return _InsertPartition(self.dsn, self.db, self.table, self.max_rows, self.max_delay_s,
-                                self.max_buffer_rows, spool, self.max_buffer_bytes,
+                                self.max_buffer_rows, spool, self.max_buffer_bytes // worker_count,
                                 self.max_insert_tries, self.reject_path, self.timeout_s,
                                 self.write_ahead, adopt)

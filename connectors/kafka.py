@@ -90,10 +90,66 @@ def ensure_topics(brokers: list[str], topics: Iterable[str], partitions: int = 1
 def events_source(brokers: list[str], topic: str, *, tail: bool, from_beginning: bool,
                   batch_size: int, extra: dict[str, str] | None = None) -> KafkaSource:
     # Errors are data: raise_on_errors=False turns consumer errors into KafkaError items.
+    # Losing every broker is reported through the error callback only (the consumer
+    # reconnects by itself): SOURCE_OUTAGE turns it into one log line and an outage.
     return KafkaSource(brokers, [topic], tail=tail,
                        starting_offset=OFFSET_BEGINNING if from_beginning else OFFSET_END,
-                       add_config={**TIMEOUTS, **(extra or {})}, batch_size=batch_size,
-                       raise_on_errors=False)
+                       add_config={**TIMEOUTS, "error_cb": _source_error, **(extra or {})},
+                       batch_size=batch_size, raise_on_errors=False)
+
+
+class SourceOutage:
+    """The source's side of a broker outage: the consumer lost every broker (or reported an
+    error item without a record); over when records are read again. Marked (``kafka`` in
+    /readyz, shared with the sinks: one log line each way) once it has lasted ``confirm_s``:
+    librdkafka reports through the consumer's next poll, which comes late when the flow was
+    waiting on a sink, so a report of an outage that is already over must not start a new one.
+    """
+
+    def __init__(self, confirm_s: float = 2.0) -> None:
+        self.confirm_s = confirm_s
+        self.since = 0.0  # monotonic time the outage was reported, 0: none
+        self.detail = ""
+        self.marked = False
+        self.lock = threading.Lock()
+
+    def down(self, detail: str) -> None:
+        with self.lock:
+            if self.since:
+                return
+            self.since, self.detail = time.monotonic(), detail
+        timer = threading.Timer(self.confirm_s, self._confirm, (self.since,))
+        timer.daemon = True
+        timer.start()
+
+    def _confirm(self, since: float) -> None:
+        with self.lock:
+            if self.since != since:  # records came meanwhile: it was over
+                return
+            self.marked = True
+        if STATS.outage("kafka", f"source: {self.detail}", member="source"):
+            log.warning("Kafka unavailable (source: %s); the consumer keeps retrying", self.detail)
+
+    def reading(self) -> None:
+        """Records arrived: over, if it was down (a cheap check, called for every batch)."""
+        if not self.since:
+            return
+        with self.lock:
+            since, marked = self.since, self.marked
+            self.since, self.marked = 0.0, False
+        if marked and STATS.outage("kafka", None, member="source"):
+            log.warning("Kafka is back after %.0f s (the source reads again)",
+                        time.monotonic() - since)
+
+
+SOURCE_OUTAGE = SourceOutage()
+
+
+def _source_error(err: KafkaError) -> None:
+    """librdkafka's error callback for the source's consumers."""
+    STATS.add_labeled("kafka_source_errors", err.name())
+    if err.code() == KafkaError._ALL_BROKERS_DOWN:
+        SOURCE_OUTAGE.down(err.str())
 
 
 # Record-level refusals: waiting cannot help, so such a record is set aside (after one try on

@@ -199,10 +199,16 @@ class _RedisPartition(StatelessSinkPartition):
     # -- sending, and waiting out outages ------------------------------------------------------
     def _send_until_done(self, commands: list[bytes]) -> None:
         """Sends the batch until Redis has taken it: the flow waits (backpressure) meanwhile."""
+        fresh = True
         while True:
             try:
                 errors = self._send(commands)
             except (redis.ConnectionError, redis.TimeoutError, _TransientReply) as exc:
+                if fresh and type(exc) is redis.ConnectionError and self.down_since is None:
+                    # A connection idle while the server restarted is found closed at its
+                    # next use: one immediate reconnect tells that apart from an outage.
+                    fresh = False
+                    continue
                 self._failed(exc)
                 time.sleep(self.backoff.next())
                 continue

@@ -43,6 +43,7 @@ from bytewax.outputs import DynamicSink
 from alerts.minute_rules import MinuteRules
 from alerts.rules import load_rules
 from config.settings import Settings
+from connectors.kafka import SOURCE_OUTAGE
 from flows.events import DEFAULT_LIMITS, DeadLetter, Event, Limits, decode, step_failure
 from config.registry import Registry, load_registry
 from features.profile import FeaturePlan
@@ -97,17 +98,13 @@ class DecodeAndRoute:
         self.max_bytes = max_bytes
         self.max_future_ms = max_future_ms
         self.limits = limits
-        self.trouble = 0.0  # since when the Kafka consumer reports errors (monotonic), 0: none
 
-    def _source_trouble(self, error: KafkaError) -> None:
+    @staticmethod
+    def _source_trouble(error: KafkaError) -> None:
         """A broker outage: the consumer retries by itself; say so once, count every report."""
         STATS.add_labeled("kafka_source_errors", error.err.name() if hasattr(error.err, "name")
                           else "error")
-        if not self.trouble:
-            self.trouble = time.monotonic()
-        if STATS.outage("kafka", f"source: {error.err}", member="source"):
-            flow_log.warning("Kafka unavailable (source: %s); the consumer keeps retrying",
-                             error.err)
+        SOURCE_OUTAGE.down(str(error.err))
 
     def __call__(self, batch: list) -> list:
         now_ms = int(time.time() * 1000)
@@ -156,11 +153,8 @@ class DecodeAndRoute:
                 clocks[part] = ev.ts_ms
         STATS.add("events_in", len(batch))
         STATS.add_labeled("step_out", "decode_and_route", len(batch) - len(dead))
-        if clocks and self.trouble:
-            if STATS.outage("kafka", None, member="source"):
-                flow_log.warning("Kafka is back after %.0f s (the source reads again)",
-                                 time.monotonic() - self.trouble)
-            self.trouble = 0.0
+        if clocks:
+            SOURCE_OUTAGE.reading()
         offsets: dict[int, int] = {}  # how far each partition was read: consumer lag, release
         for msg in batch:
             m = msg.msg if isinstance(msg, KafkaError) else msg

@@ -66,11 +66,13 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
     # the flow moves on: a snapshot then never covers rows that only lived in memory.
     write_ahead = settings.flow.recovery_dir is not None
     reject_dir = ch.spool_dir.resolve()
+    # clickhouse.max_buffer_bytes bounds every queue together: each table gets an equal share
+    share = ch.max_buffer_bytes // (4 if ch.raw_events else 3)
 
     def table(name: str) -> clickhouse.ClickHouseSink:
         return clickhouse.ClickHouseSink(ch.dsn, ch.database, name, ch.insert_batch_rows,
                                          ch.flush_interval_s, ch.max_buffer_rows,
-                                         ch.spool_dir.resolve(), max_buffer_bytes=ch.max_buffer_bytes,
+                                         ch.spool_dir.resolve(), max_buffer_bytes=share,
                                          max_insert_tries=ch.max_insert_tries, timeout_s=ch.timeout_s,
                                          write_ahead=write_ahead)
 

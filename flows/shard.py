@@ -314,6 +314,17 @@ class ProfileStore:
         if due != p.next_due:
             p.next_due = due
             heapq.heappush(self.timers, (due, name))
+            if len(self.timers) > 2 * len(self.users) + 1024:
+                self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """A reschedule leaves the old entry in the heap until its time (a profile's 90-day
+        expiry stays there when it becomes active again): rebuilt from the live schedules
+        once the stale entries outnumber them, so the heap stays O(profiles)."""
+        self.timers = [(p.next_due, name) for name, p in self.users.items()
+                       if p.next_due is not None]
+        heapq.heapify(self.timers)
+        STATS.add("timer_compactions")
 
 
 def _session_id(user: str, start: int) -> str:

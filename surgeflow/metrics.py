@@ -53,6 +53,7 @@ LABELS = {
     "step_in": "step",
     "step_out": "step",
     "sink_queue_rows": "sink",
+    "sink_queue_bytes": "sink",
     "sink_spool_files": "sink",
     "source_offset": "partition",
     "source_end_offset": "partition",

@@ -7,7 +7,6 @@ If a service cannot start, the test is skipped locally but FAILS in CI
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -31,13 +30,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.kafka)
 
 
-def _unavailable(service: str, exc: BaseException) -> None:
-    reason = f"{service} unavailable: {exc}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def kafka():
     """A started single-node Kafka broker (services.KafkaBroker)."""
@@ -45,7 +37,7 @@ def kafka():
     try:
         broker.start()
     except Exception as exc:  # noqa: BLE001 - any start problem means "no Kafka"
-        _unavailable("Kafka", exc)
+        services.unavailable("Kafka", exc)
     yield broker
     broker.stop()
 
@@ -66,7 +58,7 @@ def redis_server(tmp_path_factory):
     try:
         server = services.start_redis(tmp_path_factory.mktemp("redis"))
     except Exception as exc:  # noqa: BLE001
-        _unavailable("Redis", exc)
+        services.unavailable("Redis", exc)
     yield server
     server.stop()
 
@@ -104,7 +96,7 @@ def chdb_client(chdb_dsn):
         client, _lock = connect(chdb_dsn)
         client.query("SELECT 1")
     except Exception as exc:  # noqa: BLE001
-        _unavailable("chDB", exc)
+        services.unavailable("chDB", exc)
     return client
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import os
 import shutil
 import signal
 import socket
@@ -303,6 +304,16 @@ def http_call(port: int, method: str, path: str, body=None):
         return resp.status, dict(resp.getheaders()), (json.loads(raw) if raw else None)
     finally:
         conn.close()
+
+
+def unavailable(service: str, exc: BaseException) -> None:
+    """A service a test needs could not start: skipped, except under CI=true where it fails."""
+    import pytest
+
+    reason = f"{service} unavailable: {exc}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
 
 
 def start_redis_aof(data_dir: Path, port: int = 0) -> tuple[subprocess.Popen, int]:

@@ -270,3 +270,26 @@ def test_an_outage_seen_by_several_users_starts_once_and_ends_with_the_last():
     assert stats.outage("clickhouse", None, member="actions")
     assert "clickhouse" not in stats.outages
     assert not stats.outage("clickhouse", None, member="actions")  # already over
+
+
+def test_a_source_outage_reported_late_and_already_over_is_not_a_new_one():
+    """librdkafka reports "all brokers down" at the consumer's next poll; when the flow was
+    waiting on a sink meanwhile, that comes after the outage, just before records flow again."""
+    import time
+
+    from connectors.kafka import SourceOutage
+    from surgeflow.stats import STATS
+
+    late = SourceOutage(confirm_s=0.3)
+    late.down("1/1 brokers are down")
+    late.reading()  # records right after: it was over
+    time.sleep(0.5)
+    assert "kafka" not in STATS.outages
+
+    real = SourceOutage(confirm_s=0.1)
+    real.down("1/1 brokers are down")
+    time.sleep(0.4)
+    assert STATS.outages["kafka"][0] == "source: 1/1 brokers are down"
+    real.down("1/1 brokers are down")  # reported again: the same outage
+    real.reading()
+    assert "kafka" not in STATS.outages

@@ -100,3 +100,33 @@ def test_a_million_random_ids_keep_memory_flat_after_the_caps():
     # once the caps hold (after the first blocks), memory stays flat: the last quarter holds no
     # more than the second (uncapped, it grows about 2.4 times between them)
     assert sum(sizes[15:]) < 1.1 * sum(sizes[5:10]), sizes
+
+
+def test_the_timer_heap_stays_proportional_to_the_profiles():
+    """A quiet profile is scheduled when its next bucket leaves a long window (about a day
+    on); active again, it is scheduled sooner, and the later entry stays in the heap until its
+    time. Users who go quiet and active again many times a day must not grow the heap beyond
+    O(profiles) (without the compaction: 4,800 entries for 300 profiles here)."""
+    from config.registry import load_registry
+    from features.profile import FeaturePlan
+    from flows.shard import ProfileStore, ShardConfig, ShardOut
+    from tests.engine_harness import event
+
+    plan = FeaturePlan(load_registry())
+    store = ProfileStore(plan, ShardConfig(lateness_ms=0))
+    t0 = 1_795_392_000_000
+    out = ShardOut(0)
+    peak = 0
+    for cycle in range(30):  # every 90 minutes: each user active once, then quiet
+        now = t0 + cycle * 90 * 60_000
+        for u in range(300):
+            store.apply(event(f"{cycle}-{u}", f"u{u}", "page_view", now + u), out)
+        store.flush(out)
+        store.advance(now + 89 * 60_000, out)
+        store.flush(out)
+        peak = max(peak, len(store.timers))
+    assert len(store.users) == 300
+    assert peak <= 2 * len(store.users) + 1024
+    due = sorted((p.next_due, name) for name, p in store.users.items())
+    live = sorted(t for t in store.timers if store.users[t[1]].next_due == t[0])
+    assert live == due  # every live schedule is still in the heap

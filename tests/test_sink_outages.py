@@ -110,7 +110,7 @@ def test_redis_sink_waits_out_a_hung_then_a_killed_server(tmp_path, caplog):
     try:
         proc, port = services.start_redis_aof(data)
     except Exception as exc:  # noqa: BLE001
-        services_unavailable("Redis", exc)
+        services.unavailable("Redis", exc)
     servers = [proc]
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
     retries = STATS.get("redis_retries")
@@ -165,13 +165,6 @@ def stop_server(proc) -> None:
         proc.wait(10)
 
 
-def services_unavailable(service: str, exc: BaseException) -> None:
-    reason = f"{service} unavailable: {exc}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
 def test_redis_sink_skips_a_key_something_else_owns(redis_client, redis_url, caplog):
     redis_client.set("wt:v1:user:taken", "not a hash")  # another program's key
     before = STATS.labeled("redis_command_errors").get("WRONGTYPE", 0)
@@ -199,7 +192,7 @@ def own_kafka():
     try:
         broker.start()
     except Exception as exc:  # noqa: BLE001
-        services_unavailable("Kafka", exc)
+        services.unavailable("Kafka", exc)
     yield broker
     broker.stop()
 
