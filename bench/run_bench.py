@@ -54,7 +54,7 @@ from bytewax.dataflow import Dataflow  # noqa: E402
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition  # noqa: E402
 from bytewax.outputs import DynamicSink, StatelessSinkPartition  # noqa: E402
 from bytewax.testing import cluster_main, run_main  # noqa: E402
-from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka import Producer  # noqa: E402
 
 from config.settings import Settings, load_settings  # noqa: E402
 from connectors import kafka  # noqa: E402
@@ -161,14 +161,7 @@ def run_dataflow(flow: Dataflow, workers: int, epoch_s: float) -> float:
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-probe-{uuid.uuid4().hex[:8]}",
-                  "enable.auto.commit": False})
-    try:
-        meta = c.list_topics(topic, timeout=10).topics[topic]
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in meta.partitions}
-    finally:
-        c.close()
+    return kafka.end_offsets([bootstrap], topic)
 
 
 def flush_redis(url: str) -> None:

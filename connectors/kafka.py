@@ -29,7 +29,8 @@ from typing import Callable, Iterable
 import orjson
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, Producer
+from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException,
+                             Producer, TopicPartition)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from connectors.files import arrivals
@@ -70,6 +71,20 @@ def partition_count(brokers: list[str], topic: str, extra: dict[str, str] | None
     if info is None or info.error is not None or not info.partitions:
         raise KafkaUnavailable(f"topic {topic!r} not found on {','.join(brokers)}")
     return len(info.partitions)
+
+
+def end_offsets(brokers: list[str], topic: str, extra: dict[str, str] | None = None,
+                timeout_s: float = 10.0) -> dict[int, int]:
+    """The offset after the last record of each partition of ``topic``: a replay has read
+    everything once every partition's read offset reached it minus one."""
+    consumer = Consumer({**_base(brokers, extra), "group.id": "surgeflow-end-offsets",
+                         "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+                for p in meta.partitions}
+    finally:
+        consumer.close()
 
 
 def ensure_topics(brokers: list[str], topics: Iterable[str], partitions: int = 1,

@@ -24,6 +24,8 @@ import redis
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
+from connectors import kafka
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Written by the wall clock or an online model whose score depends on how partitions
 # interleave (see tests/test_recovery.py): not compared.
@@ -83,13 +85,7 @@ def write_config(tmp: Path, name: str, bootstrap: str, topic: str, redis_url: st
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "ends"})
-    try:
-        meta = c.list_topics(topic, timeout=10).topics[topic]
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in meta.partitions}
-    finally:
-        c.close()
+    return kafka.end_offsets([bootstrap], topic)
 
 
 class Run:
