@@ -255,3 +255,47 @@ def test_an_entity_snapshot_from_before_the_stream_clock_resumes():
     legacy.__setstate__(old)
     legacy.ingest(EntityChunk(0, [], {0: T + 9}, 2))
     assert legacy.watermark == T + 5 - LATE and legacy.stream.partitions == 2
+
+
+def _two_partitions_with_a_silent_day():
+    """Five days of events on two partitions, one every 10 minutes each; partition 1 sends
+    nothing on day 3. Batches in source order: (partition, event time)."""
+    out = []
+    for minute in range(0, 5 * 1440, 10):
+        ts = T + minute * MIN
+        out.append((0, ts))
+        if not 2 * DAY <= ts - T < 3 * DAY:
+            out.append((1, ts + 5 * MIN))
+    return out
+
+
+def test_a_fast_replay_of_days_of_history_never_finds_a_partition_idle():
+    """Replayed in well under a second of wall time, idleness never applies: the watermark
+    is exactly min over the partitions minus the lateness, the same as with idleness off,
+    and the silent day holds it back rather than turning partition 1's events late."""
+    replay, reference = shard(idle_ms=60_000), shard(idle_ms=None)
+    highest = {}
+    for i, (part, ts) in enumerate(_two_partitions_with_a_silent_day()):
+        wall = W + i // 100  # a batch every 0.01 ms of wall time
+        a, b = feed(replay, part, ts, wall), feed(reference, part, ts, wall)
+        highest[part] = ts
+        assert not a.dead and not b.dead
+        assert replay.watermark == reference.watermark
+        if len(highest) == 2:
+            assert replay.watermark == min(highest.values()) - LATE
+
+
+def test_live_a_silent_day_does_not_stop_time_for_the_other_partition():
+    """The same stream live (wall time = event time): during partition 1's silent day the
+    watermark follows partition 0, idle_ms behind at most; without idleness it stands still
+    for the whole day."""
+    live, stuck = shard(idle_ms=60_000), shard(idle_ms=None)
+    for part, ts in _two_partitions_with_a_silent_day():
+        assert not feed(live, part, ts, ts).dead  # nothing turns late, before or after
+        feed(stuck, part, ts, ts)
+        if ts == T + 3 * DAY - 10 * MIN and part == 0:  # the silent day's last batch
+            assert live.watermark == ts - LATE
+            assert stuck.watermark <= T + 2 * DAY - LATE
+    # partition 1 back: each partition sends every 10 minutes, more than idle_ms apart, so the
+    # live clock is the latest partition's time; the other run's is the earliest's
+    assert live.watermark == stuck.watermark + 5 * MIN
