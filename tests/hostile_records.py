@@ -68,7 +68,9 @@ def _weird_value(rng: random.Random):
         return {f"k{j}": j for j in range(rng.choice([1, 50, 513, 2000]))}
     if pick == 5:
         return rng.choice([True, False, None])
-    return rng.choice(WEIRD_TIMESTAMPS)
+    value = rng.choice(WEIRD_TIMESTAMPS)
+    # a fresh [] or {}: a shared one would be mutated by later records until it held itself
+    return type(value)() if isinstance(value, (list, dict)) else value
 
 
 FIELDS = [("event_id",), ("type",), ("event",), ("user_id",), ("anonymous_id",), ("timestamp",),
