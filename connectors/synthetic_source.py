@@ -32,11 +32,17 @@ class _Partition(StatefulSourcePartition[RawRecord, tuple]):
         if self.emitted:
             next(itertools.islice(self.records, self.emitted - 1, None), None)
         self.speed = speed
-        self.start_ms = spec.start_ms
-        self.wall0 = time.monotonic()
         self.batch_size = batch_size
         self.held = None
         self.waiting = False
+        # Pacing starts where the stream stands: a resumed stream goes on from its next record,
+        # not from its start (which would hold it back as long as the earlier runs lasted).
+        self.start_ms = spec.start_ms
+        if self.emitted:
+            self.held = next(self.records, None)
+            if self.held is not None:
+                self.start_ms = max(spec.start_ms, self.held.ts_ms)
+        self.wall0 = time.monotonic()
 
     def _limit_ms(self) -> float | None:
         if self.speed <= 0:
