@@ -36,9 +36,9 @@ steps = st.lists(st.tuples(st.sampled_from(USERS[:2]), st.integers(0, 2), st.int
 
 
 def stream(spec) -> list:
-    """Events in source order (the harness numbers them): identified on a device (its anonymous id travels with
-    it, so each device's events go through its own ingest shard), or anonymous from the first
-    device (joined to the user once that device logged in)."""
+    """Events in source order (the harness numbers them): identified on a device (its
+    anonymous id travels with it, so each device's events go through its own ingest shard), or
+    anonymous from the first device (joined to the user once that device logged in)."""
     out = []
     for i, (user, who, minute, name) in enumerate(spec):
         anon = ANONS[user][who % len(ANONS[user])]
