@@ -263,8 +263,22 @@ class AlertSettings(Strict):
 
 
 class TriggerSettings(Strict):
-    session_page_views: int = Field(3, ge=1)
-    channel: str = "push"
+    # The trigger rule file (config/trigger_rules.yaml by default): rules as data, validated at
+    # start-up (a bad file stops the start, naming each rule and field); None = no triggers.
+    rules: Path | None = CONFIG_DIR / "trigger_rules.yaml"
+    # A running flow re-reads the file this often (wall clock) when it changed: hot reload.
+    reload_s: float = Field(5.0, gt=0)
+    # POST every action here too (None: no webhook); same options as alerts.webhook.
+    webhook: WebhookSettings = WebhookSettings()
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from triggers.spec import load_trigger_rules
+
+            load_trigger_rules(value)
+        return value
 
 
 class Settings(Strict):

@@ -222,7 +222,15 @@ def alert_rows(batch):
 def action_rows(batch):
     for a in batch:
         yield (a["action_id"], a["rule"], a["user_id"], a["channel"], a["campaign"],
-               a["session_id"], _utc(a["event_ts_ms"]))
+               a["session_id"], _utc(a["event_ts_ms"]), a.get("message", ""),
+               a.get("rule_version", 0), a.get("step", 0), a.get("trigger", ""),
+               a.get("tags", []), orjson.dumps(a.get("properties") or {}).decode())
+
+
+def audit_rows(batch):
+    for a in batch:
+        yield (_utc(a["time_ms"]), a["rule"], a["rule_version"], a["mode"], a["user_id"],
+               a["action_id"], a["step"], a["channel"], a["message"], a["decision"], a["reason"])
 
 
 @dataclass(frozen=True)
@@ -242,7 +250,10 @@ TABLES = {
                      "k", "z", "window", "severity", "first_seen", "response", "area", "direction",
                      "score", "n", "detail"], rows=alert_rows),
     "actions": Table(["action_id", "rule", "user_id", "channel", "campaign", "session_id",
-                      "event_time"], rows=action_rows),
+                      "event_time", "message", "rule_version", "step", "trigger", "tags",
+                      "properties"], rows=action_rows),
+    "trigger_audit": Table(["time", "rule", "rule_version", "mode", "user_id", "action_id", "step",
+                            "channel", "message", "decision", "reason"], rows=audit_rows),
 }
 DEDUPE = {"deduplicate_blocks_in_dependent_materialized_views": 1}
 BACKOFF_MAX_S = 30.0

@@ -78,7 +78,7 @@ class _JsonLinesPartition(StatelessSinkPartition):
             with self.lock, self.path.open("ab") as f:
                 f.write(b"".join(lines))
             if self.observe:
-                STATS.observe_since(self.observe, arrivals(items))
+                observe_outputs(self.observe, items)
 
 
 class JsonLinesSink(DynamicSink):
@@ -94,6 +94,12 @@ class JsonLinesSink(DynamicSink):
         return _JsonLinesPartition(self.path, self.encode, self.observe)
 
 
-def arrivals(items: list) -> list[int]:
-    return [r["_arrival_ms"] for batch in items for r in batch
-            if isinstance(r, dict) and r.get("_arrival_ms")]
+def arrivals(items: list, key: str = "_arrival_ms") -> list[int]:
+    return [r[key] for batch in items for r in batch if isinstance(r, dict) and r.get(key)]
+
+
+def observe_outputs(name: str, items: list) -> None:
+    """Latency samples of records written: ``name`` from their arrival; a trigger timer's action
+    gives ``timer_lateness_ms`` instead, from the moment the watermark passed its due time."""
+    STATS.observe_since(name, arrivals(items))
+    STATS.observe_since("timer_lateness_ms", arrivals(items, "_timer_ms"))

@@ -33,7 +33,7 @@ from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError,
                              Producer, TopicPartition)
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from connectors.files import arrivals
+from connectors.files import observe_outputs
 from surgeflow.stats import STATS
 
 log = logging.getLogger("surgeflow.kafka")
@@ -238,7 +238,7 @@ class _TopicPartition(StatelessSinkPartition):
             todo = self._deliver(todo)
         self._recovered()
         if self.observe:
-            STATS.observe_since(self.observe, arrivals(items))
+            observe_outputs(self.observe, items)
 
     def _deliver(self, records: list[_Record]) -> list[_Record]:
         """Produces the records and waits for every delivery report; returns the records to

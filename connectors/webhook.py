@@ -15,6 +15,8 @@ run killed at any moment leaves what it had not sent to the next run, which send
 (at-least-once: a message sent just before the kill is sent again, with the same key). ``close``
 waits ``close_wait_s`` for the files to drain; what is left stays for the next run.
 
+Trigger actions (``trigger.webhook``) go through the same sink; their key is the ``action_id``.
+
 The key is made safe for a header: characters outside printable ASCII, and ``%``, are
 percent-encoded (UTF-8), so ordinary ids pass unchanged and distinct ids stay distinct.
 
@@ -58,8 +60,12 @@ _FILE_LOCKS_LOCK = threading.Lock()
 
 
 def idempotency_key(alert: dict) -> str:
-    """``<alert_id>:<status>:<seq>``, percent-encoded where a header could not carry it."""
-    key = f"{alert['alert_id']}:{alert['status']}:{int(alert['seq'])}"
+    """``<alert_id>:<status>:<seq>``, percent-encoded where a header could not carry it; a
+    trigger action's key is its ``action_id``."""
+    if "action_id" in alert and "alert_id" not in alert:
+        key = str(alert["action_id"])
+    else:
+        key = f"{alert['alert_id']}:{alert['status']}:{int(alert['seq'])}"
     if all("!" <= c <= "~" and c != "%" for c in key):
         return key
     return "".join(c if "!" <= c <= "~" and c != "%" else

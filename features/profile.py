@@ -110,7 +110,8 @@ def join_session(sess: array, start: int, end: int, views: int, gap_ms: int) -> 
 class Profile:
     __slots__ = ("buckets", "times", "sess", "cart", "last_order", "last_checkout", "cart_updated",
                  "first_touch", "last_touch", "as_of", "next_due", "arrival_ms", "written",
-                 "active", "last_event", "pending_examples", "changed", "sent_as_of")
+                 "active", "last_event", "pending_examples", "changed", "sent_as_of",
+                 "marketing", "tz", "moving_triggers")
 
     def __init__(self, buckets: MinuteBuckets, n_times: int):
         self.buckets = buckets
@@ -132,8 +133,14 @@ class Profile:
         self.pending_examples = None  # the model's unlabelled examples, while the profile moves
         self.changed = 0  # inputs other than the window totals moved since the last write (IN_*)
         self.sent_as_of: int | None = None  # as_of of the last write; None: write in full next
+        # Contact facts for trigger actions, from the latest event (in event time) carrying
+        # them: (ts, context.consent.marketing) and context.timezone.
+        self.marketing: tuple[int, bool] | None = None
+        self.tz: tuple[int, str] | None = None
+        self.moving_triggers = None  # the trigger state, while the profile moves shards
 
     def __setstate__(self, state) -> None:
+        self.marketing = self.tz = self.moving_triggers = None  # snapshots from before them
         for name, value in state[1].items():
             setattr(self, name, value)
         heapq.heapify(self.cart)  # a snapshot from before the cap kept it in arrival order
@@ -294,6 +301,8 @@ class FeaturePlan:
         p.cart_updated = _max(p.cart_updated, other.cart_updated)
         p.first_touch = _min(p.first_touch, other.first_touch)
         p.last_touch = _max(p.last_touch, other.last_touch)
+        p.marketing = _max(p.marketing, other.marketing)
+        p.tz = _max(p.tz, other.tz)
         p.as_of = max(p.as_of, other.as_of)
         p.last_event = max(p.last_event, other.last_event)
         p.arrival_ms = max(p.arrival_ms, other.arrival_ms)
@@ -333,6 +342,16 @@ class FeaturePlan:
                 out[f.name] = text
         out["as_of"] = str(p.as_of)
         return out, num
+
+    def feature_value(self, user: str, p: Profile, name: str, cache: dict | None = None):
+        """One feature's value as of the profile's state: its number, else its text (e.g. a
+        segment), None when the registry has no such feature or it has no value."""
+        compute = self._compute_of.get(name)
+        if compute is None:
+            return None
+        num = _Num(_Ctx(user, p, self)) if cache is None else cache
+        value, text = compute(num.ctx, num)
+        return value if value is not None else text
 
     def _init_inputs(self, registry: Registry, time_index: dict[str, int]) -> None:
         """Which inputs each feature reads, as one bit mask: the window slots (bits of

@@ -83,6 +83,9 @@ class Event:
     creative: str = ""  # properties.creative_id, else the UTM content
     country: str = ""  # context.geo.country
     ingest_ms: int = 0  # the source's record time (Kafka timestamp), 0 when it has none
+    marketing: bool | None = None  # context.consent.marketing (trigger actions)
+    tz: str = ""  # context.timezone: quiet hours, calendar days and local times of triggers
+    latlon: tuple[float, float] | None = None  # context.geo.lat / lon (geo trigger rules)
 
 
 @dataclass(slots=True)
@@ -238,6 +241,17 @@ def _check_amounts(props: dict, limits: Limits) -> None:
         raise Reject("bad_number", f"properties.quantity beyond +/-{limits.max_quantity:g}")
 
 
+def _latlon(geo) -> tuple[float, float] | None:
+    """context.geo's coordinates, when both are numbers on the globe."""
+    if not isinstance(geo, dict):
+        return None
+    lat, lon = geo.get("lat"), geo.get("lon")
+    if type(lat) in (int, float) and type(lon) in (int, float) \
+            and -90 <= lat <= 90 and -180 <= lon <= 180:
+        return float(lat), float(lon)
+    return None
+
+
 def _text(obj: dict, name: str, default: str = "") -> str:
     value = obj.get(name)
     if value is None:
@@ -306,6 +320,9 @@ def decode(
         geo = ctx.get("geo")
         consent = ctx.get("consent")
         profiling = consent.get("profiling") if isinstance(consent, dict) else None
+        marketing = consent.get("marketing") if isinstance(consent, dict) else None
+        tz = ctx.get("timezone")  # lenient: a bad one means the default zone, not a dead letter
+        tz = tz if isinstance(tz, str) and len(tz) <= 64 else ""
         return Event(
             event_id=event_id,
             type=etype,
@@ -324,6 +341,9 @@ def decode(
             raw=raw,
             creative=_text(props, "creative_id") or _text(utm, "content"),
             country=_text(geo, "country") if isinstance(geo, dict) else "",
+            marketing=marketing if isinstance(marketing, bool) else None,
+            tz=tz,
+            latlon=_latlon(geo),
         )
     except Reject as rej:
         return DeadLetter(rej.reason, rej.detail, raw, key, source)

@@ -9,11 +9,13 @@
                          anonymous visitors' profiles; identified events and the profiles of
                          visitors who logged in are handed over to the profile shards
     profile_shards       per shard: user profiles built from the feature registry, session,
-                         trigger rule, propensity model; event-time timers fire as the
-                         watermark passes them (windows decay, days pass, state expires)
+                         propensity model, trigger rules (triggers/engine.py, rules as data in
+                         config/trigger_rules.yaml); event-time timers fire as the watermark
+                         passes them (windows decay, days pass, state expires, trigger timers)
       -> features_to_redis        one sparse hash per profile, absolute values, pipelined
       -> raw_events_to_clickhouse masked copies of the accepted events (events_raw, 30-day TTL)
-      -> actions_to_*             trigger actions: Kafka topic or JSON lines, and ClickHouse
+      -> actions_to_*             trigger actions: Kafka topic or JSON lines, ClickHouse, webhook
+      -> trigger_audit_to_clickhouse  every trigger decision and its reason (trigger_audit)
       -> dead_letters_to_*        decode failures and late events
     close_minutes        the ingest shards' closed minutes merged once every shard closed them
       -> aggregates_to_clickhouse one insert per complete minute, deduplicated by the minute
@@ -63,8 +65,8 @@ def shard_config(settings: Settings) -> ShardConfig:
         lateness_ms=int(settings.flow.allowed_lateness_s * 1000),
         horizon_ms=int(settings.model.horizon_h * 3_600_000),
         learning_rate=settings.model.learning_rate,
-        trigger_pages=settings.trigger.session_page_views,
-        trigger_channel=settings.trigger.channel,
+        trigger_rules=str(settings.trigger.rules) if settings.trigger.rules is not None else None,
+        trigger_reload_s=settings.trigger.reload_s,
         state_ttl_ms=int(settings.redis.ttl_days * 86_400_000),
         profile_shards=settings.flow.profile_shards,
         ingest_shards=settings.flow.shards,
@@ -257,6 +259,7 @@ class Outputs:
     aggregates: DynamicSink  # complete minutes
     raw_events: DynamicSink | None = None
     actions: list[tuple[str, DynamicSink]] = field(default_factory=list)
+    audit: DynamicSink | None = None  # trigger decisions (ClickHouse trigger_audit)
     alerts: list[tuple[str, DynamicSink]] = field(default_factory=list)
     dead_letters: list[tuple[str, DynamicSink]] = field(default_factory=list)
 
@@ -309,6 +312,9 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     actions = op.filter_map("actions", results, _counted_actions)
     for name, sink in outputs.actions:
         op.output(f"actions_to_{name}", actions, sink)
+    if outputs.audit is not None:
+        audit = op.filter_map("trigger_decisions", results, lambda o: o.audit or None)
+        op.output("trigger_audit_to_clickhouse", audit, outputs.audit)
     late = op.filter_map("late_events", results, lambda o: o.dead or None)
     dead_streams = [bad, late]
 

@@ -67,7 +67,7 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
     write_ahead = settings.flow.recovery_dir is not None
     reject_dir = ch.spool_dir.resolve()
     # clickhouse.max_buffer_bytes bounds every queue together: each table gets an equal share
-    share = ch.max_buffer_bytes // (4 if ch.raw_events else 3)
+    share = ch.max_buffer_bytes // (5 if ch.raw_events else 4)
 
     def table(name: str) -> clickhouse.ClickHouseSink:
         return clickhouse.ClickHouseSink(ch.dsn, ch.database, name, ch.insert_batch_rows,
@@ -83,18 +83,20 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
         aggregates=table("events_minute_in"),
         raw_events=table("events_raw") if ch.raw_events else None,
         actions=[("clickhouse", table("actions"))],
+        audit=table("trigger_audit") if settings.trigger.rules is not None else None,
         alerts=[("clickhouse", table("alerts"))],
     )
-    hook = settings.alerts.webhook
-    if hook.url is not None:
-        import os
+    for hook, outputs, spool in ((settings.alerts.webhook, out.alerts, "webhook"),
+                                 (settings.trigger.webhook, out.actions, "webhook-actions")):
+        if hook.url is not None:
+            import os
 
-        from connectors.webhook import WebhookSink
+            from connectors.webhook import WebhookSink
 
-        secret = os.environ.get(hook.secret_env)
-        out.alerts.append(("webhook", WebhookSink(
-            hook.url, timeout_s=hook.timeout_s, headers=dict(hook.headers), secret=secret,
-            spool_dir=ch.spool_dir.resolve() / "webhook")))
+            secret = os.environ.get(hook.secret_env)
+            outputs.append(("webhook", WebhookSink(
+                hook.url, timeout_s=hook.timeout_s, headers=dict(hook.headers), secret=secret,
+                spool_dir=ch.spool_dir.resolve() / spool)))
     encode_dead = DeadLetter.to_json
     if settings.output.kind == "files":
         d = settings.output.dir

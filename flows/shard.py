@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import pickle
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -37,7 +38,10 @@ from flows.stream_clock import END_OF_TIME, StreamClock
 from surgeflow.shutdown import stopping
 from surgeflow.stats import STATS
 from models.propensity import PurchasePropensity
-from triggers.rules import SessionPageViews
+from triggers import guards as trigger_guards
+from triggers.book import rule_file
+from triggers.engine import TriggerEngine
+from triggers.rules import idempotency_key
 from warehouse.raw_events import raw_row
 
 PAGE_VIEWS = frozenset({"page", "page_view"})
@@ -107,8 +111,8 @@ class ShardConfig:
     lateness_ms: int = 60_000
     horizon_ms: int = 24 * 3_600_000
     learning_rate: float = 0.05
-    trigger_pages: int = 3
-    trigger_channel: str = "push"
+    trigger_rules: str | None = None  # the trigger rule file (None: no trigger rules)
+    trigger_reload_s: float = 5.0  # how often the rule file is checked for changes (wall)
     state_ttl_ms: int = 90 * 86_400_000  # a profile silent this long is forgotten (Redis TTL)
     profile_shards: int = 16
     ingest_shards: int = 8
@@ -131,6 +135,7 @@ class ShardOut:
     features: list[Write] = field(default_factory=list)
     aliases: list[tuple[str, str]] = field(default_factory=list)  # anonymous id -> user id
     actions: list[dict] = field(default_factory=list)  # "_"-prefixed keys are not published
+    audit: list[dict] = field(default_factory=list)  # trigger decisions (trigger_audit)
     dead: list[DeadLetter] = field(default_factory=list)
     # The minutes this ingest shard closed: a MinutePart for flows.minutes.MinuteCloser
     minutes: MinutePart | None = None
@@ -142,13 +147,64 @@ class ShardOut:
     consent_denied: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.features or self.aliases or self.actions or self.minutes or self.dead
+        return bool(self.features or self.aliases or self.actions or self.audit or self.minutes
+                    or self.dead
                     or self.raw or self.handovers or self.events or self.duplicates
                     or self.consent_denied)
 
 
+class TriggerContext:
+    """What a trigger rule may read of a user: features and model scores (as of the profile's
+    state), the session, the time zone and the marketing consent."""
+
+    __slots__ = ("store", "user", "p", "_num")
+
+    def __init__(self, store: "ProfileStore", user: str, p: Profile | None):
+        self.store, self.user, self.p, self._num = store, user, p, None
+
+    @property
+    def state_ttl_ms(self) -> int:
+        return self.store.config.state_ttl_ms
+
+    @property
+    def session_gap_ms(self) -> int:
+        return self.store.plan.gap_ms
+
+    def feature(self, name: str):
+        p, plan = self.p, self.store.plan
+        if p is None:
+            return None
+        if name == "p_purchase_24h":
+            s = plan.session(p)
+            return self.store.model.score_totals(plan.model_inputs, p.buckets.totals,
+                                                 s[2] if s else 0)
+        if self._num is None:
+            from features.profile import _Ctx, _Num
+            self._num = _Num(_Ctx(self.user, p, plan))
+        return plan.feature_value(self.user, p, name, self._num)
+
+    def session_start(self, ts: int) -> int | None:
+        s = self.store.plan.session(self.p) if self.p is not None else None
+        return s[0] if s is not None and s[0] <= ts <= s[1] else None
+
+    def session_id(self, ts: int) -> str:
+        start = self.session_start(ts)
+        return "" if start is None else _session_id(self.user, start)
+
+    def zone(self):
+        book = self.store.triggers.book
+        default = book.guards.default_timezone if book is not None else "UTC"
+        tz = self.p.tz if self.p is not None else None
+        return trigger_guards.zone(tz[1] if tz else None, default)
+
+    def marketing_ok(self, policy: str) -> bool:
+        given = self.p.marketing if self.p is not None else None
+        value = given[1] if given else None
+        return value is True if policy == "opt_in" else value is not False
+
+
 class ProfileStore:
-    """Profiles of one shard, their event-time timers, the trigger rule and the model."""
+    """Profiles of one shard, their event-time timers, the trigger rules and the model."""
 
     def __init__(self, plan: FeaturePlan, config: ShardConfig):
         self.plan = plan
@@ -158,7 +214,7 @@ class ProfileStore:
         self.dirty: set[str] = set()
         self.watermark = -END_OF_TIME
         self.unknown_fields = 0  # after a restart: fields a new profile's hash may already hold
-        self.rule = SessionPageViews(config.trigger_pages, config.trigger_channel)
+        self.triggers = TriggerEngine() if config.trigger_rules else None
         self.model = PurchasePropensity(config.horizon_ms, config.learning_rate)
         # At most `cap` profiles (anonymous visitors); beyond, the least recently active in
         # event time is forgotten as if its time to live had passed.
@@ -166,7 +222,24 @@ class ProfileStore:
         self.recency: OldestFirst | None = None
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"cap": None, "recency": None, **state})
+        self.__dict__.update({"cap": None, "recency": None, "triggers": None, **state})
+        self.__dict__.pop("rule", None)  # the one hard-coded rule before the trigger engine
+
+    def refresh_rules(self, wall_ms: int = 0) -> None:
+        """The current trigger rule file (re-read when it changed: hot reload)."""
+        if self.config.trigger_rules:
+            if self.triggers is None:
+                self.triggers = TriggerEngine()
+            self.triggers.use(rule_file(self.config.trigger_rules, self.config.trigger_reload_s).get())
+            self.triggers.wall_ms = wall_ms
+        else:
+            self.triggers = None
+
+    def _engine(self) -> TriggerEngine | None:
+        eng = self.triggers
+        if eng is not None and eng.book is None:
+            self.refresh_rules()
+        return self.triggers
 
     def limit(self, cap: int) -> None:
         self.cap = cap
@@ -193,14 +266,21 @@ class ProfileStore:
                     STATS.add_labeled("evictions", "anonymous_profile")
         if e.name in self.plan.view_events:
             s = self.plan.session(p)
-            if s is not None and s[0] <= e.ts_ms <= s[1]:
-                if s[2] == 1:
-                    self.model.remember(e.user, e.ts_ms, self.plan.model_x_of(p, s[2]))
-                action = self.rule.action(e.user, _session_id(e.user, s[0]), s[2], e.campaign, e.ts_ms)
-                if action is not None:
-                    out.actions.append({**action.to_dict(), "_arrival_ms": e.arrival_ms})
+            if s is not None and s[0] <= e.ts_ms <= s[1] and s[2] == 1:
+                self.model.remember(e.user, e.ts_ms, self.plan.model_x_of(p, s[2]))
         elif e.name == "order_completed":
             self.model.on_order(e.user, e.ts_ms)
+        engine = self._engine()
+        if engine is not None:
+            withdrawn = False
+            if e.marketing is not None and (p.marketing is None or e.ts_ms >= p.marketing[0]):
+                withdrawn = e.marketing is False and (p.marketing is None or p.marketing[1])
+                p.marketing = (e.ts_ms, e.marketing)
+            if e.tz and (p.tz is None or e.ts_ms >= p.tz[0]):
+                p.tz = (e.ts_ms, e.tz)
+            if withdrawn:
+                engine.revoke(e.user, e.ts_ms, out)
+            engine.on_event(e.user, e, TriggerContext(self, e.user, p), out, e.arrival_ms)
 
     def absorb(self, user: str, other: Profile) -> None:
         p = self.users.get(user)
@@ -213,6 +293,10 @@ class ProfileStore:
             self.plan.merge(p, other)
         self.model.adopt(user, other.pending_examples)
         other.pending_examples = None
+        engine = self._engine()
+        if engine is not None:
+            engine.adopt(user, other.moving_triggers, max(self.watermark, other.last_event))
+        other.moving_triggers = None
         self.dirty.add(user)
 
     def take(self, user: str) -> Profile | None:
@@ -223,16 +307,23 @@ class ProfileStore:
             self.recency.discard(user)
         if p is not None:
             p.pending_examples = self.model.pending.pop(user, None)
+            if self.triggers is not None:
+                p.moving_triggers = self.triggers.take(user)
         return p
 
-    def forget(self, user: str, out: ShardOut) -> None:
-        """Profiling consent withdrawn: the state and the stored profile go."""
+    def forget(self, user: str, out: ShardOut, ts: int = 0) -> None:
+        """Profiling consent withdrawn: the state and the stored profile go, and every pending
+        trigger send is cancelled."""
+        if self.triggers is not None:
+            self.triggers.revoke(user, max(ts, self.watermark), out)
         self._drop(user, out)
 
     def _drop(self, user: str, out: ShardOut) -> None:
         """The profile's state and its stored hash go (consent withdrawn, time to live, cap)."""
         self.users.pop(user, None)
         self.model.pending.pop(user, None)
+        if self.triggers is not None:
+            self.triggers.drop(user)
         self.dirty.discard(user)
         if self.recency is not None:
             self.recency.discard(user)
@@ -260,6 +351,10 @@ class ProfileStore:
                 out.dead.append(step_failure("profile_timers", exc, b"", name.encode(), due))
             self.dirty.add(name)
             self._schedule(name, p)  # the next change may come before this watermark too
+        engine = self._engine()
+        if engine is not None:
+            users = self.users
+            engine.advance(watermark, lambda user: TriggerContext(self, user, users.get(user)), out)
 
     def finish(self, clock: int, out: ShardOut) -> None:
         """End of a bounded input: every profile as of the end (a replay ends "now" there)."""
@@ -328,7 +423,6 @@ class ProfileStore:
 
 
 def _session_id(user: str, start: int) -> str:
-    from triggers.rules import idempotency_key
     return idempotency_key("session", user, str(start))
 
 
@@ -443,7 +537,7 @@ class IngestShard:
                 ops.setdefault(shard_of(e.user, profile_shards), []).append(
                     (e.partition, e.offset, ts, ("forget", e.user)))
             elif e.user in self.store.users:
-                self.store.forget(e.user, out)
+                self.store.forget(e.user, out, e.ts_ms)
             return
         if e.identified and e.anon and e.anon != e.user and e.anon not in self.links:
             self.links[e.anon] = e.user
@@ -739,6 +833,8 @@ class _Logic(StatefulBatchLogic):
         self.state = pickle.loads(resume) if resume is not None else None
         if self.state is not None:
             self.state.store.plan = plan
+            # the configuration of this run, not the one the snapshot was taken under
+            self.state.config = self.state.store.config = config
             self.state.resumed()
 
     def _created(self, state):
@@ -778,6 +874,7 @@ class IngestLogic(_Logic):
         if self.state is None:
             self._created(IngestShard(chunks[0].shard, self.config, self.plan))
         state = self.state
+        state.store.refresh_rules(int(time.time() * 1000))
         out = ShardOut(state.shard)
         for chunk in chunks:
             state.ingest(chunk, out)
@@ -798,6 +895,7 @@ class ProfileLogic(_Logic):
     def on_batch(self, handovers: list[Handover]):
         if self.state is None:
             self._created(ProfileShard(handovers[0].shard, self.config, self.plan))
+        self.state.store.refresh_rules(int(time.time() * 1000))
         out = ShardOut(self.state.shard)
         for h in handovers:
             self.state.receive(h, out)

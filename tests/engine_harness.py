@@ -3,6 +3,7 @@ and keeps what the Redis sink would hold: for tests of the pure logic."""
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 from config.registry import load_registry
 from features.profile import FeaturePlan
@@ -10,10 +11,14 @@ from flows.events import Event
 from flows.shard import Chunk, IngestShard, ProfileShard, ShardConfig, ShardOut
 
 
+PAGES_ONLY = str(Path(__file__).parent / "trigger_rules" / "pages_only.yaml")
+
+
 class Harness:
     def __init__(self, config: ShardConfig | None = None, plan: FeaturePlan | None = None,
                  partitions: int = 1):
-        self.config = config or ShardConfig(lateness_ms=0, ingest_shards=2, profile_shards=3)
+        self.config = config or ShardConfig(lateness_ms=0, ingest_shards=2, profile_shards=3,
+                                            trigger_rules=PAGES_ONLY)
         self.plan = plan or FeaturePlan(load_registry())
         self.partitions = partitions
         self.offsets: dict[int, int] = {}  # partition -> last offset given
@@ -22,6 +27,7 @@ class Harness:
         self.redis: dict[str, dict[str, str]] = {}
         self.aliases: dict[str, str] = {}
         self.actions: list[dict] = []
+        self.audit: list[dict] = []
         self.dead = []
         self.minute_parts = []
         self.writes = 0
@@ -67,6 +73,7 @@ class Harness:
                 stored.pop(f, None)
         self.aliases.update(out.aliases)
         self.actions.extend(out.actions)
+        self.audit.extend(out.audit)
         self.dead.extend(out.dead)
         if out.minutes is not None:
             self.minute_parts.append(out.minutes)

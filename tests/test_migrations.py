@@ -43,9 +43,9 @@ def test_alert_lifecycle_migration_upgrades_a_version_1_database(chdb_client, ch
         f"INSERT INTO {ch_database}.alerts (alert_id, rule, series, status, minute, value, window, "
         f"first_seen) VALUES ('a1', 'r', 'all', 'firing', '2026-11-23 10:00:00', 5, 30, "
         f"'2026-11-23 10:00:00')")
-    assert migrate(chdb_client, ch_database) == [2]
+    assert migrate(chdb_client, ch_database, migrations=load_migrations()[:2]) == [2]
     chdb_client.command(f"ALTER TABLE {ch_database}.schema_migrations DELETE WHERE version = 2")
-    assert migrate(chdb_client, ch_database) == [2]
+    assert migrate(chdb_client, ch_database, migrations=load_migrations()[:2]) == [2]
     for seq in (1, 2):
         chdb_client.command(
             f"INSERT INTO {ch_database}.alerts (alert_id, rule, series, status, seq, minute, value, "
@@ -54,6 +54,23 @@ def test_alert_lifecycle_migration_upgrades_a_version_1_database(chdb_client, ch
     rows = chdb_client.query(f"SELECT status, seq, window, detail FROM {ch_database}.alerts FINAL "
                              "ORDER BY seq").result_rows
     assert rows == [("firing", 0, "30", ""), ("update", 1, "1m", "x"), ("update", 2, "1m", "x")]
+
+
+def test_trigger_migration_keeps_actions_and_adds_the_audit(chdb_client, ch_database):
+    """Version 3 on a database with actions: they stay (new columns empty), trigger_audit is
+    created, and a second run after an interruption changes nothing."""
+    migrate(chdb_client, ch_database, migrations=load_migrations()[:2])
+    chdb_client.command(
+        f"INSERT INTO {ch_database}.actions (action_id, rule, user_id, channel, campaign, "
+        f"session_id, event_time) VALUES ('x1', 'session_page_views', 'u1', 'push', 'c', 's', "
+        f"'2026-11-23 10:00:00')")
+    assert migrate(chdb_client, ch_database) == [3]
+    chdb_client.command(f"ALTER TABLE {ch_database}.schema_migrations DELETE WHERE version = 3")
+    assert migrate(chdb_client, ch_database) == [3]
+    rows = chdb_client.query(f"SELECT action_id, message, step, trigger, tags FROM "
+                             f"{ch_database}.actions FINAL").result_rows
+    assert rows == [("x1", "", 0, "", [])]
+    assert "trigger_audit" in tables(chdb_client, ch_database)
 
 
 def test_an_edited_migration_or_another_time_zone_is_refused(chdb_client, ch_database):
@@ -85,7 +102,7 @@ def test_migrate_command_applies_then_reports_up_to_date_or_a_clear_error(chdb_d
 
     env = {"SURGEFLOW__CLICKHOUSE__DSN": chdb_dsn, "SURGEFLOW__CLICKHOUSE__DATABASE": ch_database}
     first = CliRunner().invoke(app, ["migrate"], env=env)
-    assert first.exit_code == 0 and "applied migrations [1, 2]" in first.output
+    assert first.exit_code == 0 and "applied migrations [1, 2, 3]" in first.output
     again = CliRunner().invoke(app, ["migrate"], env=env)
     assert again.exit_code == 0 and "up to date" in again.output
     old = ch_database + "_old"

@@ -18,11 +18,11 @@ from hypothesis import given, settings, strategies as st
 from config.registry import load_registry
 from features.profile import FeaturePlan
 from flows.shard import Handover, ProfileShard, ShardConfig, ShardOut
-from tests.engine_harness import Harness, event
+from tests.engine_harness import PAGES_ONLY, Harness, event
 
 PLAN = FeaturePlan(load_registry())
 T0 = 1_795_392_000_000
-CONFIG = ShardConfig(lateness_ms=3 * 3_600_000, ingest_shards=4, profile_shards=2, trigger_pages=3,
+CONFIG = ShardConfig(lateness_ms=3 * 3_600_000, ingest_shards=4, profile_shards=2, trigger_rules=PAGES_ONLY,
                      raw_events=False)
 USERS = ["u1", "u2", "u3"]
 ANONS = {"u1": ["a1", "a2"], "u2": ["a3", "a4"], "u3": ["a5"]}

@@ -1,0 +1,416 @@
+"""The trigger engine of one shard: every user's trigger state, their event-time timers, the
+guards at the moment of sending, the actions and the audit.
+
+Time. Timers are in event time, in keyed state: :meth:`TriggerEngine.advance` is called with
+the stream watermark, so a user who sends nothing still gets their timer, and a replay of days of
+history fires the same timers as the live run. A restart resumes the state of the last snapshot
+and replays the input after it: each timer fires again with the same idempotency key
+(rule, user, ``t<due time>``, step), so a consumer that keeps keys sees it once.
+
+Decisions (the ``trigger_audit`` table): ``sent``; ``shadow`` (a shadow rule would have sent);
+``deferred`` (quiet hours or a cap with the defer policy; released later, every guard checked
+again); ``quiet_hours`` / ``capped`` (dropped by that guard); ``no_consent``; ``exited`` (an
+exit event or a withdrawal ended a pending send or a drip under way); ``lower_priority``
+(another rule won the event); ``fallback_cancelled`` (the awaited open came).
+
+>>> from triggers.spec import parse_trigger_rules
+>>> from triggers.rules import SimpleContext, _Demo
+>>> book = CompiledBook(parse_trigger_rules({"guards": {"consent": "opt_out",
+...     "quiet_hours": None}, "rules": [{"name": "cart", "kind": "absence",
+...     "start": {"events": ["add_to_cart"]}, "stop": {"events": ["order_completed"]},
+...     "timeout": "30m", "action": {"channel": "push", "message": "coupon"}}]}))
+>>> engine, out, ctx = TriggerEngine(), Collected(), SimpleContext()
+>>> engine.use(book)
+>>> engine.on_event("u1", _Demo("add_to_cart", 0, "e1"), ctx, out)
+>>> engine.advance(29 * 60_000, lambda user: ctx, out)
+>>> out.actions
+[]
+>>> engine.advance(30 * 60_000, lambda user: ctx, out)
+>>> [(a["rule"], a["event_ts_ms"], a["channel"]) for a in out.actions]
+[('cart', 1800000, 'push')]
+>>> len(engine.users)  # nothing pending any more: no state (a cap history would stay a while)
+0
+"""
+from __future__ import annotations
+
+import heapq
+import time
+
+from surgeflow.stats import STATS
+from triggers import guards as g
+from triggers.rules import (NOT_DONE_BY_USER, Fire, Match, Rule, UserTriggers, compile_rule,
+                            idempotency_key)
+from triggers.spec import TriggerBook
+
+FALLBACK_STEP = 1000  # a channel fallback's step: the step it falls back from + 1000
+NEVER = 2**62
+
+
+class Collected:
+    """Where the engine puts what it produces (the flow's ShardOut has the same two lists)."""
+
+    def __init__(self):
+        self.actions: list[dict] = []
+        self.audit: list[dict] = []
+
+
+class Send:
+    """A send waiting in the user's state: deferred by a guard, or a channel fallback waiting
+    for its ``unless`` events."""
+
+    __slots__ = ("rule", "trigger", "step", "channel", "message", "props", "due", "reason",
+                 "action_id", "deferred", "slotted", "unless", "awaits", "campaign")
+
+    def __init__(self, rule: Rule, trigger: str, step: int, channel: str, message: str,
+                 props: dict, action_id: str, campaign: str = ""):
+        self.rule, self.trigger, self.step = rule, trigger, step
+        self.channel, self.message, self.props = channel, message, props
+        self.action_id, self.campaign = action_id, campaign
+        self.due = 0
+        self.reason = ""
+        self.deferred = False  # released from a guard: take a rate-limit slot first
+        self.slotted = False
+        self.unless: frozenset = frozenset()
+        self.awaits = ""  # the action id whose open cancels this fallback
+
+    def __getstate__(self):
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, state):
+        for s, v in zip(self.__slots__, state):
+            setattr(self, s, v)
+
+
+class CompiledBook:
+    """A validated rule file, compiled: rules, an index by event name, the guards."""
+
+    def __init__(self, spec: TriggerBook, version: int = 1):
+        self.spec = spec
+        self.version = version
+        self.guards = spec.guards
+        self.rules: list[Rule] = sorted((compile_rule(r) for r in spec.rules if r.enabled),
+                                        key=lambda r: (-r.priority, r.name))
+        self.by_name = {r.name: r for r in self.rules}
+        self.every = [r for r in self.rules if r.interest is None]
+        self._index: dict[str, list[Rule]] = {}
+        self.horizon_ms = g.history_horizon(list(spec.guards.caps))
+        self.interval_ms = {ch: 1000.0 / rate for ch, rate in spec.guards.release_rate_per_s.items()
+                            if rate > 0}
+
+    def interested(self, name: str) -> list[Rule]:
+        rules = self._index.get(name)
+        if rules is None:
+            rules = [r for r in self.rules if r.interest is None or name in r.interest]
+            if len(self._index) < 10_000:  # event names are input: the cache stays bounded
+                self._index[name] = rules
+        return rules
+
+
+class TriggerEngine:
+    """Trigger state of one shard's users and the heap of their next timers."""
+
+    def __init__(self, shard: int = 0):
+        self.shard = shard
+        self.users: dict[str, UserTriggers] = {}
+        self.timers: list[tuple[int, str]] = []
+        self.slots: dict[str, float] = {}  # channel -> last release slot (rate limit)
+        self.watermark = -NEVER
+        self.book: CompiledBook | None = None
+        self.wall_ms = 0  # wall time of the current batch: latency figures only
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["book"] = None  # the rule file is read again, not restored
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    # -- the rule file -----------------------------------------------------------------------
+    def use(self, book: CompiledBook) -> None:
+        """The current rule file. Matches of a rule whose definition changed keep their version
+        (marked retired: it finishes them and starts nothing new)."""
+        if book is self.book:
+            return
+        self.book = book
+        for st in self.users.values():
+            for k, m in st.matches.items():
+                cur = book.by_name.get(m.rule.name)
+                if cur is not None and cur.version == m.rule.version:
+                    m.rule = cur
+                else:
+                    m.rule.retired = True
+            for s in st.sends:
+                cur = book.by_name.get(s.rule.name)
+                if cur is not None and cur.version == s.rule.version:
+                    s.rule = cur
+
+    # -- events --------------------------------------------------------------------------------
+    def on_event(self, user: str, e, ctx, out, arrival_ms: int = 0) -> None:
+        book = self.book
+        rules = book.interested(e.name)
+        st = self.users.get(user)
+        if not rules and st is None:
+            return
+        if st is None:
+            st = self.users[user] = UserTriggers()
+        if st.matches:
+            retired = {id(m.rule): m.rule for m in st.matches.values()
+                       if getattr(m.rule, "retired", False)}
+            if retired:
+                rules = list(retired.values()) + rules
+        fires: list[Fire] = []
+        ts = e.ts_ms
+        for rule in rules:
+            if rule.exit is not None and rule.exit(e, ctx):
+                self._exit(st, user, rule, e, ctx, out)
+            fires += rule.on_event(st, e, ctx)
+        if st.sends and e.name not in NOT_DONE_BY_USER:
+            self._opened(st, user, e, out)
+        if fires:
+            self._decide(st, user, fires, ts, ctx, out, getattr(e, "campaign", ""),
+                         {"_arrival_ms": arrival_ms} if arrival_ms else {})
+        self._settle(user, st, ts)
+
+    def _exit(self, st: UserTriggers, user: str, rule: Rule, e, ctx, out) -> None:
+        for m in rule.exit_matches(st, e, ctx):
+            if m.step > 0 and rule.kind in ("schedule", "drip"):
+                self._audit(out, e.ts_ms, user, rule, "", m.step, "", "", "exited",
+                            f"{e.name} ended it after step {m.step}")
+        keep = []
+        for s in st.sends:
+            if s.rule.name == rule.name:
+                self._audit(out, e.ts_ms, user, s.rule, s.action_id, s.step, s.channel, s.message,
+                            "exited", f"{e.name} before the pending send")
+            else:
+                keep.append(s)
+        st.sends = keep
+
+    def _opened(self, st: UserTriggers, user: str, e, out) -> None:
+        """A channel fallback waits for an open (or click...): this event may be it."""
+        keep = []
+        ref = e.properties.get("action_id") if isinstance(e.properties, dict) else None
+        for s in st.sends:
+            if s.awaits and e.name in s.unless and (ref is None or ref == s.awaits):
+                self._audit(out, e.ts_ms, user, s.rule, s.action_id, s.step, s.channel,
+                            s.message, "fallback_cancelled", f"{e.name} within the wait")
+            else:
+                keep.append(s)
+        st.sends = keep
+
+    def revoke(self, user: str, ts: int, out) -> None:
+        """Marketing consent withdrawn (or the profile forgotten): every pending send is
+        cancelled and the user's trigger state goes."""
+        st = self.users.pop(user, None)
+        if st is None:
+            return
+        for s in st.sends:
+            self._audit(out, ts, user, s.rule, s.action_id, s.step, s.channel, s.message,
+                        "no_consent", "consent withdrawn: pending send cancelled")
+
+    def drop(self, user: str) -> None:
+        """The profile is gone (time to live, eviction): so is its trigger state."""
+        self.users.pop(user, None)
+
+    def take(self, user: str) -> UserTriggers | None:
+        """The user's state leaves this shard (a visitor's profile merges into a user's)."""
+        return self.users.pop(user, None)
+
+    def adopt(self, user: str, other: UserTriggers | None, ts: int) -> None:
+        """A visitor's trigger state joins the user's: matches the user does not have yet,
+        pending sends, sends (for caps) and re-entry marks."""
+        if other is None:
+            return
+        st = self.users.get(user)
+        if st is None:
+            st = self.users[user] = other
+            other.heap_due = None
+        else:
+            for k, m in other.matches.items():
+                st.matches.setdefault(k, m)
+            st.sends += other.sends
+            st.history = sorted(st.history + other.history, key=lambda h: h[0])
+            for name, mark in other.marks.items():
+                if name not in st.marks or st.marks[name][0] < mark[0]:
+                    st.marks[name] = mark
+        self._settle(user, st, ts)
+
+    # -- time ------------------------------------------------------------------------------------
+    def advance(self, watermark: int, ctx_of, out) -> None:
+        """The watermark moved: fire every timer due at or before it, in due order."""
+        if watermark <= self.watermark:
+            return
+        self.watermark = watermark
+        timers = self.timers
+        while timers and timers[0][0] <= watermark:
+            due, user = heapq.heappop(timers)
+            st = self.users.get(user)
+            if st is None or st.heap_due != due:
+                continue  # superseded by an earlier reschedule, or the user is gone
+            st.heap_due = None
+            self._due(user, st, due, ctx_of(user), out)
+            self._settle(user, st, due)
+
+    def _due(self, user: str, st: UserTriggers, now: int, ctx, out) -> None:
+        extra = {"_timer_ms": self.wall_ms} if self.wall_ms else {}
+        for m in sorted((m for m in st.matches.values() if m.due is not None and m.due <= now),
+                        key=lambda m: (m.due, m.rule.name, m.key)):
+            fires = m.rule.on_due(st, m, ctx)
+            for f in fires:
+                self._decide(st, user, [f], f.ts, ctx, out, "", extra)
+        if st.sends:
+            ready = sorted((s for s in st.sends if s.due <= now),
+                           key=lambda s: (s.due, s.rule.name, s.action_id))
+            if ready:
+                st.sends = [s for s in st.sends if s.due > now]
+                for s in ready:
+                    self._offer(st, user, s, s.due, ctx, out, extra)
+
+    def _settle(self, user: str, st: UserTriggers, now: int) -> None:
+        """Forget what no longer matters, drop an empty state, schedule the next timer."""
+        if st.history:
+            horizon = self.book.horizon_ms if self.book is not None else 0
+            cut = now - horizon
+            if st.history[0][0] <= cut:
+                st.history = [h for h in st.history if h[0] > cut]
+        if st.marks:
+            for name in [n for n, (until, _) in st.marks.items() if until <= now]:
+                del st.marks[name]
+        if st.empty():
+            del self.users[user]
+            return
+        due = NEVER
+        for m in st.matches.values():
+            if m.due is not None and m.due < due:
+                due = m.due
+        for s in st.sends:
+            if s.due < due:
+                due = s.due
+        if st.history:
+            due = min(due, st.history[0][0] + (self.book.horizon_ms if self.book else 0) + 1)
+        for until, _ in st.marks.values():
+            if until < due:
+                due = until
+        if due == NEVER:
+            return
+        if st.heap_due is None or due < st.heap_due:
+            st.heap_due = due
+            heapq.heappush(self.timers, (due, user))
+            if len(self.timers) > 2 * len(self.users) + 1024:
+                self.timers = [(s.heap_due, u) for u, s in self.users.items()
+                               if s.heap_due is not None]
+                heapq.heapify(self.timers)
+
+    # -- sending -----------------------------------------------------------------------------
+    def _decide(self, st: UserTriggers, user: str, fires: list[Fire], now: int, ctx, out,
+                campaign: str, extra: dict) -> None:
+        """Rules that fired on one event: the highest priority ones are offered for sending."""
+        live = [f for f in fires if not f.rule.shadow]
+        live.sort(key=lambda f: (-f.rule.priority, f.rule.name))
+        cap = self.book.guards.max_actions_per_event
+        for i, f in enumerate(live + [f for f in fires if f.rule.shadow]):
+            s = Send(f.rule, f.trigger, f.step, f.rule.action.channel, f.message, f.props,
+                     idempotency_key(f.rule.name, user, f.trigger, str(f.step)), campaign)
+            if i >= cap and not f.rule.shadow:
+                self._audit(out, now, user, f.rule, s.action_id, s.step, s.channel, s.message,
+                            "lower_priority", f"{live[0].rule.name} fired on the same event")
+                continue
+            self._offer(st, user, s, now, ctx, out, extra)
+
+    def _offer(self, st: UserTriggers, user: str, s: Send, now: int, ctx, out, extra: dict,
+               note: str = "") -> None:
+        """The guards, at the moment of sending; then the action, or the reason there is none."""
+        guards = self.book.guards
+        rule = s.rule
+        if s.awaits:  # a channel fallback's wait is over: it is a send of its own now
+            s.awaits, s.unless = "", frozenset()
+        if not ctx.marketing_ok(guards.consent):
+            self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message,
+                        "no_consent", f"marketing consent ({guards.consent})")
+            return
+        if s.deferred and not s.slotted:
+            s.slotted = True
+            interval = self.book.interval_ms.get(s.channel)
+            if interval:  # releases spread under the channel's rate limit
+                slot = max(float(now), self.slots.get(s.channel, -1e18) + interval)
+                self.slots[s.channel] = slot
+                if int(slot) > now:
+                    s.due = int(slot)
+                    st.sends.append(s)
+                    return
+        tz = ctx.zone()
+        q = guards.quiet_hours
+        if q is not None and s.channel in q.channels:
+            until = g.quiet_until(q, now, tz)
+            if until is not None:
+                if q.policy == "drop":
+                    self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message,
+                                "quiet_hours", f"quiet hours {q.start}-{q.end} (drop)")
+                    return
+                self._defer(st, user, s, until, "quiet_hours", now, out,
+                            f"quiet hours {q.start}-{q.end}: released at {until}")
+                return
+        tags = tuple(rule.action.tags)
+        for cap in guards.caps:
+            frees = g.cap_breach(cap, st.history, now, s.channel, s.message, tags, tz)
+            if frees is None:
+                continue
+            if cap.over_cap == "defer":
+                self._defer(st, user, s, frees, "capped", now, out,
+                            f"cap {cap.name} ({cap.max} per {cap.window}): released at {frees}")
+                return
+            if cap.over_cap == "fallback" and s.channel != cap.fallback_channel:
+                was, s.channel = s.channel, cap.fallback_channel
+                self._offer(st, user, s, now, ctx, out, extra,
+                            note=f"cap {cap.name} on {was}: fell back to {s.channel}")
+                return
+            self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message,
+                        "capped", f"cap {cap.name} ({cap.max} per {cap.window})")
+            return
+        if rule.shadow:
+            self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message, "shadow",
+                        note or "would send")
+            return
+        st.history.append((now, s.channel, s.message, tags))
+        if len(st.history) > 1 and st.history[-2][0] > now:
+            st.history.sort(key=lambda h: h[0])
+        out.actions.append({
+            "action_id": s.action_id, "rule": rule.name, "rule_version": rule.version,
+            "user_id": user, "channel": s.channel, "message": s.message,
+            "campaign": s.campaign or "", "session_id": ctx.session_id(now), "step": s.step, "trigger": s.trigger, "tags": list(tags),
+            "properties": s.props or {}, "event_ts_ms": now, **extra})
+        self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message, "sent",
+                    note or "all guards passed")
+        STATS.add_labeled("trigger_actions", rule.name)
+        fb = rule.action.fallback
+        if fb is not None and s.step < FALLBACK_STEP:
+            from triggers.spec import duration_ms
+            f = Send(rule, s.trigger, s.step + FALLBACK_STEP, fb.channel, fb.message or s.message,
+                     s.props, idempotency_key(rule.name, user, s.trigger,
+                                              str(s.step + FALLBACK_STEP)), s.campaign)
+            f.due = now + duration_ms(fb.after)
+            f.unless, f.awaits = frozenset(fb.unless), s.action_id
+            st.sends.append(f)
+
+    def _defer(self, st: UserTriggers, user: str, s: Send, until: int, reason: str, now: int,
+               out, detail: str) -> None:
+        s.due, s.reason, s.deferred, s.slotted = until, reason, True, False
+        st.sends.append(s)
+        self._audit(out, now, user, s.rule, s.action_id, s.step, s.channel, s.message,
+                    "deferred", f"{reason}: {detail}")
+
+    def _audit(self, out, ts: int, user: str, rule: Rule, action_id: str, step: int,
+               channel: str, message: str, decision: str, reason: str) -> None:
+        out.audit.append({"time_ms": ts, "rule": rule.name, "rule_version": rule.version,
+                          "user_id": user, "action_id": action_id, "step": step,
+                          "channel": channel, "message": message, "decision": decision,
+                          "reason": reason, "mode": "shadow" if rule.shadow else "live"})
+        STATS.add_labeled("trigger_decisions", decision)
+
+    # -- figures ---------------------------------------------------------------------------------
+    def pending_timers(self) -> int:
+        return sum(1 for st in self.users.values() if st.heap_due is not None)
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
