@@ -117,6 +117,7 @@ class TriggerEngine:
         self.watermark = -NEVER
         self.book: CompiledBook | None = None
         self.wall_ms = 0  # wall time of the current batch: latency figures only
+        self.retired = False  # some match runs on a rule version no longer in the file
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -133,13 +134,14 @@ class TriggerEngine:
         if book is self.book:
             return
         self.book = book
+        self.retired = False
         for st in self.users.values():
             for k, m in st.matches.items():
                 cur = book.by_name.get(m.rule.name)
                 if cur is not None and cur.version == m.rule.version:
                     m.rule = cur
                 else:
-                    m.rule.retired = True
+                    m.rule.retired = self.retired = True
             for s in st.sends:
                 cur = book.by_name.get(s.rule.name)
                 if cur is not None and cur.version == s.rule.version:
@@ -154,7 +156,7 @@ class TriggerEngine:
             return
         if st is None:
             st = self.users[user] = UserTriggers()
-        if st.matches:
+        if self.retired and st.matches:
             retired = {id(m.rule): m.rule for m in st.matches.values()
                        if getattr(m.rule, "retired", False)}
             if retired:

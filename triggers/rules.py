@@ -191,15 +191,18 @@ def all_hold(conds, e, ctx) -> bool:
 class _Events:
     """Compiled :class:`EventMatch`: names (``*`` = any event the user did) and conditions."""
 
-    __slots__ = ("names", "any", "where")
+    __slots__ = ("names", "any", "where", "session_start")
 
     def __init__(self, em: EventMatch):
         self.any = ANY in em.events
         self.names = frozenset(n for n in em.events if n != ANY)
         self.where = tuple(em.where)
+        self.session_start = em.session_start
 
     def __call__(self, e, ctx) -> bool:
         if not (e.name in self.names or (self.any and e.name not in NOT_DONE_BY_USER)):
+            return False
+        if self.session_start and ctx.session_start(e.ts_ms) != e.ts_ms:
             return False
         return all_hold(self.where, e, ctx) if self.where else True
 
@@ -480,17 +483,22 @@ class ScheduleRule(Rule):
     def __init__(self, spec):
         self.entry = _Events(spec.start if self.kind == "schedule" else spec.enter)
         self.steps: list[Step] = list(spec.steps)
+        # (offset ms, or None: after_days at a local time of day -> (days, minutes))
+        self._offsets = [(duration_ms(s.after), None) if s.after is not None else
+                         (None, (s.after_days, clock_minutes(s.at_local)) if s.at_local else
+                          (s.after_days, None)) for s in self.steps]
         super().__init__(spec)
 
     def _matches(self):
         return [self.spec.start]
 
     def due_of(self, step: int, base: int, ctx) -> int:
-        s = self.steps[step]
-        if s.after is not None:
-            return base + duration_ms(s.after)
-        return local_at(base, s.after_days, clock_minutes(s.at_local or "00:00"), ctx.zone()) \
-            if s.at_local is not None else base + s.after_days * 86_400_000
+        offset, local = self._offsets[step]
+        if offset is not None:
+            return base + offset
+        days, minutes = local
+        return base + days * 86_400_000 if minutes is None else \
+            local_at(base, days, minutes, ctx.zone())
 
     def on_event(self, st, e, ctx):
         if not self.entry(e, ctx) or not self.eligible(st, e.ts_ms, ctx):

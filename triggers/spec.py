@@ -132,6 +132,7 @@ class EventMatch(_Strict):
 
     events: list[str] = Field(min_length=1)
     where: list[Condition] = []
+    session_start: bool = False  # only the first event of a session (e.g. a daily check)
 
 
 # -- actions -------------------------------------------------------------------------------------
