@@ -445,3 +445,123 @@ def rules(config: Optional[Path] = ConfigOption):
         table.add_row(r.name + ("" if r.enabled else " (off)"), r.area,
                       f"{r.metric} by {r.by} / {r.window}", judged, r.for_, r.severity, r.response)
     console.print(table)
+
+
+triggers_app = typer.Typer(no_args_is_help=True, help="Trigger rules: list them, test them.")
+app.add_typer(triggers_app, name="triggers")
+
+
+def _trigger_book(rules: Optional[Path], config: Optional[Path]):
+    from triggers.spec import TriggerRuleError, load_trigger_rules
+
+    path = rules if rules is not None else _settings(config).trigger.rules
+    if path is None:
+        console.print("[yellow]no trigger rules configured (trigger.rules is null)[/yellow]")
+        raise typer.Exit(0)
+    try:
+        return path, load_trigger_rules(path)
+    except TriggerRuleError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _when(r) -> str:
+    k = r.kind
+    if k == "count":
+        return f"{r.count} x {'/'.join(r.events)} within {r.within}"
+    if k == "sequence":
+        return " then ".join("/".join(s.events) for s in r.steps) + f" within {r.within}"
+    if k == "absence":
+        extra = "".join(f"; {o.timeout} when " + " and ".join(
+            f"{c.feature or c.property} {c.op} {c.value}" for c in o.when) for o in r.timeouts)
+        corr = f" (same {', '.join(r.correlate)})" if r.correlate else ""
+        return (f"{'/'.join(r.start.events)}, no {'/'.join(r.stop.events)}{corr} "
+                f"within {r.timeout}{extra}")
+    steps = ", ".join(s.after or f"day {s.after_days}" + (f" {s.at_local}" if s.at_local else "")
+                      for s in r.steps) if k in ("schedule", "drip") else ""
+    if k == "schedule":
+        return f"after {'/'.join(r.start.events)}: {steps}"
+    if k == "drip":
+        return f"entered on {'/'.join(r.enter.events)}: {steps} (each after the previous)"
+    conds = " and ".join(f"{c.feature or c.property or 'near a store'} {c.op} {c.value}"
+                         if c.geo_within is None else f"within {c.geo_within.radius_km} km of a store"
+                         for c in list(r.start.where) + list(r.when))
+    return f"{'/'.join(r.start.events)} where {conds}"
+
+
+@triggers_app.command("list")
+def triggers_list(rules: Optional[Path] = typer.Option(None, "--rules", help="rule file "
+                                                       "(default: trigger.rules)"),
+                  config: Optional[Path] = ConfigOption):
+    """The trigger rules and guards in force: what each watches for and what it sends."""
+    from rich.table import Table
+
+    path, book = _trigger_book(rules, config)
+    table = Table(title=f"trigger rules ({path})")
+    for column in ("rule", "kind", "when", "then", "prio", "re-entry", "mode"):
+        table.add_column(column)
+    for r in sorted(book.rules, key=lambda r: (-r.priority, r.name)):
+        a = r.action
+        then = f"{a.channel}: {a.message}" + (f" (else {a.fallback.channel} after "
+                                              f"{a.fallback.after})" if a.fallback else "")
+        table.add_row(r.name + ("" if r.enabled else " (off)"), r.kind, _when(r), then,
+                      str(r.priority), r.reentry or "default", r.mode)
+    out = Console(width=200)
+    out.print(table)
+    g = book.guards
+    q = g.quiet_hours
+    out.print(f"consent: {g.consent} · quiet hours: "
+              + (f"{q.start}-{q.end} user-local on {', '.join(q.channels)} ({q.policy})" if q
+                 else "none")
+              + f" · at most {g.max_actions_per_event} action(s) per event")
+    for cap in g.caps:
+        scope = " ".join(x for x in (cap.channel and f"channel {cap.channel}",
+                                     cap.tag and f"tag {cap.tag}",
+                                     cap.per == "message" and "per message") if x) or "all"
+        out.print(f"cap {cap.name}: {cap.max} per {cap.window} ({scope}), over cap: {cap.over_cap}"
+                  + (f" -> {cap.fallback_channel}" if cap.fallback_channel else ""))
+
+
+@triggers_app.command("test")
+def triggers_test(events: Path = typer.Option(..., "--events", help="JSON lines, one tracking "
+                                              "event per line"),
+                  rules: Optional[Path] = typer.Option(None, "--rules", help="rule file "
+                                                       "(default: trigger.rules)"),
+                  run_on: str = typer.Option("60d", "--run-on", help="after the last event, let "
+                                             "the clock run this long (timers fire)"),
+                  as_json: bool = typer.Option(False, "--json", help="one JSON decision per line"),
+                  config: Optional[Path] = ConfigOption):
+    """Replay events through the rules on a simulated clock; print every action and suppression."""
+    import datetime as dt
+
+    from triggers.simulate import replay
+    from triggers.spec import duration_ms
+
+    path, _ = _trigger_book(rules, config)
+    try:
+        run_on_ms = duration_ms(run_on)
+    except ValueError as exc:
+        console.print(f"[red]--run-on: {exc}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        lines = [line for line in events.read_bytes().splitlines() if line.strip()]
+    except OSError as exc:
+        console.print(f"[red]cannot read {events}: {exc.strerror}[/red]")
+        raise typer.Exit(2) from None
+    result = replay(lines, path, run_on_ms=run_on_ms)
+    if as_json:
+        for row in result.audit:
+            typer.echo(json.dumps(row, sort_keys=True))
+    else:
+        out = Console(width=200)
+        for row in result.audit:
+            at = dt.datetime.fromtimestamp(row["time_ms"] / 1000, dt.timezone.utc)
+            shown = "[green]SENT[/green]" if row["decision"] == "sent" else row["decision"]
+            out.print(f"{at:%Y-%m-%d %H:%M:%S}Z  {row['user_id']:<16} {row['rule']:<22} "
+                      f"{row['channel'] or '-':<7} {row['message'] or '-':<22} {shown}  "
+                      f"[dim]{row['reason']}[/dim]")
+    sent = sum(1 for r in result.audit if r["decision"] == "sent")
+    console.print(f"{result.events} events, {len(result.dead)} not used; {sent} actions sent, "
+                  f"{len(result.audit) - sent} other decisions (clock ran to {result.end_ms})")
+    for d in result.dead[:10]:
+        console.print(f"[yellow]{d.reason}: {d.detail}[/yellow]")

@@ -156,6 +156,11 @@ class TriggerEngine:
             return
         if st is None:
             st = self.users[user] = UserTriggers()
+        elif st.heap_due is not None and st.heap_due <= e.ts_ms:
+            # The user's own later event shows these timers elapsed (event time) before it:
+            # they fire first, whether or not the watermark has passed them yet, so a stop
+            # event after the deadline never cancels what was due before it.
+            self._due(user, st, e.ts_ms, ctx, out)
         if self.retired and st.matches:
             retired = {id(m.rule): m.rule for m in st.matches.values()
                        if getattr(m.rule, "retired", False)}
@@ -254,17 +259,27 @@ class TriggerEngine:
             self._settle(user, st, due)
 
     def _due(self, user: str, st: UserTriggers, now: int, ctx, out) -> None:
+        """Everything of the user due at or before ``now``, earliest first, each at its own
+        due time (a schedule's next step may be due before ``now`` too)."""
         extra = {"_timer_ms": self.wall_ms} if self.wall_ms else {}
-        for m in sorted((m for m in st.matches.values() if m.due is not None and m.due <= now),
-                        key=lambda m: (m.due, m.rule.name, m.key)):
-            fires = m.rule.on_due(st, m, ctx)
-            for f in fires:
-                self._decide(st, user, [f], f.ts, ctx, out, "", extra)
-        if st.sends:
-            ready = sorted((s for s in st.sends if s.due <= now),
-                           key=lambda s: (s.due, s.rule.name, s.action_id))
+        while True:
+            first = NEVER
+            for m in st.matches.values():
+                if m.due is not None and m.due < first:
+                    first = m.due
+            for s in st.sends:
+                if s.due < first:
+                    first = s.due
+            if first > now:
+                return
+            for m in sorted((m for m in st.matches.values() if m.due == first),
+                            key=lambda m: (m.rule.name, m.key)):
+                for f in m.rule.on_due(st, m, ctx):
+                    self._decide(st, user, [f], f.ts, ctx, out, "", extra)
+            ready = sorted((s for s in st.sends if s.due == first),
+                           key=lambda s: (s.rule.name, s.action_id))
             if ready:
-                st.sends = [s for s in st.sends if s.due > now]
+                st.sends = [s for s in st.sends if s.due != first]
                 for s in ready:
                     self._offer(st, user, s, s.due, ctx, out, extra)
 

@@ -260,9 +260,10 @@ class Rule:
         return []
 
     # -- shared
-    def corr(self, e) -> tuple | None:
-        """The event's correlation key; None when it lacks a field (then it concerns every
-        open match of the rule: an order without a cart id ends every cart)."""
+    def corr(self, e, start: bool = False) -> tuple | None:
+        """The event's correlation key. A stop event without a field concerns every open match
+        of the rule (None: an order without a cart id ends every cart); a start event without
+        one opens the match of the empty value (the user's one cart)."""
         if not self.correlate:
             return ()
         props = e.properties
@@ -270,7 +271,9 @@ class Rule:
         for f in self.correlate:
             v = props.get(f)
             if v is None or v == "":
-                return None
+                if not start:
+                    return None
+                v = ""
             key.append(str(v)[:128])
         return tuple(key)
 
@@ -393,7 +396,7 @@ class SequenceRule(Rule):
         fires: list[Fire] = []
         advanced = False
         for m in self._open(st):
-            if key is not None and m.key != key and self.correlate:
+            if key is not None and m.key != key:
                 continue
             if e.ts_ms <= m.start + self.within_ms and self.steps[m.step](e, ctx):
                 m.step += 1
@@ -401,7 +404,8 @@ class SequenceRule(Rule):
                 if m.step == len(self.steps):
                     del st.matches[(self.slot, m.key)]
                     fires += self.fire(st, e.event_id, 0, e.ts_ms, ctx, e)
-        if not advanced and key is not None and (self.slot, key) not in st.matches \
+        key = self.corr(e, start=True)
+        if not advanced and (self.slot, key) not in st.matches \
                 and self.steps[0](e, ctx) and self.eligible(st, e.ts_ms, ctx):
             st.matches[(self.slot, key)] = Match(self, key, e.ts_ms + self.within_ms, e.ts_ms,
                                                  e.event_id, 1)
@@ -425,13 +429,14 @@ class AbsenceRule(Rule):
         return [self.spec.start, self.spec.stop]
 
     def on_event(self, st, e, ctx):
-        key = self.corr(e)
         if self.stop(e, ctx):
+            key = self.corr(e)
             for m in self._open(st):
                 if key is None or m.key == key:
                     del st.matches[(self.slot, m.key)]
-        if key is None or not self.start(e, ctx):
+        if not self.start(e, ctx):
             return []
+        key = self.corr(e, start=True)
         k = (self.slot, key)
         m = st.matches.get(k)
         if m is not None and not self.spec.restart:
@@ -526,7 +531,8 @@ class ScheduleRule(Rule):
                           self.action.message, {})]
         if step + 1 < len(self.steps):
             m.step += 1
-            m.due = self.due_of(m.step, due if self.chained else m.start, ctx)
+            # strictly later: a step may not be due again at the same instant (or earlier)
+            m.due = max(self.due_of(m.step, due if self.chained else m.start, ctx), due + 1)
         else:
             del st.matches[(self.slot, m.key)]
         return fires
