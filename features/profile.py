@@ -344,14 +344,15 @@ class FeaturePlan:
         return out, num
 
     def feature_value(self, user: str, p: Profile, name: str, cache: dict | None = None):
-        """One feature's value as of the profile's state: its number, else its text (e.g. a
-        segment), None when the registry has no such feature or it has no value."""
+        """One feature's value as of the profile's state, as the reader sees it in Redis (the
+        text: "high", "decline", "3"), else its number; None when there is no such feature
+        or it has no value."""
         compute = self._compute_of.get(name)
         if compute is None:
             return None
         num = _Num(_Ctx(user, p, self)) if cache is None else cache
         value, text = compute(num.ctx, num)
-        return value if value is not None else text
+        return text if text is not None else value
 
     def _init_inputs(self, registry: Registry, time_index: dict[str, int]) -> None:
         """Which inputs each feature reads, as one bit mask: the window slots (bits of

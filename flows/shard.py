@@ -253,6 +253,10 @@ class ProfileStore:
         if p is None:
             p = self.users[e.user] = self.plan.new_profile()
             p.written = self.unknown_fields
+        engine = self._engine()
+        if engine is not None:  # what was due before this event fires first, without it
+            ctx = TriggerContext(self, e.user, p)
+            engine.elapse(e.user, e.ts_ms, ctx, out)
         self.plan.apply(p, e)
         self.dirty.add(e.user)
         if self.recency is not None:
@@ -270,8 +274,8 @@ class ProfileStore:
                 self.model.remember(e.user, e.ts_ms, self.plan.model_x_of(p, s[2]))
         elif e.name == "order_completed":
             self.model.on_order(e.user, e.ts_ms)
-        engine = self._engine()
         if engine is not None:
+            ctx._num = None  # the features now include this event
             withdrawn = False
             if e.marketing is not None and (p.marketing is None or e.ts_ms >= p.marketing[0]):
                 withdrawn = e.marketing is False and (p.marketing is None or p.marketing[1])
@@ -280,7 +284,7 @@ class ProfileStore:
                 p.tz = (e.ts_ms, e.tz)
             if withdrawn:
                 engine.revoke(e.user, e.ts_ms, out)
-            engine.on_event(e.user, e, TriggerContext(self, e.user, p), out, e.arrival_ms)
+            engine.on_event(e.user, e, ctx, out, e.arrival_ms)
 
     def absorb(self, user: str, other: Profile) -> None:
         p = self.users.get(user)

@@ -205,15 +205,26 @@ class TriggerEngine:
                 keep.append(s)
         st.sends = keep
 
+    def elapse(self, user: str, ts: int, ctx, out) -> None:
+        """Fire what of the user was due before ``ts`` (their event at ``ts`` is next)."""
+        st = self.users.get(user)
+        if st is not None and st.heap_due is not None and st.heap_due <= ts:
+            self._due(user, st, ts, ctx, out)
+            self._settle(user, st, ts)
+
     def revoke(self, user: str, ts: int, out) -> None:
-        """Marketing consent withdrawn (or the profile forgotten): every pending send is
-        cancelled and the user's trigger state goes."""
+        """Marketing consent withdrawn (or the profile forgotten): every pending send and
+        scheduled step is cancelled and the user's trigger state goes."""
         st = self.users.pop(user, None)
         if st is None:
             return
         for s in st.sends:
             self._audit(out, ts, user, s.rule, s.action_id, s.step, s.channel, s.message,
                         "no_consent", "consent withdrawn: pending send cancelled")
+        for m in st.matches.values():
+            if m.rule.kind in ("absence", "schedule", "drip") and m.due is not None:
+                self._audit(out, ts, user, m.rule, "", m.step, m.rule.action.channel, "",
+                            "no_consent", f"consent withdrawn: timer due {m.due} cancelled")
 
     def drop(self, user: str) -> None:
         """The profile is gone (time to live, eviction): so is its trigger state."""

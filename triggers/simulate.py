@@ -25,7 +25,8 @@ from config.registry import load_registry
 from features.profile import FeaturePlan
 from flows.events import DeadLetter, decode
 from flows.shard import ProfileStore, ShardConfig, ShardOut
-from triggers.spec import RULES_FILE
+from triggers.engine import CompiledBook
+from triggers.spec import RULES_FILE, load_trigger_rules
 
 DAY_MS = 86_400_000
 
@@ -47,8 +48,9 @@ class Simulation:
     def __init__(self, rules: Path | str = RULES_FILE, plan: FeaturePlan | None = None):
         self.plan = plan or FeaturePlan(load_registry())
         self.store = ProfileStore(self.plan, ShardConfig(trigger_rules=str(rules),
-                                                         trigger_reload_s=1e9, raw_events=False))
-        self.store.refresh_rules()
+                                                         raw_events=False))
+        self.book = CompiledBook(load_trigger_rules(rules))  # read now: a test edits the file
+        self.store.triggers.use(self.book)
         self.out = ShardOut(0)
         self.result = Replayed(actions=self.out.actions, audit=self.out.audit)
         self.seen: set[str] = set()
@@ -73,7 +75,7 @@ class Simulation:
         sim = cls(rules, plan)
         sim.store, sim.seen, sim.now, sim.offset = pickle.loads(snapshot)
         sim.store.plan = sim.plan
-        sim.store.refresh_rules()
+        sim.store.triggers.use(sim.book)
         return sim
 
     def feed(self, raw: bytes) -> None:
