@@ -59,12 +59,13 @@ class Send:
     for its ``unless`` events."""
 
     __slots__ = ("rule", "trigger", "step", "channel", "message", "props", "due", "reason",
-                 "action_id", "deferred", "slotted", "unless", "awaits", "campaign")
+                 "action_id", "deferred", "slotted", "unless", "awaits", "campaign", "planned")
 
     def __init__(self, rule: Rule, trigger: str, step: int, channel: str, message: str,
                  props: dict, action_id: str, campaign: str = ""):
         self.rule, self.trigger, self.step = rule, trigger, step
         self.channel, self.message, self.props = channel, message, props
+        self.planned = channel  # a release starts from it again (a fallback is chosen anew)
         self.action_id, self.campaign = action_id, campaign
         self.due = 0
         self.reason = ""
@@ -356,6 +357,8 @@ class TriggerEngine:
             self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message,
                         "no_consent", f"marketing consent ({guards.consent})")
             return
+        if s.deferred:
+            s.channel = s.planned
         if s.deferred and not s.slotted:
             s.slotted = True
             interval = self.book.interval_ms.get(s.channel)

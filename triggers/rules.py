@@ -279,8 +279,6 @@ class Rule:
 
     def eligible(self, st: UserTriggers, ts: int, ctx) -> bool:
         """The re-entry policy: may the rule start or fire again for this user now?"""
-        if self.retired:
-            return False
         mark = st.marks.get(self.name)
         if mark is None or self.reentry == "always":
             return True
@@ -350,6 +348,8 @@ class CountRule(Rule):
             if session is None:
                 return []
             if m is None:
+                if self.retired:
+                    return []
                 m = st.matches[k] = Match(self, (), None, session, e.event_id, 0, [])
             times = m.data
             times.append(ts)
@@ -363,6 +363,8 @@ class CountRule(Rule):
                 return self.fire(st, e.event_id, 0, ts, ctx, e)
             return []
         if m is None:
+            if self.retired:
+                return []
             m = st.matches[k] = Match(self, (), None, ts, e.event_id, 0, [])
         times = m.data
         times.append(ts)
@@ -405,7 +407,7 @@ class SequenceRule(Rule):
                     del st.matches[(self.slot, m.key)]
                     fires += self.fire(st, e.event_id, 0, e.ts_ms, ctx, e)
         key = self.corr(e, start=True)
-        if not advanced and (self.slot, key) not in st.matches \
+        if not advanced and not self.retired and (self.slot, key) not in st.matches \
                 and self.steps[0](e, ctx) and self.eligible(st, e.ts_ms, ctx):
             st.matches[(self.slot, key)] = Match(self, key, e.ts_ms + self.within_ms, e.ts_ms,
                                                  e.event_id, 1)
@@ -434,7 +436,7 @@ class AbsenceRule(Rule):
             for m in self._open(st):
                 if key is None or m.key == key:
                     del st.matches[(self.slot, m.key)]
-        if not self.start(e, ctx):
+        if self.retired or not self.start(e, ctx):
             return []
         key = self.corr(e, start=True)
         k = (self.slot, key)
@@ -506,7 +508,7 @@ class ScheduleRule(Rule):
             local_at(base, days, minutes, ctx.zone())
 
     def on_event(self, st, e, ctx):
-        if not self.entry(e, ctx) or not self.eligible(st, e.ts_ms, ctx):
+        if self.retired or not self.entry(e, ctx) or not self.eligible(st, e.ts_ms, ctx):
             return []
         key = self._key(e)
         if key in [m.key for m in self._open(st)]:
@@ -582,7 +584,7 @@ class ConditionRule(Rule):
         return [self.spec.start]
 
     def on_event(self, st, e, ctx):
-        if not self.on(e, ctx) or not self.eligible(st, e.ts_ms, ctx):
+        if self.retired or not self.on(e, ctx) or not self.eligible(st, e.ts_ms, ctx):
             return []
         return self.fire(st, e.event_id, 0, e.ts_ms, ctx, e)
 
