@@ -187,6 +187,11 @@ class TriggerContext:
         s = self.store.plan.session(self.p) if self.p is not None else None
         return s[0] if s is not None and s[0] <= ts <= s[1] else None
 
+    def session_span(self) -> tuple[int, int] | None:
+        """(start, last event) of the user's latest session."""
+        s = self.store.plan.session(self.p) if self.p is not None else None
+        return None if s is None else (s[0], s[1])
+
     def session_id(self, ts: int) -> str:
         start = self.session_start(ts)
         return "" if start is None else _session_id(self.user, start)

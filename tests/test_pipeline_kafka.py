@@ -17,6 +17,7 @@ from connectors.kafka import produce
 from connectors.synthetic import Anomaly, SyntheticSpec, generate
 from flows.runner import run
 from surgeflow.stats import STATS
+from tests.engine_harness import PAGES_ONLY
 from tests.reference_profiles import expected_profiles
 
 START_MS = 1_795_392_000_000  # 2026-11-23T00:00Z
@@ -74,6 +75,7 @@ def reference(messages) -> dict:
             "channel": ctx.get("channel") or "unknown",
             "campaign": props.get("campaign_id") or (ctx.get("campaign") or {}).get("name") or "",
             "profiling": (ctx.get("consent") or {}).get("profiling") is not False,
+            "marketing": (ctx.get("consent") or {}).get("marketing"),
         })
     end = min(part_max.values())  # the stream clock at the end of the input
     # Features: the independent brute-force reference (tests/reference_profiles.py).
@@ -83,6 +85,7 @@ def reference(messages) -> dict:
     actions, minutes = set(), defaultdict(lambda: [0, set(), 0.0])
     for user, evs in events_by_user.items():
         times = []  # the third view of an event-time session (30-min gap), as events arrive
+        marketing = None  # the rule file is opt-out: only a refusal stops the action
         for e in evs:
             key = (e["ts"] // 60000 * 60000, e["channel"], e["campaign"], e["name"])
             minutes[key][0] += 1
@@ -91,6 +94,8 @@ def reference(messages) -> dict:
             minutes[key][2] += e["revenue"]
             if not e["profiling"]:
                 continue  # no profile, no session, no action without profiling consent
+            if e["marketing"] is not None:
+                marketing = e["marketing"]  # (a synthetic user's consent never changes)
             times.append((e["ts"], e["name"] in SESSION_VIEWS))
             times.sort()
             i = len(times) - 1
@@ -98,7 +103,8 @@ def reference(messages) -> dict:
                 i -= 1
             session = times[i:]
             if (e["name"] in SESSION_VIEWS and session[0][0] <= e["ts"]
-                    and sum(v for _, v in session) == 3 and user not in linked):
+                    and sum(v for _, v in session) == 3 and user not in linked
+                    and marketing is not False):
                 actions.add((user, e["ts"]))
     return {"dead": dead, "features": features, "aliases": aliases, "actions": actions,
             "linked": linked, "end": end,
@@ -121,7 +127,8 @@ def run_flow(kafka, topic, redis_url, prefix, dsn, database, workers):
         kafka__dead_letter_topic=outs["dead"], kafka__actions_topic=outs["actions"],
         kafka__alerts_topic=outs["alerts"], redis__url=redis_url, redis__key_prefix=prefix,
         clickhouse__dsn=dsn, clickhouse__database=database, flow__shards=8,
-        flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None, flow__allowed_lateness_s=60)
+        flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None, flow__allowed_lateness_s=60,
+        trigger__rules=PAGES_ONLY)  # the oracle below knows this one rule
     STATS.reset()
     run(settings, redis_url, workers=workers)
     return settings, outs

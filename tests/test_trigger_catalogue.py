@@ -277,3 +277,15 @@ def test_a_user_with_nothing_pending_holds_no_trigger_state():
 def test_the_catalogue_has_every_spec_row(rule):
     doc = yaml.safe_load(open("config/trigger_rules.yaml"))
     assert rule in {r["name"] for r in doc["rules"]}
+
+
+def test_a_session_kept_going_by_other_events_keeps_its_view_count():
+    """Views at 0 and 1 min, searches every 25 min, a third view at 80 min: one session (no gap of
+    30 min), so the third view fires although 79 min passed since the second."""
+    events = [ev("u1", "page_view", T0, event_type="page"),
+              ev("u1", "page_view", T0 + MIN, event_type="page")]
+    events += [ev("u1", "search", T0 + m * MIN, {"q": "x"}) for m in (25, 50, 75)]
+    events += [ev("u1", "page_view", T0 + 80 * MIN, event_type="page")]
+    r = replay(events, run_on_ms=0)
+    assert sent(r, "session_page_views") == [("session_page_views", "u1", T0 + 80 * MIN, "push",
+                                              "related_campaign")]

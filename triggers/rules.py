@@ -116,6 +116,9 @@ class SimpleContext:
     def session_start(self, ts: int) -> int | None:
         return self._session
 
+    def session_span(self):
+        return None if self._session is None else (self._session, self._session)
+
     def session_id(self, ts: int) -> str:
         return "" if self._session is None else idempotency_key("session", str(self._session))
 
@@ -331,6 +334,17 @@ class CountRule(Rule):
 
     def _default_reentry(self) -> str:
         return "once_per_session" if self.window_ms is None else self.spec.within
+
+    def on_due(self, st, m, ctx):
+        """The counted events stopped: forget the count once the session is over (other events
+        than the counted ones may keep it going)."""
+        if self.window_ms is None:
+            span = ctx.session_span()
+            gap = getattr(ctx, "session_gap_ms", SESSION_GAP_MS)
+            if span is not None and span[0] == m.start and span[1] + gap > m.due:
+                m.due = span[1] + gap
+                return []
+        return super().on_due(st, m, ctx)
 
     def _matches(self):
         return [EventMatch(events=self.spec.events)]
