@@ -892,6 +892,8 @@ class IngestLogic(_Logic):
         STATS.set_labeled("state_anonymous_profiles", label, len(state.store.users))
         STATS.set_labeled("state_identity_links", label, len(state.links))
         STATS.set_labeled("state_dedupe_ids", label, len(state.seen))
+        if state.store.triggers is not None:
+            STATS.set_labeled("state_trigger_users", f"i{state.shard}", len(state.store.triggers.users))
         if state.shard == 0:  # every ingest shard sees every batch: one speaks for the stream
             if state.clock is not None:
                 STATS.set("stream_clock_ms", state.clock)
@@ -912,4 +914,7 @@ class ProfileLogic(_Logic):
         STATS.add_labeled("step_in", "profile_shards", sum(len(h.ops) for h in handovers))
         STATS.add_labeled("step_out", "profile_shards", len(out.features))
         STATS.set_labeled("state_profiles", str(self.state.shard), len(self.state.store.users))
+        if self.state.store.triggers is not None:
+            STATS.set_labeled("state_trigger_users", f"p{self.state.shard}",
+                              len(self.state.store.triggers.users))
         return self._flushed(out)

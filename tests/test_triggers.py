@@ -381,3 +381,28 @@ def test_kill_and_restart_sends_the_clean_runs_keys_for_any_stream(tmp_path_fact
     keys = {a["action_id"] for a in clean.actions}
     assert crashed | after == keys
     assert crashed - before <= after  # sent again after the restart, same keys
+
+
+def test_trigger_state_stays_bounded_whatever_one_user_sends(tmp_path):
+    """A hostile user: 3,000 distinct searches in ten minutes (sequences), 500 carts at night
+    (deferred sends): the open matches and pending sends of the user stay capped."""
+    from triggers.engine import MAX_PENDING_SENDS
+    from triggers.rules import MAX_MATCHES_PER_RULE
+    rules = rules_file(tmp_path, [
+        {"name": "seq", "kind": "sequence", "within": "1h", "correlate": ["q"],
+         "steps": [{"events": ["search"]}, {"events": ["product_viewed"]}],
+         "action": {"channel": "in_app", "message": "m"}},
+        absence(timeout="1m", reentry="always", correlate=["cart_id"], max_open=1000)],
+        quiet_hours={"start": "21:00", "end": "09:00"})
+    sim = Simulation(rules)
+    night = T0 + 12 * HOUR
+    for i in range(3000):
+        sim.feed(ev("h", "search", night + i * 200, {"q": f"q{i}"}))
+    for i in range(500):
+        sim.feed(ev("h", "add_to_cart", night + 600_000 + i, {"cart_id": f"c{i}"}))
+    sim.run_to(night + HOUR)
+    st = sim.store.triggers.users["h"]
+    assert sum(1 for k in st.matches if k[0].startswith("seq@")) <= MAX_MATCHES_PER_RULE
+    assert len(st.sends) <= MAX_PENDING_SENDS
+    assert sum(d["reason"].startswith(f"{MAX_PENDING_SENDS} sends") for d in sim.result.audit) \
+        == 500 - MAX_PENDING_SENDS

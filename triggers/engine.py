@@ -44,6 +44,8 @@ from triggers.spec import TriggerBook
 
 FALLBACK_STEP = 1000  # a channel fallback's step: the step it falls back from + 1000
 NEVER = 2**62
+MAX_PENDING_SENDS = 50  # per user: beyond, a new deferral is refused (bounded whatever the input)
+MAX_HISTORY = 1000  # sends remembered per user for the caps (the newest)
 
 
 class Collected:
@@ -405,6 +407,8 @@ class TriggerEngine:
         st.history.append((now, s.channel, s.message, tags))
         if len(st.history) > 1 and st.history[-2][0] > now:
             st.history.sort(key=lambda h: h[0])
+        if len(st.history) > MAX_HISTORY:
+            del st.history[:-MAX_HISTORY]
         out.actions.append({
             "action_id": s.action_id, "rule": rule.name, "rule_version": rule.version,
             "user_id": user, "channel": s.channel, "message": s.message,
@@ -421,10 +425,15 @@ class TriggerEngine:
                                               str(s.step + FALLBACK_STEP)), s.campaign)
             f.due = now + duration_ms(fb.after)
             f.unless, f.awaits = frozenset(fb.unless), s.action_id
-            st.sends.append(f)
+            if len(st.sends) < MAX_PENDING_SENDS:
+                st.sends.append(f)
 
     def _defer(self, st: UserTriggers, user: str, s: Send, until: int, reason: str, now: int,
                out, detail: str) -> None:
+        if len(st.sends) >= MAX_PENDING_SENDS:
+            self._audit(out, now, user, s.rule, s.action_id, s.step, s.channel, s.message,
+                        "capped", f"{MAX_PENDING_SENDS} sends already wait for this user")
+            return
         s.due, s.reason, s.deferred, s.slotted = until, reason, True, False
         st.sends.append(s)
         self._audit(out, now, user, s.rule, s.action_id, s.step, s.channel, s.message,

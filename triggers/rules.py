@@ -33,7 +33,7 @@ ANY = "*"
 NOT_DONE_BY_USER = frozenset({"push_sent", "sms_sent", "email_sent", "ad_impression",
                               "push_delivered"})  # sends and impressions: not the user's doing
 SESSION_GAP_MS = 30 * 60_000
-MAX_MATCHES_PER_RULE = 20  # schedules per user and rule (e.g. one per order)
+MAX_MATCHES_PER_RULE = 20  # schedules, sequences per user and rule (e.g. one per order)
 
 
 def idempotency_key(*parts: str) -> str:
@@ -425,6 +425,10 @@ class SequenceRule(Rule):
                 and self.steps[0](e, ctx) and self.eligible(st, e.ts_ms, ctx):
             st.matches[(self.slot, key)] = Match(self, key, e.ts_ms + self.within_ms, e.ts_ms,
                                                  e.event_id, 1)
+            open_ = self._open(st)
+            if len(open_) > MAX_MATCHES_PER_RULE:  # bounded whatever the input: the oldest goes
+                oldest = min(open_, key=lambda x: (x.start, x.key))
+                del st.matches[(self.slot, oldest.key)]
         return fires
 
 
