@@ -3,7 +3,8 @@ runs, so a marketer can check a rule file before shipping it.
 
 The clock is the events' own time: after each event "now" is the latest event time seen (no
 allowed lateness: the file is complete), and after the last event it runs on by ``run_on_ms``
-so the timers still pending fire (or up to ``until_ms``). The events go through the flow's own
+so the timers still pending fire (or up to ``until_ms``, when that is later than the last
+event: the clock never goes back). The events go through the flow's own
 profile store (features, sessions, the model, the trigger engine), one profile per user id (or
 anonymous id); no identity stitching, no sharding. Every decision comes back, sent or not.
 
