@@ -304,7 +304,7 @@ class TriggerEngine:
             cut = now - horizon
             if st.history[0][0] <= cut:
                 st.history = [h for h in st.history if h[0] > cut]
-        if st.marks:
+        if st.marks and min(until for until, _ in st.marks.values()) <= now:
             for name in [n for n, (until, _) in st.marks.items() if until <= now]:
                 del st.marks[name]
         if st.empty():
