@@ -325,13 +325,13 @@ class ProfileStore:
         trigger send is cancelled."""
         if self.triggers is not None:
             self.triggers.revoke(user, max(ts, self.watermark), out)
-        self._drop(user, out)
+        self._drop(user, out, keep_sent=True)
 
-    def _drop(self, user: str, out: ShardOut) -> None:
+    def _drop(self, user: str, out: ShardOut, keep_sent: bool = False) -> None:
         """The profile's state and its stored hash go (consent withdrawn, time to live, cap)."""
         self.users.pop(user, None)
         self.model.pending.pop(user, None)
-        if self.triggers is not None:
+        if self.triggers is not None and not keep_sent:  # (kept: what was sent, for the caps)
             self.triggers.drop(user)
         self.dirty.discard(user)
         if self.recency is not None:

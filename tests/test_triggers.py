@@ -313,18 +313,25 @@ stream = st.lists(st.tuples(
 @given(stream)
 def test_caps_quiet_hours_and_consent_hold_for_any_stream(tmp_path_factory, items):
     rules = _guarded_rules(tmp_path_factory)
-    t, raws, timeline = T0, [], {}
-    for user, name, gap, consent, tz in items:
+    t, raws, timeline, index = T0, [], {}, {}
+    for i, (user, name, gap, consent, tz) in enumerate(items):
         t += gap
         u = f"u{user}"
-        raws.append(ev(u, name, t, {"product_id": "p", "dwell_ms": 5000, "revenue": 3},
-                       marketing=consent, tz=tz))
-        timeline.setdefault(u, []).append((t, consent, tz))
+        raw = ev(u, name, t, {"product_id": "p", "dwell_ms": 5000, "revenue": 3},
+                 marketing=consent, tz=tz)
+        raws.append(raw)
+        index[orjson.loads(raw)["event_id"]] = i
+        timeline.setdefault(u, []).append((t, consent, tz, i))
     r = replay(raws, rules, run_on_ms=60 * DAY)
     for a in r.actions:
         at, user, ch = a["event_ts_ms"], a["user_id"], a["channel"]
-        # the user's consent and zone as of the send: their latest event at or before it
-        seen = [(ts, c, z) for ts, c, z in timeline[user] if ts <= at]
+        # The user's consent and zone as of the send: their events before it. A timer due at t
+        # fires before the user's events at t; an event's own action sees that event.
+        if a["trigger"].startswith("t"):
+            seen = [(ts, c, z) for ts, c, z, _ in timeline[user] if ts < at]
+        else:
+            upto = index[a["trigger"]]
+            seen = [(ts, c, z) for ts, c, z, i in timeline[user] if i <= upto]
         consent = [c for _, c, _ in seen if c is not None]
         assert consent and consent[-1] is True, a
         zone = ZoneInfo(seen[-1][2])
@@ -335,7 +342,7 @@ def test_caps_quiet_hours_and_consent_hold_for_any_stream(tmp_path_factory, item
     for a in r.actions:
         by_user.setdefault(a["user_id"], []).append(a)
     for user, acts in by_user.items():
-        zone_at = lambda ts: ZoneInfo([z for s, _, z in timeline[user] if s <= ts][-1])
+        zone_at = lambda ts: ZoneInfo([z for s, _, z, _ in timeline[user] if s <= ts][-1])
         days: dict = {}
         for a in acts:
             if a["channel"] == "push":

@@ -216,9 +216,10 @@ class TriggerEngine:
             self._settle(user, st, ts)
 
     def revoke(self, user: str, ts: int, out) -> None:
-        """Marketing consent withdrawn (or the profile forgotten): every pending send and
-        scheduled step is cancelled and the user's trigger state goes."""
-        st = self.users.pop(user, None)
+        """Marketing consent withdrawn (or profiling): every pending send and scheduled step
+        is cancelled. What was sent stays remembered (caps, re-entry): a grant soon after does
+        not make the same message go again."""
+        st = self.users.get(user)
         if st is None:
             return
         for s in st.sends:
@@ -228,6 +229,8 @@ class TriggerEngine:
             if m.rule.kind in ("absence", "schedule", "drip") and m.due is not None:
                 self._audit(out, ts, user, m.rule, "", m.step, m.rule.action.channel, "",
                             "no_consent", f"consent withdrawn: timer due {m.due} cancelled")
+        st.sends, st.matches = [], {}
+        self._settle(user, st, ts)
 
     def drop(self, user: str) -> None:
         """The profile is gone (time to live, eviction): so is its trigger state."""
