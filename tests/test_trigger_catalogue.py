@@ -208,6 +208,7 @@ def test_high_propensity_reads_the_score_the_profile_writes(tmp_path):
 def _flushed(sim):
     from flows.shard import ShardOut
     out = ShardOut(0)
+    sim.store.dirty.update(sim.store.users)  # written again: the score as the flow writes it
     sim.store.flush(out)
     return out.features
 
@@ -289,3 +290,11 @@ def test_a_session_kept_going_by_other_events_keeps_its_view_count():
     r = replay(events, run_on_ms=0)
     assert sent(r, "session_page_views") == [("session_page_views", "u1", T0 + 80 * MIN, "push",
                                               "related_campaign")]
+
+
+def test_the_simulated_clock_expires_profiles_as_the_flow_does():
+    sim = Simulation()
+    sim.feed(ev("u1", "login", T0))
+    assert "u1" in sim.store.users
+    sim.run_to(T0 + 100 * DAY)  # past the 90-day time to live
+    assert sim.store.users == {} and sim.store.triggers.users == {}

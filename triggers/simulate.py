@@ -104,11 +104,19 @@ class Simulation:
         result.first_ms = e.ts_ms if result.first_ms is None else min(result.first_ms, e.ts_ms)
         self.now = e.ts_ms if now is None else max(now, e.ts_ms)
         store.advance(self.now, out)
+        self._flush()
+
+    def _flush(self) -> None:
+        """As the flow does after each batch: profiles are written (here: dropped) and their
+        timers scheduled (windows decay, days pass, the time to live ends)."""
+        self.store.flush(self.out)
+        self.out.features.clear()
 
     def run_to(self, ts_ms: int) -> None:
         """Let the clock run to ``ts_ms`` with no events: the timers due by then fire."""
         self.now = ts_ms if self.now is None else max(self.now, ts_ms)
         self.store.advance(self.now, self.out)
+        self._flush()
         self.result.end_ms = self.now
 
 
