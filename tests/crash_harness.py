@@ -64,7 +64,7 @@ class Webhook:
 
 
 def write_config(tmp: Path, name: str, bootstrap: str, topic: str, redis_url: str,
-                 webhook: str | None, **flow) -> Path:
+                 webhook: str | None, trigger_rules: str | None = None, **flow) -> Path:
     doc = {
         "source": {"kind": "kafka"},
         "kafka": {"brokers": [bootstrap], "events_topic": topic, "tail": True,
@@ -79,6 +79,8 @@ def write_config(tmp: Path, name: str, bootstrap: str, topic: str, redis_url: st
                  "workers": 2, "recovery_dir": str(tmp / name / "recovery"), **flow},
         "metrics": {"port": 0},
     }
+    if trigger_rules is not None:  # else the shipped catalogue
+        doc["trigger"] = {"rules": trigger_rules}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -214,7 +216,10 @@ for db in sys.argv[2:]:
         cols = client.query("SELECT name, type FROM system.columns WHERE database = {db:String} "
                             "AND table = {t:String} ORDER BY position",
                             parameters={"db": db, "t": table}).result_rows
-        exprs = [f"finalizeAggregation(`{c}`)" if t.startswith("AggregateFunction") else f"`{c}`"
+        # Float sums (revenue, cost) merged in another order differ in the last bit: compared
+        # to 1e-6, what a money amount can mean
+        exprs = [f"finalizeAggregation(`{c}`)" if t.startswith("AggregateFunction") else
+                 f"round(`{c}`, 6)" if "Float" in t else f"`{c}`"
                  for c, t in cols]
         final = " FINAL" if engine != "MergeTree" and "MergeTree" in engine else ""
         rows = client.query(f"SELECT toJSONString(tuple({', '.join(exprs)})) FROM `{db}`.`{table}`"

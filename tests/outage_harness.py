@@ -35,6 +35,7 @@ from confluent_kafka import Producer
 
 from connectors.synthetic import Anomaly, SyntheticSpec, generate
 from tests import services
+from tests.engine_harness import PAGES_ONLY
 from tests.crash_harness import (PROJECT_ROOT, Run, Webhook, clickhouse_tables, delivered,
                                  differences, end_offsets, redis_contents, write_config)
 
@@ -144,7 +145,8 @@ def scenario(tmp: Path, outage_s: float, events_per_s: float, log=print) -> dict
                              duplicate_share=0.02, max_disorder_ms=2000,
                              anomalies=(Anomaly("request_flood", 40, 30),))
         records = [(r.key, r.value, r.sent_ms) for r in generate(spec)]
-        args = (broker.bootstrap, topic, redis_url, webhook.url)
+        # one trigger rule, no guards: many actions, so that a lost or doubled one shows
+        args = (broker.bootstrap, topic, redis_url, webhook.url, PAGES_ONLY)
         config = write_config(tmp, "outage", *args)
         doc = yaml.safe_load(config.read_text())
         doc["clickhouse"]["max_buffer_bytes"] = QUEUE_BYTES
