@@ -280,13 +280,7 @@ class TriggerEngine:
         due time (a schedule's next step may be due before ``now`` too)."""
         extra = {"_timer_ms": self.wall_ms} if self.wall_ms else {}
         while True:
-            first = NEVER
-            for m in st.matches.values():
-                if m.due is not None and m.due < first:
-                    first = m.due
-            for s in st.sends:
-                if s.due < first:
-                    first = s.due
+            first = _first_due(st)
             if first > now:
                 return
             for m in sorted((m for m in st.matches.values() if m.due == first),
@@ -313,13 +307,7 @@ class TriggerEngine:
         if st.empty():
             del self.users[user]
             return
-        due = NEVER
-        for m in st.matches.values():
-            if m.due is not None and m.due < due:
-                due = m.due
-        for s in st.sends:
-            if s.due < due:
-                due = s.due
+        due = _first_due(st)
         if st.history:
             due = min(due, st.history[0][0] + (self.book.horizon_ms if self.book else 0) + 1)
         for until, _ in st.marks.values():
@@ -453,6 +441,18 @@ class TriggerEngine:
     # -- figures ---------------------------------------------------------------------------------
     def pending_timers(self) -> int:
         return sum(1 for st in self.users.values() if st.heap_due is not None)
+
+
+def _first_due(st: UserTriggers) -> int:
+    """The earliest due time of the user's matches and pending sends (NEVER: none)."""
+    due = NEVER
+    for m in st.matches.values():
+        if m.due is not None and m.due < due:
+            due = m.due
+    for s in st.sends:
+        if s.due < due:
+            due = s.due
+    return due
 
 
 def wall_ms() -> int:

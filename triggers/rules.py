@@ -316,6 +316,13 @@ class Rule:
             del st.matches[(self.slot, m.key)]
         return gone
 
+    def _evict_oldest(self, st: UserTriggers, limit: int) -> None:
+        """Bounded whatever the input: beyond ``limit`` open matches, the oldest goes."""
+        open_ = self._open(st)
+        if len(open_) > limit:
+            oldest = min(open_, key=lambda x: (x.start, x.key))
+            del st.matches[(self.slot, oldest.key)]
+
     def _open(self, st: UserTriggers) -> list[Match]:
         return [m for k, m in st.matches.items() if k[0] == self.slot]
 
@@ -425,10 +432,7 @@ class SequenceRule(Rule):
                 and self.steps[0](e, ctx) and self.eligible(st, e.ts_ms, ctx):
             st.matches[(self.slot, key)] = Match(self, key, e.ts_ms + self.within_ms, e.ts_ms,
                                                  e.event_id, 1)
-            open_ = self._open(st)
-            if len(open_) > MAX_MATCHES_PER_RULE:  # bounded whatever the input: the oldest goes
-                oldest = min(open_, key=lambda x: (x.start, x.key))
-                del st.matches[(self.slot, oldest.key)]
+            self._evict_oldest(st, MAX_MATCHES_PER_RULE)
         return fires
 
 
@@ -470,10 +474,7 @@ class AbsenceRule(Rule):
                 break
         st.matches[k] = Match(self, key, e.ts_ms + timeout, e.ts_ms, e.event_id,
                               data=dict(zip(self.correlate, key)) or None)
-        open_ = self._open(st)
-        if len(open_) > self.spec.max_open:  # bounded whatever the input: the oldest goes
-            oldest = min(open_, key=lambda x: (x.start, x.key))
-            del st.matches[(self.slot, oldest.key)]
+        self._evict_oldest(st, self.spec.max_open)
         return []
 
     def on_due(self, st, m, ctx):
@@ -534,10 +535,7 @@ class ScheduleRule(Rule):
         self.mark(st, e.ts_ms, ctx)
         st.matches[(self.slot, key)] = Match(self, key, self.due_of(0, e.ts_ms, ctx), e.ts_ms,
                                              e.event_id, 0)
-        open_ = self._open(st)
-        if len(open_) > MAX_MATCHES_PER_RULE:
-            oldest = min(open_, key=lambda x: (x.start, x.key))
-            del st.matches[(self.slot, oldest.key)]
+        self._evict_oldest(st, MAX_MATCHES_PER_RULE)
         return []
 
     def _key(self, e) -> tuple:

@@ -39,9 +39,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alerts.rules import duration_ms  # the same durations as the alert rules: 500ms .. 1d
+
 RULES_FILE = Path(__file__).resolve().parent.parent / "config" / "trigger_rules.yaml"
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 OPS = ("<", "<=", ">", ">=", "==", "!=", "in", "not_in", "exists")
@@ -49,18 +49,6 @@ OPS = ("<", "<=", ">", ">=", "==", "!=", "in", "not_in", "exists")
 
 class TriggerRuleError(ValueError):
     """The rule file is not valid; the message names every rule and field at fault."""
-
-
-def duration_ms(text: str) -> int:
-    """``"30m"`` -> 1800000.
-
-    >>> duration_ms("2h"), duration_ms("3d"), duration_ms("500ms")
-    (7200000, 259200000, 500)
-    """
-    m = _DURATION.match(str(text))
-    if m is None:
-        raise ValueError(f"{text!r} is not a duration such as 500ms, 30s, 15m, 24h or 1d")
-    return int(float(m.group(1)) * _UNIT_MS[m.group(2)])
 
 
 def clock_minutes(text: str) -> int:
