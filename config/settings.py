@@ -281,6 +281,72 @@ class TriggerSettings(Strict):
         return value
 
 
+class ConsentSettings(Strict):
+    # Per purpose: opt_in = nothing without an explicit grant (SPEC section 9: no profiling
+    # without consent); opt_out = allowed until withdrawn. A withdrawal is remembered until the
+    # user grants again; an erasure forgets every grant.
+    profiling: Literal["opt_in", "opt_out"] = "opt_in"
+    marketing: Literal["opt_in", "opt_out"] = "opt_in"  # gates every trigger action
+    # How long a user's consent is remembered after their last event (flow state, bounded).
+    remember_days: float = Field(400.0, gt=0)
+
+
+class IdentitySettings(Strict):
+    # Events that may link an anonymous id to a user id (merge the visitor's profile into the
+    # user's); any other event carrying both is applied to the user without linking.
+    link_events: list[str] = ["identify", "login", "signup"]
+    # context.source values trusted to link (stamped by the collector, never by the client);
+    # empty = any source.
+    link_sources: list[str] = []
+    # One anonymous id (a shared device) is linked to at most this many users; more are refused.
+    max_users_per_anonymous: int = Field(3, ge=1)
+
+
+class RetentionSettings(Strict):
+    raw_events_days: int = Field(15, ge=1)  # events_raw (SPEC: deletion within 15 days)
+    user_tables_days: int = Field(400, ge=1)  # actions, alerts, trigger_audit, user_days, ...
+    dead_letters_days: float = Field(15.0, gt=0)  # dead-letter files
+    spool_days: float = Field(15.0, gt=0)  # ClickHouse and webhook spool files
+
+
+class ErasureSettings(Strict):
+    # Requests arrive on this Kafka topic (kafka mode) or as JSON lines in `inbox` (embedded).
+    topic: str = "erasure"
+    inbox: Path = Path(".surgeflow/erasure/inbox.jsonl")
+    # ClickHouse deletes run again this long after a request, for rows that were in flight.
+    resweep_s: float = Field(20.0, gt=0)
+
+
+class PrivacySettings(Strict):
+    consent: ConsentSettings = ConsentSettings()
+    identity: IdentitySettings = IdentitySettings()
+    retention: RetentionSettings = RetentionSettings()
+    erasure: ErasureSettings = ErasureSettings()
+    # Keys come from the environment only (never from a file that could be committed).
+    pii_key_env: str = "SURGEFLOW_PII_KEY"  # HMAC key of e-mails, phones and subject hashes
+    dead_letter_key_env: str = "SURGEFLOW_DEAD_LETTER_KEY"  # AES-GCM key of dead letters' bytes
+
+
+class AccessSettings(Strict):
+    """Who may read the feature API and the dashboard (privacy/access.py)."""
+
+    # Bearer tokens with their scopes: "token:scope,scope;token2:scope" in this variable, and / or
+    # one "token scope,scope" per line in tokens_file. Without any token the surfaces only bind
+    # to loopback addresses.
+    tokens_env: str = "SURGEFLOW_API_TOKENS"
+    tokens_file: Path | None = None
+    max_body_bytes: int = Field(16_384, ge=256)
+    rate_per_s: float = Field(50.0, gt=0)  # per token (or client address): ids read count each
+    burst: int = Field(500, ge=1)
+
+
+class ApiSettings(Strict):
+    # The feature API (`surgeflow serve-features`). Loopback by default.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch: int = Field(100, ge=1, le=1000)  # ids per POST /features
+
+
 class Settings(Strict):
     source: SourceSettings = SourceSettings()
     kafka: KafkaSettings = KafkaSettings()
@@ -295,6 +361,9 @@ class Settings(Strict):
     dashboard: DashboardSettings = DashboardSettings()
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
+    privacy: PrivacySettings = PrivacySettings()
+    access: AccessSettings = AccessSettings()
+    api: ApiSettings = ApiSettings()
 
 
 def _set_path(doc: dict, path: list[str], value: Any) -> None:

@@ -1,0 +1,1 @@
+"""Privacy and security: consent, identity, PII minimisation, erasure, access to the surfaces."""
