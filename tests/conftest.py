@@ -7,11 +7,17 @@ If a service cannot start, the test is skipped locally but FAILS in CI
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+
+# Dead letters keep their bytes only sealed with this key (privacy/pii.py): tests that check the
+# exact bytes unseal them (tests/dead_letters.py). Set before anything reads it, for the processes
+# the tests start as well.
+os.environ.setdefault("SURGEFLOW_DEAD_LETTER_KEY", "tests-only-dead-letter-key-0123456789")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import services  # noqa: E402  (tests/services.py)

@@ -1,58 +1,34 @@
 """Rows of the raw events table (``events_raw``): what is kept of an event for drill-down.
 
-Data minimisation (SPEC section 9): the IP address is masked (IPv4: last octet zeroed; IPv6: all
-but the first 48 bits zeroed); e-mail addresses and phone numbers in the properties are replaced
-by a keyed hash (HMAC-SHA256 with the secret ``SURGEFLOW_PII_KEY``), or dropped when no key is
-configured, so they are never stored in clear; events of users who refused profiling keep no
-user ids.
+Data minimisation (SPEC section 9, rules in :mod:`privacy.pii`): the IP address is masked (IPv4:
+last octet zeroed; IPv6: all but the first 48 bits zeroed); e-mail addresses and phone numbers in
+the properties, under a key naming them at any depth or anywhere in text, are replaced by a keyed
+hash (HMAC-SHA256 with the secret ``SURGEFLOW_PII_KEY``), or dropped when no key is configured,
+so they are never stored in clear; IPs in the properties are masked too; events of users who
+refused profiling keep no user ids.
 
 >>> mask_ip("203.0.113.77"), mask_ip("2001:db8:abcd:12::1"), mask_ip("not an ip")
 ('203.0.113.0', '2001:db8:abcd::', '')
 >>> clean_properties({"email": "Ann@Example.com", "sku": "p1"}, key=b"k")
 {'email': 'hmac:812b5e65283998e47b49528ef531aea6', 'sku': 'p1'}
->>> clean_properties({"phone": "+86 138 0000 0000", "note": "write to a@b.cn"}, key=None)
-{'note': '[redacted]'}
+>>> clean_properties({"buyer": {"contact": {"phone_number": "+86 138 0000 0000"}},
+...                   "note": "write to a@b.cn or call (555) 123-4567"}, key=None)
+{'buyer': {'contact': {}}, 'note': 'write to [email] or call [phone]'}
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
-import re
 from typing import Any
 
 import orjson
 
-PII_KEYS = frozenset({"email", "e_mail", "mail", "phone", "phone_number", "mobile", "tel"})
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+from privacy.pii import keyed_hash, mask_ip, scrub
 
-
-def mask_ip(ip: str) -> str:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ""
-    prefix = 24 if addr.version == 4 else 48
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
-
-
-def keyed_hash(value: str, key: bytes) -> str:
-    """Normalised (trimmed, lower case) then HMAC-SHA256, 128 bits: joins without the clear text."""
-    digest = hmac.new(key, value.strip().lower().encode(), hashlib.sha256).hexdigest()
-    return "hmac:" + digest[:32]
+__all__ = ["clean_properties", "keyed_hash", "mask_ip", "raw_row"]
 
 
 def clean_properties(props: dict[str, Any], key: bytes | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in props.items():
-        if name.lower() in PII_KEYS:
-            if key is not None and isinstance(value, str):
-                out[name] = keyed_hash(value, key)
-        elif isinstance(value, str) and _EMAIL.search(value):
-            out[name] = "[redacted]"
-        else:
-            out[name] = value
-    return out
+    """The properties without e-mails or phones in clear, IPs masked (a new dict)."""
+    return scrub(props, key)
 
 
 def raw_row(e, key: bytes | None) -> tuple:
