@@ -28,6 +28,7 @@ from connectors.clickhouse import connect  # noqa: E402
 from connectors.embedded_redis import EmbeddedRedis  # noqa: E402
 from connectors.records import RawRecord  # noqa: E402
 from flows.runner import run  # noqa: E402
+from privacy.secrets import clickhouse_dsn  # noqa: E402
 from surgeflow.stats import STATS  # noqa: E402
 from tests.hostile_records import hostile_records  # noqa: E402
 from tests.test_fuzz_flow import check_outcome  # noqa: E402
@@ -85,7 +86,7 @@ def main() -> None:
         result = run(settings, url, source=ListSource(parts), partitions=2)
         with open(tmp / "out" / "dead_letters.jsonl", "rb") as f:  # streamed: ~3 GB at 1M records
             dead = [json.loads(x) for x in f]
-        client, lock = connect(settings.clickhouse.dsn)
+        client, lock = connect(clickhouse_dsn(settings.clickhouse))
         with lock:
             reasons = check_outcome(records, dead, client, "fuzz", redis.Redis.from_url(url), "fz")
     finally:

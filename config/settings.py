@@ -2,6 +2,9 @@
 
 Everything is validated at start-up. Unknown keys are errors (a typo is reported by its path, not
 ignored), and :func:`load_settings` raises :class:`ConfigError` whose message lists every problem.
+Passwords come from environment variables only (``*.password_env``): one written into a URL, a
+DSN or ``kafka.client_config`` of the YAML file is an error (files get committed), from a
+``SURGEFLOW__`` override a warning; no message echoes a secret (privacy/secrets.py ``redact``).
 
 >>> s = load_settings(env={"SURGEFLOW__FLOW__SHARDS": "8"})
 >>> (s.source.kind, s.flow.shards, s.redis.key_prefix)
@@ -14,6 +17,7 @@ config.settings.ConfigError: invalid configuration:
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -26,6 +30,31 @@ CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_FILE = CONFIG_DIR / "embedded.yaml"
 ENV_PREFIX = "SURGEFLOW__"
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._-]+:[0-9]{1,5}$")
+log = logging.getLogger("surgeflow.config")
+# librdkafka settings that hold a secret (sasl.password, ssl.key.password, ...)
+_SECRET_KEY = re.compile(r"(?i).*(password|secret).*")
+
+
+def _redact(text: str) -> str:
+    from privacy.secrets import redact  # validation errors never echo a secret
+
+    return redact(text)
+
+
+def _url_password(url: str | None) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return url is not None and urlsplit(url).password is not None
+    except ValueError:
+        return False
+
+
+def _secret_warning(where: str, env_name: str) -> None:
+    # Accepted (a URL from an environment override is not a committed file) but discouraged:
+    # load_settings refuses the same in a configuration file.
+    log.warning("%s holds a password; set it in $%s instead (only the environment variable "
+                "should hold it)", where, env_name)
 
 
 class ConfigError(Exception):
@@ -36,13 +65,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class KafkaSecurity(Strict):
+    """How clients authenticate and encrypt (privacy/secrets.py kafka_client_config)."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = "SCRAM-SHA-256"
+    username: str | None = None  # the SASL user (needed by SASL_*)
+    # The SASL password is read from this environment variable, never from a file: a
+    # sasl.password in kafka.client_config of a configuration file is an error, from an
+    # environment override (SURGEFLOW__KAFKA__CLIENT_CONFIG) a warning.
+    password_env: str = "SURGEFLOW_KAFKA_PASSWORD"
+    ca_file: Path | None = None  # CA certificates (PEM) that sign the brokers' (SSL, SASL_SSL)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "KafkaSecurity":
+        if self.protocol.startswith("SASL_") and not self.username:
+            raise ValueError(f"protocol {self.protocol} needs kafka.security.username")
+        if self.ca_file is not None and not self.protocol.endswith("SSL"):
+            raise ValueError("ca_file needs protocol SSL or SASL_SSL")
+        return self
+
+
 class KafkaSettings(Strict):
     brokers: list[str] = ["127.0.0.1:9092"]
     events_topic: str = "events"
     dead_letter_topic: str = "events.dead_letter"
     actions_topic: str = "actions"
     alerts_topic: str = "alerts"
-    # Extra librdkafka settings (TLS / SASL: security.protocol, sasl.mechanism, ...).
+    # TLS / SASL, typed; merged into client_config (they win) by privacy.secrets.
+    security: KafkaSecurity = KafkaSecurity()
+    # Extra librdkafka settings (no secrets: see security.password_env).
     client_config: dict[str, str] = {}
     starting_offset: Literal["beginning", "end"] = "beginning"
     # False: stop at the end of the topic (replay, tests, benchmark); True: follow it live.
@@ -56,8 +108,19 @@ class KafkaSettings(Strict):
             raise ValueError("at least one broker is needed")
         for broker in value:
             if not _HOST_PORT.match(broker) or not 0 < int(broker.rsplit(":", 1)[1]) < 65536:
-                raise ValueError(f"broker address {broker!r} is not host:port")
+                raise ValueError(f"broker address {_redact(broker)!r} is not host:port")
         return value
+
+    @model_validator(mode="after")
+    def _security(self) -> "KafkaSettings":
+        chosen = self.client_config.get("security.protocol")
+        if chosen and self.security.protocol != "PLAINTEXT" and chosen != self.security.protocol:
+            raise ValueError("client_config's security.protocol contradicts kafka.security.protocol "
+                             "(set it in kafka.security only)")
+        for key in self.client_config:
+            if _SECRET_KEY.fullmatch(key):
+                _secret_warning(f"kafka.client_config.{key}", self.security.password_env)
+        return self
 
 
 class RedisSettings(Strict):
@@ -70,13 +133,28 @@ class RedisSettings(Strict):
     # the feature sink then retries with exponential backoff up to retry_max_backoff_s.
     socket_timeout_s: float = Field(5.0, gt=0)
     retry_max_backoff_s: float = Field(30.0, gt=0)
+    # Credentials (privacy/secrets.py redis_url): the ACL user, and the password read from this
+    # environment variable when connecting. A password inside `url` is an error in a
+    # configuration file and a warning from SURGEFLOW__REDIS__URL; the variable wins over it.
+    username: str | None = None
+    password_env: str = "SURGEFLOW_REDIS_PASSWORD"
+    ca_file: Path | None = None  # CA certificates (PEM) that sign a rediss:// server's
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^(redis|rediss|unix)://", value):
-            raise ValueError(f"redis url {value!r} must start with redis://, rediss:// or unix://")
+            raise ValueError(f"redis url {_redact(value)!r} must start with redis://, rediss:// "
+                             "or unix://")
         return value
+
+    @model_validator(mode="after")
+    def _secrets(self) -> "RedisSettings":
+        if self.ca_file is not None and not (self.url or "").startswith("rediss://"):
+            raise ValueError("ca_file needs a rediss:// url (TLS)")
+        if _url_password(self.url):
+            _secret_warning("redis.url", self.password_env)
+        return self
 
 
 class ClickHouseSettings(Strict):
@@ -99,6 +177,14 @@ class ClickHouseSettings(Strict):
     max_insert_tries: int = Field(5, ge=1)
     # Every request to a ClickHouse server gives up after this long (chDB runs in process).
     timeout_s: float = Field(30.0, gt=0)
+    # Credentials of a server (privacy/secrets.py clickhouse_dsn): the user (default: the DSN's),
+    # and the password read from this environment variable when connecting. A password inside
+    # `dsn` is an error in a configuration file and a warning from SURGEFLOW__CLICKHOUSE__DSN;
+    # the variable wins over it.
+    username: str | None = None
+    password_env: str = "SURGEFLOW_CLICKHOUSE_PASSWORD"
+    secure: bool = False  # TLS (HTTPS) even when the dsn says http://
+    ca_file: Path | None = None  # CA certificates (PEM) that sign the server's
 
     @field_validator("timezone")
     @classmethod
@@ -113,8 +199,15 @@ class ClickHouseSettings(Strict):
     @classmethod
     def _dsn(cls, value: str) -> str:
         if not re.match(r"^(chdb|https?|clickhouse)://", value):
-            raise ValueError(f"clickhouse dsn {value!r} must start with chdb://, http:// or https://")
+            raise ValueError(f"clickhouse dsn {_redact(value)!r} must start with chdb://, http:// "
+                             "or https://")
         return value
+
+    @model_validator(mode="after")
+    def _secrets(self) -> "ClickHouseSettings":
+        if _url_password(self.dsn):
+            _secret_warning("clickhouse.dsn", self.password_env)
+        return self
 
 
 class FileSourceSettings(Strict):
@@ -244,7 +337,7 @@ class WebhookSettings(Strict):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^https?://", value):
-            raise ValueError(f"webhook url {value!r} must start with http:// or https://")
+            raise ValueError(f"webhook url {_redact(value)!r} must start with http:// or https://")
         return value
 
 
@@ -294,7 +387,8 @@ class ConsentSettings(Strict):
 class IdentitySettings(Strict):
     # Events that may link an anonymous id to a user id (merge the visitor's profile into the
     # user's); any other event carrying both is applied to the user without linking.
-    link_events: list[str] = ["identify", "login", "signup"]
+    # null: any event carrying both ids links them (v1's rule: not for untrusted sources).
+    link_events: list[str] | None = ["identify", "login", "signup"]
     # context.source values trusted to link (stamped by the collector, never by the client);
     # empty = any source.
     link_sources: list[str] = []
@@ -371,14 +465,17 @@ def _set_path(doc: dict, path: list[str], value: Any) -> None:
         doc = doc.setdefault(part, {})
         if not isinstance(doc, dict):
             raise ConfigError(f"invalid configuration:\n  {'.'.join(path)}: parent is not a mapping")
-    doc[path[-1]] = yaml.safe_load(value) if value != "" else ""
+    try:
+        doc[path[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:  # not YAML (a URL with a password full of symbols): the text itself
+        doc[path[-1]] = value
 
 
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top)"
-        lines.append(f"  {where}: {e['msg']}")
+        lines.append(f"  {where}: {_redact(e['msg'])}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 
@@ -397,9 +494,10 @@ def load_settings(
     except FileNotFoundError:
         raise ConfigError(f"configuration file {file} not found") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"configuration file {file} is not valid YAML: {exc}") from None
+        raise ConfigError(f"configuration file {file} is not valid YAML: {_redact(str(exc))}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"configuration file {file} must hold a mapping")
+    in_file = _passwords_in(doc)
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
             _set_path(doc, name[len(ENV_PREFIX):].lower().split("__"), value)
@@ -410,6 +508,28 @@ def load_settings(
             target = target.setdefault(part, {})
         target[parts[-1]] = value
     try:
-        return Settings.model_validate(doc)
+        settings = Settings.model_validate(doc)
     except ValidationError as exc:
         raise ConfigError(_format(exc)) from None
+    if in_file:  # a file may be committed, copied, baked into an image: no password in it
+        env_of = {"kafka": settings.kafka.security.password_env,
+                  "redis": settings.redis.password_env,
+                  "clickhouse": settings.clickhouse.password_env}
+        raise ConfigError(f"invalid configuration in {file}:\n" + "\n".join(
+            f"  {where}: holds a password; remove it and set ${env_of[where.split('.')[0]]}"
+            for where in in_file))
+    return settings
+
+
+def _passwords_in(doc: dict) -> list[str]:
+    """Where a configuration document holds a password (dotted paths)."""
+    def section(name: str) -> dict:
+        value = doc.get(name)
+        return value if isinstance(value, dict) else {}
+
+    found = [f"{name}.{key}" for name, key in (("redis", "url"), ("clickhouse", "dsn"))
+             if isinstance(section(name).get(key), str) and _url_password(section(name)[key])]
+    client_config = section("kafka").get("client_config")
+    if isinstance(client_config, dict):
+        found += [f"kafka.client_config.{k}" for k in client_config if _SECRET_KEY.fullmatch(str(k))]
+    return found

@@ -168,7 +168,10 @@ def _client(dsn: str, timeout_s: float):
     if dsn.startswith("chdb://"):
         return clickhouse_connect.get_client(dsn=dsn)  # in process: no network to time out
     seconds = max(1, math.ceil(timeout_s))  # clickhouse-connect takes whole seconds
-    return clickhouse_connect.get_client(dsn=dsn, connect_timeout=min(seconds, 10),
+    # clickhouse-connect takes TLS from `secure` (or a 443 / 8443 port), not from the scheme: an
+    # https:// DSN on port 8123 would otherwise send the password in clear text.
+    return clickhouse_connect.get_client(dsn=dsn, secure=dsn.startswith("https://"),
+                                         connect_timeout=min(seconds, 10),
                                          send_receive_timeout=seconds)
 
 
@@ -277,6 +280,17 @@ def queue_bytes() -> dict[str, int]:
         with p.cond:  # not halfway through a write that is about to spill
             out[p.stat] = out.get(p.stat, 0) + p.bytes
     return out
+
+
+def rows_in_flight() -> int:
+    """Rows not yet in ClickHouse, over the live sinks: queued, being inserted, or spooled
+    (files counted as one). An erasure sweeps again once this is 0 (privacy/erasure.py)."""
+    n = 0
+    for p in list(_PARTITIONS):
+        with p.cond:
+            current = p.current
+            n += p.rows + len(p.front) + len(p.spooled) + (len(current.rows) if current else 0)
+    return n
 
 
 def spool_files() -> dict[str, int]:

@@ -34,7 +34,8 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from features.layout import alias_key, registry_key, user_key
+from features.layout import alias_key, profile_key, registry_key
+from privacy.secrets import redact
 from surgeflow.stats import STATS
 
 log = logging.getLogger("surgeflow.redis")
@@ -123,7 +124,7 @@ def write_registry(url: str, prefix: str, registry_doc: dict, socket_timeout_s: 
                     raise
                 if attempt == 0:
                     log.warning("Redis not ready for the registry (%s); waiting up to %.0f s",
-                                exc, REGISTRY_WAIT_S)
+                                redact(str(exc)), REGISTRY_WAIT_S)
                 time.sleep(backoff.next())
     finally:
         client.close()
@@ -134,7 +135,7 @@ class _RedisPartition(StatelessSinkPartition):
                  retry_max_backoff_s: float = 30.0):
         self.pool = _pool(url, socket_timeout_s)
         kw = self.pool.connection_kwargs
-        self.where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
+        self.where = redact(kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}")
         # One connection: the partition is single-threaded, and its server-side identity
         # (client id and address, learnt at connect) is what a retry kills.
         self.conn = self.pool.make_connection()
@@ -149,8 +150,8 @@ class _RedisPartition(StatelessSinkPartition):
         self.error_log: dict[str, tuple[float, int]] = {}  # code -> (last logged, suppressed)
 
     def write_batch(self, items: list) -> None:
-        # Coalesce per user: the last values win; removals and TTL refreshes accumulate.
-        pending: dict[str, list] = {}  # user -> [delete first, values, removed, refresh ttl]
+        # Coalesce per profile: the last values win; removals and TTL refreshes accumulate.
+        pending: dict[tuple[str, bool], list] = {}  # (id, anonymous) -> [delete, values, removed, ttl]
         arrivals = []
         aliases = []
         for writes, links in items:
@@ -158,12 +159,13 @@ class _RedisPartition(StatelessSinkPartition):
             for w in writes:
                 if w.arrival_ms:
                     arrivals.append(w.arrival_ms)
+                who = (w.user, w.anonymous)
                 if w.values is None:
-                    pending[w.user] = [True, None, set(), False]
+                    pending[who] = [True, None, set(), False]
                     continue
-                entry = pending.get(w.user)
+                entry = pending.get(who)
                 if entry is None:
-                    pending[w.user] = [False, w.values, set(w.removed), w.refresh_ttl]
+                    pending[who] = [False, w.values, set(w.removed), w.refresh_ttl]
                 elif entry[1] is None:  # deleted earlier in the batch
                     entry[1], entry[2], entry[3] = w.values, set(w.removed), True
                 else:  # a write holds the fields that changed: later ones win field by field
@@ -177,8 +179,8 @@ class _RedisPartition(StatelessSinkPartition):
         now_ms = str(int(time.time() * 1000))
         ttl = self.ttl_s
         commands = []
-        for user, (delete, values, removed, refresh) in pending.items():
-            key = user_key(self.prefix, user)
+        for (user, anonymous), (delete, values, removed, refresh) in pending.items():
+            key = profile_key(self.prefix, user, anonymous)
             if delete:
                 commands.append(pack_command(("DEL", key)))
             if values is None:
@@ -189,12 +191,13 @@ class _RedisPartition(StatelessSinkPartition):
                 commands.append(pack_command(("HDEL", key, *sorted(removed))))
             commands.append(pack_command(("EXPIRE", key, ttl) if refresh or delete
                                          else ("EXPIRE", key, ttl, "NX")))
-        for anon, user in aliases:
-            commands.append(pack_command(("SET", alias_key(self.prefix, anon), user, "EX", ttl)))
+        for anon, user in aliases:  # user None: the link was erased
+            commands.append(pack_command(("SET", alias_key(self.prefix, anon), user, "EX", ttl)
+                                         if user is not None else ("DEL", alias_key(self.prefix, anon))))
         self._send_until_done(commands)
         STATS.observe_since("feature_latency_ms", arrivals)
         STATS.add("feature_writes", len(pending))
-        STATS.mark_users(u for u, e in pending.items() if e[1] is not None)
+        STATS.mark_users(u for (u, _), e in pending.items() if e[1] is not None)
 
     # -- sending, and waiting out outages ------------------------------------------------------
     def _send_until_done(self, commands: list[bytes]) -> None:

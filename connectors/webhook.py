@@ -46,6 +46,7 @@ import orjson
 import urllib3
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from privacy.secrets import redact
 from surgeflow.stats import STATS
 
 log = logging.getLogger("surgeflow.webhook")
@@ -92,7 +93,8 @@ class _Outcome:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:200]
+    return redact(  # an error may quote the URL, query tokens included
+        f"{type(exc).__name__}: {text}")[:200]
 
 
 def _retry_after(value: str | None) -> float | None:

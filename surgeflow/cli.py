@@ -14,8 +14,11 @@ import typer
 from rich.console import Console
 
 from config.settings import ConfigError, Settings, load_settings
+from privacy.secrets import (MissingSecret, RedactingFilter, clickhouse_dsn, kafka_client_config,
+                             redact, redis_url as connect_url)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# No local variables in tracebacks: they hold the URLs and DSNs with their passwords.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="surgeflow: real-time marketing signals from tracking events.")
 console = Console(stderr=True)
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML configuration (default: embedded profile)")
@@ -27,6 +30,33 @@ def _settings(config: Optional[Path], **overrides) -> Settings:
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
+
+
+def _logging() -> None:
+    """WARNING and above to stderr, every line redacted (a client library may log a URL)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+def _kafka_config(settings: Settings) -> dict[str, str]:
+    """The Kafka clients' settings (SASL password from the environment), or exit 2 saying which
+    variable is missing."""
+    try:
+        return kafka_client_config(settings.kafka)
+    except MissingSecret as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _register_commands() -> None:
+    from privacy.commands import register
+
+    register(app, _settings)  # surgeflow erase (--user / --anonymous / --verify)
+
+
+_register_commands()
 
 
 class Progress:
@@ -92,8 +122,8 @@ def _summary(settings: Settings, redis_url: str, seconds: float, extra: dict) ->
         "actions_emitted": STATS.get("actions_emitted"),
         "seconds": round(seconds, 2),
         "events_per_s": round(STATS.get("events_in") / seconds, 1) if seconds else None,
-        "redis_url": redis_url,
-        "clickhouse_dsn": normalize_dsn(settings.clickhouse.dsn),
+        "redis_url": redact(redis_url),
+        "clickhouse_dsn": redact(normalize_dsn(settings.clickhouse.dsn)),
         **extra,
     }
 
@@ -119,17 +149,17 @@ def demo(config: Optional[Path] = ConfigOption,
     settings = _settings(config)
     if seconds is None and os.environ.get("SURGEFLOW_DEMO_SECONDS"):
         seconds = float(os.environ["SURGEFLOW_DEMO_SECONDS"])
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    _logging()
     redis_dir = settings.redis.embedded_dir.resolve()
     server = None
     if settings.redis.url is None:
         server = EmbeddedRedis(redis_dir)
         redis_url = server.start()
     else:
-        redis_url = settings.redis.url
+        redis_url = connect_url(settings.redis)
     settings.output.dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"surgeflow demo\n  Redis       {redis_url} (data in {redis_dir})\n"
-                  f"  ClickHouse  {normalize_dsn(settings.clickhouse.dsn)}\n"
+    console.print(f"surgeflow demo\n  Redis       {redact(redis_url)} (data in {redis_dir})\n"
+                  f"  ClickHouse  {redact(normalize_dsn(settings.clickhouse.dsn))}\n"
                   f"  outputs     {settings.output.dir.resolve()}", highlight=False)
     _migrate_or_exit(settings, server)
     page = None
@@ -171,21 +201,27 @@ def _start_metrics(settings: Settings, any_port_if_busy: bool = False):
     return stop
 
 
-def _migrate_or_exit(settings: Settings, embedded_redis=None) -> None:
-    """Bring the ClickHouse schema up to date, or say why not (exit 2), without a traceback."""
-    from connectors.clickhouse import chdb_dir, ensure_schema
+def _migrate_or_exit(settings: Settings, embedded_redis=None) -> list[int]:
+    """Bring the ClickHouse schema up to date, or say why not (exit 2; 3: unreachable), without
+    a traceback; returns the versions applied now."""
+    from connectors.clickhouse import chdb_dir, ensure_schema, normalize_dsn
     from warehouse.migrate import MigrationError
 
     ch = settings.clickhouse
     try:
-        ensure_schema(ch.dsn, ch.database, ch.timezone)
+        return ensure_schema(clickhouse_dsn(ch), ch.database, ch.timezone)
     except MigrationError as exc:
         where = chdb_dir(ch.dsn)
         hint = f"\nthe embedded data is in {where}: remove that folder to start afresh" if where else ""
-        console.print(f"[red]{exc}[/red]{hint}")
-        if embedded_redis is not None:
-            embedded_redis.stop()
-        raise typer.Exit(2) from None
+        console.print(f"[red]{redact(str(exc))}[/red]{hint}")
+        code = 2
+    except Exception as exc:  # noqa: BLE001 - unreachable, credentials refused, ...
+        console.print(f"[red]ClickHouse {redact(normalize_dsn(ch.dsn))}: "
+                      f"{type(exc).__name__}: {redact(str(exc))}[/red]", highlight=False)
+        code = 3
+    if embedded_redis is not None:
+        embedded_redis.stop()
+    raise typer.Exit(code)
 
 
 def _start_dashboard(settings: Settings):
@@ -195,9 +231,9 @@ def _start_dashboard(settings: Settings):
 
     ch, d = settings.clickhouse, settings.dashboard
     try:
-        page = start_in_thread(ch.dsn, ch.database, d.host, d.port)
+        page = start_in_thread(clickhouse_dsn(ch), ch.database, d.host, d.port, access=settings.access)
     except Exception as exc:  # noqa: BLE001 - the demo runs on without its page
-        console.print(f"[yellow]dashboard not started: {exc}[/yellow]")
+        console.print(f"[yellow]dashboard not started: {redact(str(exc))}[/yellow]")
         return None
     port = page[0].servers[0].sockets[0].getsockname()[1]
     console.print(f"  dashboard   http://{d.host}:{port}/", highlight=False)
@@ -212,25 +248,26 @@ def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML config
     from flows.runner import run
 
     settings = _settings(config)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    _logging()
     if settings.redis.url is None:
         console.print("[red]redis.url must be set for `surgeflow run` (use `demo` for embedded)[/red]")
         raise typer.Exit(2)
+    url = connect_url(settings.redis)
     try:
         if settings.source.kind == "kafka" or settings.output.kind == "kafka":
-            check_brokers(settings.kafka.brokers, settings.kafka.client_config)
+            check_brokers(settings.kafka.brokers, _kafka_config(settings))
     except KafkaUnavailable as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{redact(str(exc))}[/red]")
         raise typer.Exit(3) from None
     _migrate_or_exit(settings)
     stop_metrics = _start_metrics(settings)
     _graceful_stop(None, settings.flow.drain_timeout_s)
     try:
         with Progress():
-            result = run(settings, settings.redis.url, workers)
+            result = run(settings, url, workers)
     finally:
         stop_metrics()
-    _finish(_summary(settings, settings.redis.url, result.seconds, {}))
+    _finish(_summary(settings, url, result.seconds, {}))
 
 
 @app.command()
@@ -246,10 +283,10 @@ def produce(config: Optional[Path] = ConfigOption,
     from flows.runner import synthetic_spec
 
     settings = _settings(config)
-    k = settings.kafka
+    k, kafka_config = settings.kafka, _kafka_config(settings)
     topic = topic or k.events_topic
     try:
-        ensure_topics(k.brokers, [topic], extra=k.client_config)
+        ensure_topics(k.brokers, [topic], extra=kafka_config)
         # The record time is the simulated send time, so the ingest-delay rules see the stream's
         # own delays (and an injected ingest_delay), not how long ago the history was generated.
         # Older than a day, it is left to the broker: a topic's retention (7 days by default)
@@ -258,10 +295,10 @@ def produce(config: Optional[Path] = ConfigOption,
         records = ((r.key, r.value, r.sent_ms if r.sent_ms >= oldest else 0)
                    for r in itertools.islice(generate(synthetic_spec(settings)), events))
         started = time.monotonic()
-        sent = produce_records(k.brokers, topic, records, k.client_config,
+        sent = produce_records(k.brokers, topic, records, kafka_config,
                                progress=lambda n: console.print(f"{n:,} sent", end="\r"))
     except KafkaUnavailable as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{redact(str(exc))}[/red]")
         raise typer.Exit(3) from None
     elapsed = time.monotonic() - started
     console.print(f"{sent:,} events to {topic} in {elapsed:.1f} s ({sent / elapsed:,.0f}/s)")
@@ -270,12 +307,18 @@ def produce(config: Optional[Path] = ConfigOption,
 @app.command()
 def features(user_id: str, redis_url: str = typer.Option(..., envvar="SURGEFLOW_REDIS_URL"),
              prefix: str = typer.Option("sf")):
-    """Print one user's features as JSON."""
+    """Print one user's features as JSON (the password, if any, from $SURGEFLOW_REDIS_PASSWORD)."""
     import redis
 
+    from config.settings import RedisSettings
     from features.reader import FeatureReader
 
-    values = FeatureReader(redis.Redis.from_url(redis_url), prefix).get(user_id)
+    try:
+        url = connect_url(RedisSettings(url=redis_url))
+    except ValueError as exc:  # pydantic's ValidationError: the message is redacted
+        console.print(f"[red]--redis-url: {redact(str(exc))}[/red]")
+        raise typer.Exit(2) from None
+    values = FeatureReader(redis.Redis.from_url(url), prefix).get(user_id)
     print(json.dumps(values, indent=2))
     if values is None:
         raise typer.Exit(1)
@@ -283,22 +326,33 @@ def features(user_id: str, redis_url: str = typer.Option(..., envvar="SURGEFLOW_
 
 @app.command("serve-features")
 def serve_features(config: Optional[Path] = ConfigOption,
-                   host: str = typer.Option("127.0.0.1", help="address to listen on"),
-                   port: int = typer.Option(8000, help="TCP port"),
+                   host: Optional[str] = typer.Option(None, help="address to listen on (default: api.host)"),
+                   port: Optional[int] = typer.Option(None, help="TCP port (default: api.port)"),
                    redis_url: Optional[str] = typer.Option(None, help="overrides redis.url of the configuration"),
                    max_age_s: float = typer.Option(60, help="a hash not rewritten for this long is 'stale'")):
     """Serve the read-only feature API (OpenAPI at /openapi.json)."""
     from features.http import serve
 
-    settings = _settings(config)
-    url = redis_url or settings.redis.url
+    overrides = {"redis__url": redis_url} if redis_url else {}
+    settings = _settings(config, **overrides)  # --redis-url validated (and redacted) as redis.url
+    url = connect_url(settings.redis)
     if url is None:
         console.print("[red]the configuration has no redis.url (embedded Redis lives only while the "
                       "flow runs): pass --redis-url redis://HOST:PORT/0[/red]")
         raise typer.Exit(2)
-    console.print(f"feature API on http://{host}:{port} (Redis {url}, prefix "
+    a = settings.api
+    host, port = host or a.host, port if port is not None else a.port
+    console.print(f"feature API on http://{host}:{port} (Redis {redact(url)}, prefix "
                   f"{settings.redis.key_prefix})", highlight=False)
-    serve(url, settings.redis.key_prefix, host, port, max_age_s)
+    from privacy.erasure import request_erasure
+
+    def erase(user_id: str, anonymous: bool, requested_by: str) -> str:
+        """POST /erasure (scope erasure:write): queued for the flow like `surgeflow erase`."""
+        return request_erasure(settings, user_id, anonymous=anonymous, requested_by=requested_by,
+                               source="http", redis_url=url).request_id
+
+    serve(url, settings.redis.key_prefix, host, port, max_age_s, access=settings.access,
+          max_batch=a.max_batch, on_erasure=erase)
 
 
 if __name__ == "__main__":
@@ -308,17 +362,12 @@ if __name__ == "__main__":
 @app.command()
 def migrate(config: Optional[Path] = ConfigOption):
     """Apply the ClickHouse schema migrations that are missing (also done at start-up)."""
-    from connectors.clickhouse import ensure_schema, normalize_dsn
-    from warehouse.migrate import MigrationError
+    from connectors.clickhouse import normalize_dsn
 
     settings = _settings(config)
     ch = settings.clickhouse
-    try:
-        applied = ensure_schema(ch.dsn, ch.database, ch.timezone)
-    except MigrationError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    where = f"{normalize_dsn(ch.dsn).split('@')[-1]} database {ch.database}"
+    applied = _migrate_or_exit(settings)
+    where = f"{redact(normalize_dsn(ch.dsn))} database {ch.database}"
     console.print(f"applied migrations {applied} to {where}" if applied
                   else f"{where} is up to date", highlight=False)
 
@@ -328,14 +377,15 @@ def dashboard(config: Optional[Path] = ConfigOption,
               host: Optional[str] = typer.Option(None, help="default: dashboard.host"),
               port: Optional[int] = typer.Option(None, help="default: dashboard.port")):
     """The built-in live dashboard page on ClickHouse (traffic, funnel, campaign KPIs, alerts)."""
-    from connectors.clickhouse import ensure_schema
     from dashboards.server import serve
 
     settings = _settings(config)
     ch, d = settings.clickhouse, settings.dashboard
-    ensure_schema(ch.dsn, ch.database, ch.timezone)
-    console.print(f"dashboard on http://{host or d.host}:{port or d.port}/", highlight=False)
-    serve(ch.dsn, ch.database, host or d.host, port if port is not None else d.port)
+    _migrate_or_exit(settings)
+    console.print(f"dashboard on http://{host or d.host}:{port or d.port}/ (ClickHouse "
+                  f"{redact(ch.dsn)})", highlight=False)
+    serve(clickhouse_dsn(ch), ch.database, host or d.host, port if port is not None else d.port,
+          access=settings.access)
 
 
 @app.command()
@@ -349,7 +399,7 @@ def report(period: str = typer.Option("day", "--period", "-p", help="day, week o
 
     from rich.table import Table
 
-    from connectors.clickhouse import connect, ensure_schema
+    from connectors.clickhouse import connect
     from warehouse.kpi import KpiError
     from warehouse.report import CAMPAIGN_COLUMNS, build_report, write_csv
 
@@ -360,8 +410,8 @@ def report(period: str = typer.Option("day", "--period", "-p", help="day, week o
     except ValueError:
         console.print(f"[red]--date {date!r} is not YYYY-MM-DD[/red]")
         raise typer.Exit(2) from None
-    ensure_schema(ch.dsn, ch.database, ch.timezone)
-    client, lock = connect(ch.dsn)
+    _migrate_or_exit(settings)
+    client, lock = connect(clickhouse_dsn(ch))
     try:
         with lock:
             rep = build_report(client, ch.database, period, day)

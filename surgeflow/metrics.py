@@ -528,7 +528,9 @@ def serve(settings, *, stats: Stats = STATS, any_port_if_busy: bool = False
     lag = None
     if settings.source.kind == "kafka":
         k = settings.kafka
-        lag = KafkaLag(k.brokers, k.events_topic, k.client_config, stats=stats)
+        from privacy.secrets import kafka_client_config
+
+        lag = KafkaLag(k.brokers, k.events_topic, kafka_client_config(k), stats=stats)
         extra = {"consumer_lag": lag, "source_end_offset": lag.end_offsets}
     registry = make_registry(stats, extra)
     try:

@@ -111,17 +111,27 @@ log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
 
 
 class KafkaBroker:
-    """Single-node KRaft broker+controller on 127.0.0.1, in a throw-away directory."""
+    """Single-node KRaft broker+controller on 127.0.0.1, in a throw-away directory.
 
-    def __init__(self, libs: Path | None = None) -> None:
+    With ``scram_users`` ({name: password}) it also has a SASL_PLAINTEXT listener
+    (``sasl_bootstrap``, SCRAM-SHA-256) whose users are created when the storage is formatted
+    (``--add-scram``, KRaft since Kafka 3.5); the PLAINTEXT listener stays for admin calls.
+    """
+
+    def __init__(self, libs: Path | None = None, scram_users: dict[str, str] | None = None) -> None:
         self.libs = libs
         self.workdir: Path | None = None
-        self.port = self.controller_port = 0
+        self.port = self.controller_port = self.sasl_port = 0
+        self.scram_users = dict(scram_users or {})
         self._proc: subprocess.Popen | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
 
     def _java(self, main: str, *args: str, heap: str = "256m") -> list[str]:
         assert self.workdir is not None and self.libs is not None
@@ -143,17 +153,26 @@ class KafkaBroker:
             raise RuntimeError("Java ('java') is not installed; it is needed to run the Kafka broker")
         self.libs = ensure_kafka_libs(self.libs or KAFKA_LIBS)
         self.workdir = Path(tempfile.mkdtemp(prefix="surgeflow-kafka-"))
-        self.port, self.controller_port = _free_ports(2)
+        self.port, self.controller_port, self.sasl_port = _free_ports(3)
+        listeners = f"PLAINTEXT://127.0.0.1:{self.port}"
+        sasl: list[str] = []
+        if self.scram_users:
+            listeners += f",SASL://127.0.0.1:{self.sasl_port}"
+            sasl = ["listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,"
+                    "SASL:SASL_PLAINTEXT",
+                    "sasl.enabled.mechanisms=SCRAM-SHA-256",
+                    "listener.name.sasl.scram-sha-256.sasl.jaas.config="
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"]
         props = self.workdir / "server.properties"
         props.write_text("\n".join([
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            f"listeners={listeners},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners={listeners}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            *(sasl or ["listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"]),
             f"log.dirs={self.workdir / 'logs'}",
             "num.partitions=1",
             "default.replication.factor=1",
@@ -176,8 +195,11 @@ class KafkaBroker:
         ]))
         (self.workdir / "log4j.properties").write_text(
             LOG4J.format(log=self.workdir / "server.log"))
+        scram = [arg for name, password in self.scram_users.items()
+                 for arg in ("--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]")]
         fmt = subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)),
+            self._java("kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props),
+                       *scram),
             capture_output=True, text=True, timeout=120,
         )
         if fmt.returncode != 0:
@@ -345,6 +367,42 @@ def start_redis_aof(data_dir: Path, port: int = 0) -> tuple[subprocess.Popen, in
             with contextlib.suppress(redis.ConnectionError, redis.TimeoutError,
                                      redis.BusyLoadingError):
                 if client.info("server").get("process_id") == proc.pid:  # ours, loaded
+                    return proc, port
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("redis-server did not answer:\n" + _tail(data_dir / "redis.log"))
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def start_redis_secured(data_dir: Path, args: list[str], username: str | None,
+                        password: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server of the caller's own with ``args`` (``--requirepass``, ``--user`` ACLs, ...),
+    no persistence; returns the process and its port once ``username`` / ``password`` logs in."""
+    import redis
+
+    from connectors.embedded_redis import find_redis_server
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_ports(1)[0]
+    with open(data_dir / "redis.stdout", "ab") as out:
+        proc = subprocess.Popen(
+            [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+             "--dir", str(data_dir.resolve()), "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--logfile", str((data_dir / "redis.log").resolve()), *args],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)
+    client = redis.Redis(host="127.0.0.1", port=port, username=username, password=password,
+                         socket_timeout=1, socket_connect_timeout=1)
+    deadline = time.monotonic() + 15
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited ({proc.returncode}):\n"
+                                   + _tail(data_dir / "redis.log") + _tail(data_dir / "redis.stdout"))
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                if client.ping():
                     return proc, port
             if time.monotonic() > deadline:
                 proc.kill()

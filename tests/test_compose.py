@@ -2,7 +2,9 @@
 
 No Docker engine is needed: the files are parsed and compared with config/production.yaml (loaded
 through config.settings, exactly as `surgeflow run` loads it), pyproject.toml and the CLI. Each
-test fails when one side drifts (a renamed topic, a moved port, an unpinned image, ...).
+test fails when one side drifts (a renamed topic, a moved port, an unpinned image, ...). Security:
+every published port is on 127.0.0.1 and asks for credentials, and every secret comes from
+`.env` (keys in .env.example) through ${VAR:?...}, so compose refuses to start without it.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import pytest
 import yaml
 
 from config.settings import ConfigError, Settings, load_settings
+from privacy.secrets import clickhouse_dsn, kafka_client_config, redis_url
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PRODUCTION = ROOT / "config" / "production.yaml"
@@ -54,10 +58,24 @@ def interpolate(value: Any, env: Mapping[str, str]) -> Any:
     return _VAR.sub(sub, value)
 
 
+def env_example_keys() -> list[str]:
+    return [line.split("=", 1)[0].strip() for line in ENV_EXAMPLE.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+# What a filled-in .env holds in these tests (the values only have to differ from each other).
+SECRETS = {name: f"test-{name.lower().replace('_', '-')}-9Zq" for name in env_example_keys()}
+
+
 def load_compose(env: Mapping[str, str] | None = None) -> dict:
+    """The compose file as `docker compose` sees it with ``env`` (default: every secret set)."""
     doc = yaml.safe_load(COMPOSE_FILE.read_text())
     assert isinstance(doc, dict), "docker-compose.yml must hold a mapping"
-    return interpolate(doc, env or {})
+    return interpolate(doc, SECRETS if env is None else env)
+
+
+def raw_services() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
 
 
 @pytest.fixture(scope="module")
@@ -169,23 +187,35 @@ def test_named_volumes_are_declared(compose, services):
 
 # --- Kafka --------------------------------------------------------------------------------------
 
-def test_kafka_brokers_are_advertised_to_containers(settings, services):
+def test_kafka_clients_authenticate_with_sasl(settings, services):
+    """Containers reach the brokers of production.yaml, the host localhost:29092: both SASL
+    (SCRAM-SHA-256). The listeners without authentication listen on the container's loopback."""
     env = env_of(services["kafka"])
     advertised = listeners(env["KAFKA_ADVERTISED_LISTENERS"])
     bound = listeners(env["KAFKA_LISTENERS"])
     protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
-    assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert set(bound) <= set(protocols), "every listener needs a security protocol"
+    mechanisms = env["KAFKA_SASL_ENABLED_MECHANISMS"].split(",")
+    for name, (host, _) in bound.items():
+        if protocols[name].startswith("SASL_"):
+            assert env.get(f"KAFKA_LISTENER_NAME_{name}_SCRAM___SHA___256_SASL_JAAS_CONFIG", "") \
+                .startswith("org.apache.kafka.common.security.scram.ScramLoginModule required"), name
+        else:
+            assert host in ("127.0.0.1", "localhost"), f"listener {name} has no authentication: loopback only"
+    engine = load_settings(PRODUCTION, env=env_of(services["surgeflow"])).kafka
     for broker in settings.kafka.brokers:
         host, port = broker.rsplit(":", 1)
         assert host in services, f"broker {broker}: no compose service {host}"
         matching = [n for n, addr in advertised.items() if addr == (host, int(port))]
         assert matching, f"broker {broker} is not an advertised listener: {advertised}"
         assert bound[matching[0]][1] == int(port), f"listener {matching[0]} does not bind port {port}"
-        assert protocols[matching[0]] == "PLAINTEXT", "production.yaml sets no TLS/SASL client config"
-    assert set(bound) <= set(protocols), "every listener needs a security protocol"
-    # The host reaches Kafka only through the EXTERNAL listener, on the published port.
+        assert protocols[matching[0]] == engine.security.protocol == "SASL_PLAINTEXT"
+    assert engine.security.sasl_mechanism in mechanisms == ["SCRAM-SHA-256"]
+    # The host reaches Kafka only through the EXTERNAL listener, SASL too, on the published port.
     ext_host, ext_port = advertised["EXTERNAL"]
+    assert protocols["EXTERNAL"] == "SASL_PLAINTEXT"
     assert ext_host == "localhost" and published(services["kafka"]).get(bound["EXTERNAL"][1]) == ext_port
+    assert container_ports(services["kafka"]) == {bound["EXTERNAL"][1]}
 
 
 def test_kafka_kraft_single_node(services):
@@ -195,13 +225,21 @@ def test_kafka_kraft_single_node(services):
     assert controller not in listeners(env["KAFKA_ADVERTISED_LISTENERS"])
     voter_id, _, voter = env["KAFKA_CONTROLLER_QUORUM_VOTERS"].partition("@")
     assert voter_id == env["KAFKA_NODE_ID"] == "1"
-    assert voter == f"kafka:{listeners(env['KAFKA_LISTENERS'])[controller][1]}"
+    assert voter == f"localhost:{listeners(env['KAFKA_LISTENERS'])[controller][1]}"
     for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
                 "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"):
         assert env[key] == "1", f"{key} must be 1 on a single broker"
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
     test = services["kafka"]["healthcheck"]["test"]
     assert "/opt/kafka/bin/kafka-topics.sh" in test and "--list" in test
+    assert option(test, "--bootstrap-server") == internal_bootstrap(services)
+
+
+def internal_bootstrap(services) -> str:
+    """host:port of the inter-broker listener (no authentication, the kafka container's loopback)."""
+    env = env_of(services["kafka"])
+    host, port = listeners(env["KAFKA_ADVERTISED_LISTENERS"])[env["KAFKA_INTER_BROKER_LISTENER_NAME"]]
+    return f"{host}:{port}"
 
 
 def kafka_init_commands(services) -> list[list[str]]:
@@ -212,7 +250,7 @@ def kafka_init_commands(services) -> list[list[str]]:
     commands = []
     for line in script.splitlines():
         line = line.strip()
-        if not line or line.startswith("#"):
+        if not line or line.startswith("#") or re.fullmatch(r"[A-Za-z_]\w*=\S+|set -e", line):
             continue
         argv = shlex.split(line)
         argv = [re.sub(r"^\$(\w+)$", lambda m: variables.get(m.group(1), m.group(0)), a) for a in argv]
@@ -220,11 +258,15 @@ def kafka_init_commands(services) -> list[list[str]]:
     return commands
 
 
-def test_kafka_init_creates_the_configured_topics(settings, services):
+def test_kafka_init_creates_the_user_and_the_configured_topics(settings, services):
     init = services["kafka-init"]
     assert init["image"] == services["kafka"]["image"]
     assert depends(init) == {"kafka": "service_healthy"}
-    creates = [argv for argv in kafka_init_commands(services) if "--create" in argv]
+    # the INTERNAL listener is on the kafka container's loopback: only its network reaches it
+    assert init["network_mode"] == "service:kafka"
+    commands = kafka_init_commands(services)
+    assert all(option(argv, "--bootstrap-server") == internal_bootstrap(services) for argv in commands)
+    creates = [argv for argv in commands if "--create" in argv]
     assert all(argv[0] == "/opt/kafka/bin/kafka-topics.sh" for argv in creates)
     topics = {option(argv, "--topic"): argv for argv in creates}
     k = settings.kafka
@@ -232,12 +274,38 @@ def test_kafka_init_creates_the_configured_topics(settings, services):
     assert len(creates) == len(topics), "a topic is created twice"
     for topic, argv in topics.items():
         assert "--if-not-exists" in argv, f"{topic}: creation must be idempotent"
-        assert option(argv, "--bootstrap-server") in k.brokers
         assert option(argv, "--replication-factor") == "1"
     assert option(topics[k.events_topic], "--partitions") == "4"
+    # The SCRAM user the engine logs in as, with the password of the engine's variable.
+    engine = load_settings(PRODUCTION, env=env_of(services["surgeflow"])).kafka.security
+    users = [argv for argv in commands if argv[0] == "/opt/kafka/bin/kafka-configs.sh"]
+    assert len(users) == 1 and option(users[0], "--entity-type") == "users"
+    assert option(users[0], "--entity-name") == engine.username
+    assert f"password=${engine.password_env}]" in option(users[0], "--add-config")
+    assert option(users[0], "--add-config").startswith(f"{engine.sasl_mechanism}=[")
+    assert raw_services()["kafka-init"]["environment"][engine.password_env].startswith(
+        f"${{{engine.password_env}:?")
 
 
 # --- Redis --------------------------------------------------------------------------------------
+
+def redis_argv(service: dict) -> list[str]:
+    """redis-server's arguments: the command, or the script of `sh -c` (the passwords are
+    expanded by the container's shell), as the container's shell splits it."""
+    command = service["command"]
+    command = command if isinstance(command, list) else shlex.split(command)
+    if command[:2] == ["sh", "-c"]:
+        command = shlex.split(command[2])
+    assert "redis-server" in command, command
+    return command[command.index("redis-server"):]
+
+
+def redis_acl_user(argv: list[str]) -> tuple[str, list[str]]:
+    """(name, rules) of the one ``--user`` of a redis-server command line."""
+    at = argv.index("--user")
+    end = next((i for i in range(at + 1, len(argv)) if argv[i].startswith("--")), len(argv))
+    return argv[at + 1], argv[at + 2:end]
+
 
 def test_redis_url_matches_the_redis_service(settings, services):
     url = urlsplit(settings.redis.url)
@@ -247,10 +315,30 @@ def test_redis_url_matches_the_redis_service(settings, services):
     image = redis["image"]
     assert image.split(":")[0] == "redis"
     assert int(image.split(":")[1].split(".")[0]) >= 7, f"{image}: Redis 7 or later is needed"
-    command = redis["command"]
-    command = command if isinstance(command, list) else command.split()
-    assert option(command, "--appendonly") == "yes"
-    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+    argv = redis_argv(redis)
+    assert option(argv, "--appendonly") == "yes"
+    assert "redis-cli" in redis["healthcheck"]["test"][1] and "ping" in redis["healthcheck"]["test"][1]
+
+
+def test_redis_requires_passwords_and_confines_the_engine(settings, services):
+    """The default user needs a password; the engine logs in as its ACL user, whose keys are
+    its prefix only, with the password of the engine's variable."""
+    raw = raw_services()["redis"]
+    argv = redis_argv(raw)
+    assert re.fullmatch(r'\$\$[A-Z_]+', option(argv, "--requirepass")), "no literal password"
+    admin_var = option(argv, "--requirepass")[2:]
+    assert raw["environment"][admin_var].startswith(f"${{{admin_var}:?")
+    engine = load_settings(PRODUCTION, env=env_of(services["surgeflow"])).redis
+    name, rules = redis_acl_user(argv)
+    assert name == engine.username and "on" in rules
+    assert f">$${engine.password_env}" in rules
+    assert raw["environment"][engine.password_env].startswith(f"${{{engine.password_env}:?")
+    assert [r for r in rules if r.startswith("~")] == [f"~{engine.key_prefix}:*"]
+    assert "-@all" in rules and not any(r in rules for r in ("+@all", "allkeys", "allcommands", "nopass"))
+    # the engine's effective URL: its ACL user and password
+    url = urlsplit(redis_url(engine, env=env_of(services["surgeflow"])))
+    assert (url.username, url.password) == (name, SECRETS[engine.password_env])
+    assert f"--user {name}" in services["redis"]["healthcheck"]["test"][1], "health as the engine's user"
 
 
 # --- ClickHouse ---------------------------------------------------------------------------------
@@ -263,9 +351,10 @@ def test_clickhouse_dsn_matches_the_clickhouse_service(settings, services):
     assert dsn.port in container_ports(ch) and dsn.port == 8123
     env = env_of(ch)
     assert dsn.username == env["CLICKHOUSE_USER"]
-    assert dsn.password is None, "the committed YAML holds no password; compose adds it"
-    raw = env_of(yaml.safe_load(COMPOSE_FILE.read_text())["services"]["clickhouse"])
-    assert raw["CLICKHOUSE_PASSWORD"].startswith("${CLICKHOUSE_PASSWORD"), "password comes from the environment"
+    assert dsn.password is None, "the committed YAML holds no password; the environment has it"
+    raw = env_of(raw_services()["clickhouse"])
+    name = settings.clickhouse.password_env
+    assert raw["CLICKHOUSE_PASSWORD"].startswith(f"${{{name}:?"), "password comes from the environment"
     assert env["CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT"] == "1"
     assert ch["ulimits"]["nofile"]["soft"] >= 262144
     assert ch["healthcheck"]["test"], "clickhouse needs a healthcheck"
@@ -273,8 +362,9 @@ def test_clickhouse_dsn_matches_the_clickhouse_service(settings, services):
 
 # --- the surgeflow services ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("host_env", [{}, {"CLICKHOUSE_PASSWORD": "s3cret-Pw_1"}], ids=["default", "from-env"])
-def test_surgeflow_environment_loads_and_reaches_clickhouse(host_env):
+@pytest.mark.parametrize("host_env", [SECRETS, {**SECRETS, "SURGEFLOW_CLICKHOUSE_PASSWORD": "s3cret-Pw_1"}],
+                         ids=["secrets", "other-password"])
+def test_surgeflow_environment_loads_and_logs_in(host_env):
     services = load_compose(host_env)["services"]
     svc = services["surgeflow"]
     env = env_of(svc)
@@ -289,12 +379,106 @@ def test_surgeflow_environment_loads_and_reaches_clickhouse(host_env):
     except ConfigError as exc:  # pragma: no cover - the failure message is the point
         pytest.fail(f"surgeflow's environment in docker-compose.yml is rejected:\n{exc}")
     # The effective DSN logs in as the ClickHouse service's user with its password.
-    dsn = urlsplit(settings.clickhouse.dsn)
+    dsn = urlsplit(clickhouse_dsn(settings.clickhouse, env=env))
     ch_env = env_of(services["clickhouse"])
     assert (dsn.hostname, dsn.port) == ("clickhouse", 8123)
     assert dsn.username == ch_env["CLICKHOUSE_USER"]
-    assert dsn.password == ch_env["CLICKHOUSE_PASSWORD"] == host_env.get("CLICKHOUSE_PASSWORD", dsn.password)
+    assert dsn.password == ch_env["CLICKHOUSE_PASSWORD"] == host_env["SURGEFLOW_CLICKHOUSE_PASSWORD"]
     assert settings.clickhouse.database == load_settings(PRODUCTION, env={}).clickhouse.database
+    # Kafka: SASL as the user kafka-init creates, with the password it sets.
+    kafka = kafka_client_config(settings.kafka, env=env)
+    assert kafka["sasl.password"] == host_env[settings.kafka.security.password_env]
+    assert kafka["security.protocol"] == "SASL_PLAINTEXT" and kafka["sasl.username"] == "surgeflow"
+
+
+def test_every_secret_comes_from_env_example(compose):
+    """Each ${VAR:?} of the compose file is a key of .env.example and the other way round; the
+    keys there have no value; the engine's password variables are the settings' names."""
+    text = COMPOSE_FILE.read_text()
+    references = {m.group(1): m.group(2) for value in strings_of(yaml.safe_load(text))
+                  for m in _VAR.finditer(value) if m.group(1)}
+    required = {name for name, op in references.items() if op == ":?"}
+    assert required == set(SECRETS), f"compose needs {sorted(required)}, .env.example has {sorted(SECRETS)}"
+    assert all(op == ":?" for op in references.values()), \
+        f"no default values: {sorted(n for n, op in references.items() if op != ':?')}"
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert line.split("=", 1)[1].strip() == "", f".env.example gives a value: {line.split('=')[0]}"
+    defaults = load_settings(PRODUCTION, env={})
+    engine = env_of(raw_services()["surgeflow"])  # the x-surgeflow anchor's environment, merged
+    for name in (defaults.kafka.security.password_env, defaults.redis.password_env,
+                 defaults.clickhouse.password_env):
+        assert engine.get(name, "").startswith(f"${{{name}:?"), f"surgeflow needs ${name} from .env"
+    # `docker compose` refuses to start while any one is missing
+    for name in SECRETS:
+        with pytest.raises(AssertionError, match=name):
+            load_compose({k: v for k, v in SECRETS.items() if k != name})
+
+
+def test_env_file_is_ignored_by_git_and_docker():
+    patterns = [line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()]
+    assert ".env" in patterns, ".env holds the secrets: it must be git-ignored"
+    dockerignore = [l.strip() for l in DOCKERIGNORE.read_text().splitlines() if l.strip()]
+    assert _ignored(".env", dockerignore)
+
+
+def strings_of(value) -> list[str]:
+    """Every string of a parsed document (keys excluded), depth first."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings_of(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_of(v)]
+    return [value] if isinstance(value, str) else []
+
+
+SECRET_NAME = re.compile(r"(?i)(password|passwd|secret|_key$|token)")
+
+
+def test_no_literal_password_anywhere():
+    """Every value of a secret-named variable is a reference, and no command, healthcheck or
+    other string holds a password: only $VAR / $$VAR / ${VAR:?}."""
+    raw = raw_services()
+    doc = yaml.safe_load(COMPOSE_FILE.read_text())
+    sections = {**raw, "x-surgeflow": doc["x-surgeflow"]}
+    for name, svc in sections.items():
+        for key, value in env_of(svc).items():
+            if SECRET_NAME.search(key):
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", value), f"{name}: {key} is not ${{VAR:?...}}"
+    for text in strings_of(doc):
+        for m in re.finditer(r"(?i)(?:password=|--password\s+|requirepass\s+|(?:^|\s)[\"']?>)(\S+)", text):
+            value = m.group(1).strip("\"'[]")
+            assert value.startswith("$"), f"literal secret in {text!r}"
+    rendered = yaml.safe_dump(load_compose())
+    assert not any(v in COMPOSE_FILE.read_text() for v in SECRETS.values())
+    assert all(v in rendered for v in SECRETS.values()), "every secret of .env is used"
+
+
+def host_ports(service: dict) -> list[tuple[str | None, int, int]]:
+    """(host ip or None, host port, container port) of each published port."""
+    out = []
+    for p in service.get("ports") or []:
+        if isinstance(p, dict):
+            out.append((p.get("host_ip"), int(p.get("published", p["target"])), int(p["target"])))
+            continue
+        parts = str(p).split("/")[0].split(":")
+        if len(parts) == 3:
+            out.append((parts[0], int(parts[1]), int(parts[2])))
+        elif len(parts) == 2:
+            out.append((None, int(parts[0]), int(parts[1])))
+        else:
+            out.append((None, int(parts[0]), int(parts[0])))
+    return out
+
+
+def test_ports_are_published_on_loopback_only(services):
+    published_any = False
+    for name, svc in services.items():
+        for ip, host_port, target in host_ports(svc):
+            published_any = True
+            assert ip in ("127.0.0.1", "::1"), \
+                f"{name}: port {target} published on {ip or 'every interface'}, not 127.0.0.1"
+        assert "network_mode" not in svc or svc["network_mode"].startswith("service:"), name
+    assert published_any
 
 
 def test_surgeflow_starts_after_its_services(services):
@@ -388,6 +572,7 @@ def test_grafana_service_is_pinned_published_and_read_only(compose, services):
     assert re.fullmatch(r"\d+\.\d+\.\d+", plugins.get(GRAFANA_PLUGIN, "")), \
         f"{GRAFANA_PLUGIN} must be installed at a pinned version: {plugins}"
     assert published(grafana).get(3000) == 3000
+    assert host_ports(grafana) == [("127.0.0.1", 3000, 3000)]
     assert depends(grafana) == {"clickhouse": "service_healthy"}
     assert grafana["restart"] == "unless-stopped"
     # Grafana's own state on a declared named volume; everything from the repository read-only.
@@ -400,15 +585,17 @@ def test_grafana_service_is_pinned_published_and_read_only(compose, services):
         assert host.exists(), f"{target} is mounted from {host}, which is not in the repository"
         assert host.is_relative_to(ROOT), f"{target}: mount files of this repository, not {host}"
         assert read_only, f"{target} must be mounted read-only"
-    # Who may do what: anonymous visitors only look; the admin password is a secret.
-    raw = env_of(yaml.safe_load(COMPOSE_FILE.read_text())["services"]["grafana"])
-    if env.get("GF_AUTH_ANONYMOUS_ENABLED", "false").lower() == "true":
-        assert env.get("GF_AUTH_ANONYMOUS_ORG_ROLE") == "Viewer", "anonymous users must not edit"
-    assert raw.get("GF_SECURITY_ADMIN_PASSWORD", "").startswith("${GRAFANA_ADMIN_PASSWORD"), \
-        "the admin password comes from the environment"
+    # Who may do what: nobody anonymous; the admin password is a secret of .env.
+    raw = env_of(raw_services()["grafana"])
+    assert env.get("GF_AUTH_ANONYMOUS_ENABLED") == "false", "no anonymous access"
+    assert env.get("GF_USERS_ALLOW_SIGN_UP") == "false"
+    assert raw.get("GF_SECURITY_ADMIN_PASSWORD", "").startswith("${GRAFANA_ADMIN_PASSWORD:?"), \
+        "the admin password comes from the environment, without a default"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
 
 
-@pytest.mark.parametrize("host_env", [{}, {"CLICKHOUSE_PASSWORD": "s3cret-Pw_1"}], ids=["default", "from-env"])
+@pytest.mark.parametrize("host_env", [SECRETS, {**SECRETS, "SURGEFLOW_CLICKHOUSE_PASSWORD": "s3cret-Pw_1"}],
+                         ids=["secrets", "other-password"])
 def test_grafana_datasource_reaches_the_clickhouse_service(host_env):
     settings = load_settings(PRODUCTION, env={})
     services = load_compose(host_env)["services"]
@@ -433,7 +620,7 @@ def test_grafana_datasource_reaches_the_clickhouse_service(host_env):
     assert secret in ("${CLICKHOUSE_PASSWORD}", "$CLICKHOUSE_PASSWORD"), "no password in the repository"
     grafana_env = env_of(services["grafana"])
     assert grafana_expand(secret, grafana_env) == ch_env["CLICKHOUSE_PASSWORD"]
-    assert ch_env["CLICKHOUSE_PASSWORD"] == host_env.get("CLICKHOUSE_PASSWORD", "surgeflow")
+    assert ch_env["CLICKHOUSE_PASSWORD"] == host_env["SURGEFLOW_CLICKHOUSE_PASSWORD"]
     assert ds.get("uid"), "the dashboard refers to the data source by uid"
 
 
