@@ -6,6 +6,11 @@
   (see :func:`overview`);
 - ``GET /healthz``: ClickHouse answers (503 when it does not).
 
+Access (:mod:`privacy.access`): every path but ``/healthz`` needs a token with the scope
+``dashboard:read``, as a bearer token or, so that a browser can open the page, as the password
+of HTTP Basic credentials (any user name); without any token configured the page serves
+loopback only. ClickHouse errors are logged (``surgeflow.dashboard``), never shown.
+
 Every window ends at ``as_of``, the newest minute with aggregates (event time), never at the wall
 clock: a replay of old data shows as it would have live. The queries are the named KPI queries of
 :mod:`warehouse.kpi`; this module writes no SQL.
@@ -22,6 +27,7 @@ each query holds the lock, so the flow's inserts interleave between them.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import threading
 import time
@@ -32,8 +38,12 @@ from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from config.settings import AccessSettings
 from connectors.clickhouse import connect
+from privacy.access import DASHBOARD_READ, Guard, Tokens, check_bind, load_tokens
 from warehouse import kpi
+
+log = logging.getLogger("surgeflow.dashboard")
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 UTC = dt.UTC
@@ -175,13 +185,21 @@ class _Recent:
             return self.answers[key][1]
 
 
-def create_app(dsn: str, db: str, max_age_s: float = 1.0) -> FastAPI:
+def create_app(dsn: str, db: str, max_age_s: float = 1.0, access: AccessSettings | None = None,
+               tokens: Tokens | None = None) -> FastAPI:
     """The dashboard app on the process-wide client of ``dsn`` (database ``db``); an overview is
-    recomputed at most every ``max_age_s`` seconds per window."""
+    recomputed at most every ``max_age_s`` seconds per window. ``access``: limits and where the
+    tokens come from (default: AccessSettings(), tokens from the environment); ``tokens``
+    overrides them when given."""
     client, lock = connect(dsn)
     recent = _Recent(max_age_s)
+    access = access if access is not None else AccessSettings()
+    tokens = tokens if tokens is not None else load_tokens(access)
     app = FastAPI(title="surgeflow dashboard", version="1",
                   description="The built-in live dashboard of the embedded mode.")
+    app.add_middleware(Guard, tokens=tokens, scopes_by_path=lambda method, path: DASHBOARD_READ,
+                       max_body_bytes=access.max_body_bytes, rate_per_s=access.rate_per_s,
+                       burst=access.burst, basic_realm="surgeflow dashboard")
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -196,8 +214,9 @@ def create_app(dsn: str, db: str, max_age_s: float = 1.0) -> FastAPI:
         try:
             body = recent.get((minutes, hours),
                               lambda: orjson.dumps(overview(client, lock, db, minutes, hours)))
-        except Exception as exc:  # noqa: BLE001 - any query failure: the page keeps its data
-            return JSONResponse({"detail": f"clickhouse: {type(exc).__name__}: {exc}"}, status_code=503)
+        except Exception:  # noqa: BLE001 - any query failure: the page keeps its data
+            log.warning("overview query failed", exc_info=True)
+            return JSONResponse({"detail": "clickhouse unavailable"}, status_code=503)
         return Response(body, media_type=JSON, headers={"Cache-Control": "no-store"})
 
     @app.get("/healthz")
@@ -206,38 +225,43 @@ def create_app(dsn: str, db: str, max_age_s: float = 1.0) -> FastAPI:
         try:
             with lock:
                 latest = kpi.run(client, "latest_minute", db)
-        except Exception as exc:  # noqa: BLE001
-            return JSONResponse({"status": "unavailable", "clickhouse": f"{type(exc).__name__}: {exc}"},
-                                status_code=503)
+        except Exception:  # noqa: BLE001
+            log.warning("health query failed", exc_info=True)
+            return JSONResponse({"status": "unavailable", "clickhouse": "unavailable"}, status_code=503)
         as_of = iso(latest[0]["t"]) if latest and latest[0]["rows"] else None
         return {"status": "ok", "clickhouse": "ok", "as_of": as_of}
 
     return app
 
 
-def _config(dsn: str, db: str, host: str, port: int):
+def _config(dsn: str, db: str, host: str, port: int, access: AccessSettings | None):
     import uvicorn
 
-    return uvicorn.Config(create_app(dsn, db), host=host, port=port, log_level="warning",
-                          access_log=False)
+    access = access if access is not None else AccessSettings()
+    tokens = load_tokens(access)
+    check_bind(host, tokens, "the dashboard")  # before anything listens
+    return uvicorn.Config(create_app(dsn, db, access=access, tokens=tokens), host=host, port=port,
+                          log_level="warning", access_log=False)
 
 
-def serve(dsn: str, db: str, host: str = "127.0.0.1", port: int = 8050) -> None:
-    """Serve the dashboard with uvicorn until interrupted (blocking)."""
+def serve(dsn: str, db: str, host: str = "127.0.0.1", port: int = 8050,
+          access: AccessSettings | None = None) -> None:
+    """Serve the dashboard with uvicorn until interrupted (blocking). Refuses a non-loopback
+    ``host`` when no token is configured (:func:`privacy.access.check_bind`)."""
     import uvicorn
 
-    uvicorn.Server(_config(dsn, db, host, port)).run()
+    uvicorn.Server(_config(dsn, db, host, port, access)).run()
 
 
 def start_in_thread(dsn: str, db: str, host: str = "127.0.0.1", port: int = 8050,
-                    timeout_s: float = 10.0):
+                    timeout_s: float = 10.0, access: AccessSettings | None = None):
     """Serve the dashboard from a daemon thread of this process (beside the flow, sharing its
     chDB client); returns ``(server, thread)`` once it listens. Stop it with
     ``server.should_exit = True; thread.join()``. With ``port=0`` the system picks a port:
     ``server.servers[0].sockets[0].getsockname()[1]``."""
     import uvicorn
 
-    server = uvicorn.Server(_config(dsn, db, host, port))
+    server = uvicorn.Server(_config(dsn, db, host, port, access))
     thread = threading.Thread(target=server.run, name="surgeflow-dashboard", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

@@ -4,11 +4,20 @@
   percent-encoded: ``/features/a%2Fb`` reads the id ``a/b``); ``?anonymous=true``: the id is an
   anonymous id, merged visitors read their user's features (see :mod:`features.reader`: a user id
   never follows an alias, since the events that create aliases are not authenticated);
-- ``POST /features`` ``{"user_ids": [...], "anonymous": false}`` (at most 1000 ids):
-  ``{"features": {id: {...} | null}}``;
+- ``POST /features`` ``{"user_ids": [...], "anonymous": false}`` (at most ``max_batch`` ids,
+  100 by default: a bigger batch is an enumeration, not a lookup): ``{"features": {id: {...} | null}}``;
 - ``GET /registry``: the registry the flow wrote to Redis (else the local one; header
   ``X-Registry-Source: redis|local``);
+- ``POST /erasure`` ``{"user_id": "...", "anonymous": false}``: hands an erasure request to the
+  ``on_erasure`` callback (202 ``{"request_id": ...}``);
 - ``GET /healthz``: pings Redis (503 when it does not answer).
+
+Access (:mod:`privacy.access`, the outermost middleware): bearer tokens with the scopes
+``features:read`` (``/features``, ``/openapi.json``, ``/docs``), ``registry:read``
+(``/registry``), ``erasure:write`` (``/erasure``); ``/healthz`` is open. Without any token
+configured the API serves loopback only. Rate limit per token, one unit per request and one per
+id of a batch. No error body carries an exception's text: Redis errors are logged
+(``surgeflow.api``) and answered ``503 {"detail": "redis unavailable"}``.
 
 Why it is shaped this way (server CPU per GET, measured on the 2-vCPU development VM with
 sequential keep-alive requests; latency under load: ``bench/bench_reader.py``): async
@@ -18,8 +27,11 @@ is answered by a small ASGI middleware before FastAPI's routing and dependency m
 (~630 us through the route); orjson writes every body, so the response models document the API
 and cost nothing per request. The Redis client is RESP2 (see :mod:`features.reader`).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the request models are built per app (max_batch), and
+# FastAPI resolves a handler's string annotations in the module's globals, where they are not.
+import logging
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,11 +41,17 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
 
 from config.registry import Registry, load_registry
+from config.settings import AccessSettings
+from features.layout import MAX_ID_CHARS
 from features.reader import AsyncFeatureReader, default_value
+from privacy.access import (ERASURE_WRITE, FEATURES_READ, REGISTRY_READ, Guard, Tokens, charge,
+                            check_bind, load_tokens, requested_by, route_path)
 
-MAX_BATCH = 1000
+log = logging.getLogger("surgeflow.api")
+MAX_BATCH = 100  # default ids per POST /features (ApiSettings.max_batch)
 FEATURES = "/features/"
 JSON = "application/json"
 PY_TYPES = {"int": int, "money": float, "ratio": float, "score": float, "time_ms": int, "flag": int,
@@ -48,9 +66,25 @@ ANONYMOUS_DOC = ("true: anonymous ids, each read as its own profile, else as the
 FAST_QUERIES = {b"": False, b"anonymous=false": False, b"anonymous=true": True}
 
 
-class FeaturesRequest(BaseModel):
-    user_ids: list[str] = Field(max_length=MAX_BATCH, description=f"at most {MAX_BATCH} ids")
-    anonymous: bool = Field(False, strict=True, description=ANONYMOUS_DOC)
+DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+REDIS_DOWN = b'{"detail":"redis unavailable"}'
+OnErasure = Callable[[str, bool, str], str]  # (user_id, anonymous, requested_by) -> request id
+
+
+def features_request_model(max_batch: int) -> type[BaseModel]:
+    return create_model(
+        "FeaturesRequest",
+        user_ids=(list[str], Field(max_length=max_batch, description=f"at most {max_batch} ids")),
+        anonymous=(bool, Field(False, strict=True, description=ANONYMOUS_DOC)))
+
+
+class ErasureBody(BaseModel):
+    user_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    anonymous: bool = Field(False, strict=True, description="the id is an anonymous id")
+
+
+class Accepted(BaseModel):
+    request_id: str
 
 
 class Error(BaseModel):
@@ -96,10 +130,30 @@ def registry_status(stored: bytes | None, local: bytes) -> str:
         return "differs"
 
 
-def route_path(scope: dict) -> str:
-    """The path below the app's mount point (``root_path``)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+def feature_scope(method: str, path: str) -> str | None:
+    """The scope a path of this API needs (None: any valid token; /healthz is open).
+
+    >>> feature_scope("GET", "/features/u1"), feature_scope("GET", "/registry"), feature_scope("GET", "/x")
+    ('features:read', 'registry:read', None)
+    """
+    if path.startswith(FEATURES) or path in DOC_PATHS:
+        return FEATURES_READ
+    return {"/features": FEATURES_READ, "/registry": REGISTRY_READ, "/erasure": ERASURE_WRITE}.get(path)
+
+
+_last_logged = [0.0, 0]  # when a Redis error was last logged, and how many were not since
+
+
+def redis_error(exc: BaseException) -> None:
+    """Log a Redis error server side (its text stays out of responses), at most every 10 s
+    during an outage."""
+    now = time.monotonic()
+    if now - _last_logged[0] < 10:
+        _last_logged[1] += 1
+        return
+    log.warning("redis unavailable: %s: %s (%d more since the last report)",
+                type(exc).__name__, exc, _last_logged[1])
+    _last_logged[:] = [now, 0]
 
 
 async def features_answer(reader: AsyncFeatureReader, scope: dict,
@@ -111,7 +165,8 @@ async def features_answer(reader: AsyncFeatureReader, scope: dict,
     try:
         values = await reader.get(user_id, anonymous=anonymous)
     except RedisError as exc:
-        return 503, orjson.dumps({"detail": f"redis unavailable: {exc}"})
+        redis_error(exc)
+        return 503, REDIS_DOWN
     if values is None:
         return 404, b'{"detail":"unknown user"}'
     return 200, orjson.dumps(values)
@@ -140,8 +195,16 @@ class FastFeatureGet:
 
 
 def create_app(redis_url: str, prefix: str = "sf", max_age_s: float = 60,
-               registry: Registry | None = None) -> FastAPI:
+               registry: Registry | None = None, access: AccessSettings | None = None,
+               max_batch: int = MAX_BATCH, tokens: Tokens | None = None,
+               on_erasure: OnErasure | None = None) -> FastAPI:
+    """The API app. ``access``: limits and where tokens come from (default: AccessSettings(),
+    tokens from the environment); ``tokens`` overrides them when given. ``on_erasure``: what
+    ``POST /erasure`` calls (None: 503)."""
     registry = registry if registry is not None else load_registry()
+    access = access if access is not None else AccessSettings()
+    tokens = tokens if tokens is not None else load_tokens(access)
+    FeaturesRequest = features_request_model(max_batch)
     local_registry = orjson.dumps(registry.to_dict())
     UserFeatures = features_model(registry)
     FeaturesResponse = create_model("FeaturesResponse", features=(dict[str, UserFeatures | None], ...))
@@ -158,10 +221,14 @@ def create_app(redis_url: str, prefix: str = "sf", max_age_s: float = 60,
     app = FastAPI(title="surgeflow features", version="1", lifespan=lifespan,
                   description="Per-user marketing features, read-only.")
     app.add_middleware(FastFeatureGet)
+    app.add_middleware(Guard, tokens=tokens, scopes_by_path=feature_scope,  # added last: outermost
+                       max_body_bytes=access.max_body_bytes, rate_per_s=access.rate_per_s,
+                       burst=access.burst)
 
     @app.exception_handler(RedisError)
     async def redis_down(request: Request, exc: RedisError):
-        return JSONResponse({"detail": f"redis unavailable: {exc}"}, status_code=503)
+        redis_error(exc)
+        return Response(REDIS_DOWN, status_code=503, media_type=JSON)
 
     @app.get("/features/{user_id:path}", response_model=UserFeatures,
              responses={404: {"model": Error, "description": "unknown user"},
@@ -173,9 +240,14 @@ def create_app(redis_url: str, prefix: str = "sf", max_age_s: float = 60,
         status, body = await features_answer(request.app.state.reader, request.scope, anonymous)
         return Response(body, status_code=status, media_type=JSON)
 
-    @app.post("/features", response_model=FeaturesResponse)
+    @app.post("/features", response_model=FeaturesResponse,
+              responses={429: {"model": Error, "description": "rate limit (one unit per id)"}})
     async def post_features(body: FeaturesRequest, request: Request):
         """Features of many users (or anonymous ids) in one call (null for unknown ids)."""
+        # the guard charged one unit for the request: a batch costs one per id
+        if (wait := charge(request.scope, len(body.user_ids) - 1)) is not None:
+            return JSONResponse({"detail": "rate limit exceeded"}, status_code=429,
+                                headers={"Retry-After": str(int(wait))})
         values = await request.app.state.reader.get_many(body.user_ids, anonymous=body.anonymous)
         return Response(orjson.dumps({"features": values}), media_type=JSON)
 
@@ -195,17 +267,41 @@ def create_app(redis_url: str, prefix: str = "sf", max_age_s: float = 60,
             await reader.client.ping()
             stored = await reader.stored_registry()
         except (RedisError, OSError) as exc:
-            return JSONResponse({"status": "unavailable", "redis": str(exc) or type(exc).__name__,
+            redis_error(exc)
+            return JSONResponse({"status": "unavailable", "redis": "unavailable",
                                  "registry": "unknown"}, status_code=503)
         return {"status": "ok", "redis": "ok", "registry": registry_status(stored, local_registry)}
+
+    @app.post("/erasure", status_code=202, response_model=Accepted,
+              responses={503: {"model": Error, "description": "erasure not configured"}})
+    async def post_erasure(body: ErasureBody, request: Request):
+        """Request the erasure of one person's data (scope erasure:write); answered once the
+        request is recorded, carried out by the flow."""
+        if on_erasure is None:
+            return JSONResponse({"detail": "erasure not configured"}, status_code=503)
+        try:  # the callback may block (a Kafka produce, a file write): off the event loop
+            request_id = await run_in_threadpool(on_erasure, body.user_id, body.anonymous,
+                                                 requested_by(request.scope))
+        except ValueError:
+            return JSONResponse({"detail": "invalid erasure request"}, status_code=422)
+        except Exception:  # noqa: BLE001 - logged here, never shown to the client
+            log.exception("erasure request failed")
+            return JSONResponse({"detail": "erasure unavailable"}, status_code=503)
+        return JSONResponse({"request_id": request_id}, status_code=202)
 
     return app
 
 
 def serve(redis_url: str, prefix: str = "sf", host: str = "127.0.0.1", port: int = 8000,
-          max_age_s: float = 60) -> None:
-    """Run the API with uvicorn until interrupted (uvloop and httptools when installed)."""
+          max_age_s: float = 60, access: AccessSettings | None = None,
+          max_batch: int = MAX_BATCH, on_erasure=None) -> None:
+    """Run the API with uvicorn until interrupted (uvloop and httptools when installed).
+    Refuses a non-loopback ``host`` when no token is configured (:func:`privacy.access.check_bind`)."""
     import uvicorn
 
-    uvicorn.run(create_app(redis_url, prefix, max_age_s), host=host, port=port,
-                log_level="warning", access_log=False)
+    access = access if access is not None else AccessSettings()
+    tokens = load_tokens(access)
+    check_bind(host, tokens, "the feature API")
+    app = create_app(redis_url, prefix, max_age_s, access=access, max_batch=max_batch, tokens=tokens,
+                     on_erasure=on_erasure)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
