@@ -26,8 +26,8 @@ event the cost is O(log n) in the entity's own state (its buckets, or its distin
 >>> alerts = []
 >>> for i in range(120):  # 120 page views within one second from one IP
 ...     alerts += rules.observe(Signal(1_000_000 + i * 8, "page", "anon-1", "198.51.100.23", "NL"))
->>> [(a.rule, a.series, a.status, a.value, a.detail) for a in alerts]
-[('ip_request_flood', 'ip=198.51.100.23', 'firing', 101.0, '198.51.100.23')]
+>>> [(a.rule, a.series[:16], a.status, a.value, a.detail == a.series[3:]) for a in alerts]
+[('ip_request_flood', 'ip=198.51.100.0#', 'firing', 101.0, True)]
 >>> [(a.status, a.value, a.at_ms) for a in rules.tick(1_000_000 + 20_000)]
 [('resolved', 0.0, 1001000)]
 """
@@ -42,6 +42,8 @@ from alerts.lifecycle import Alert, Lifecycle
 from alerts.metrics import ENTITY_METRICS, ip_cluster
 from alerts.rules import RuleSpec
 from flows.eviction import OldestFirst
+from privacy.pii import mask_ip
+from privacy.subjects import pii_key, subject_hash
 from surgeflow.stats import STATS
 
 BY_IP, BY_USER = 1, 2  # Signal.scope bits: which entities' rules judge the signal
@@ -59,6 +61,49 @@ class Signal(NamedTuple):
     country: str
     scope: int = BY_IP | BY_USER
     event_id: str = ""  # duplicates (a producer's retries) count once
+
+
+# -- what the alert messages say of an entity ------------------------------------------------------
+
+_KEY: list[bytes | None] = []  # the PII key, read once per process (reset_key for tests)
+
+
+def reset_key() -> None:
+    _KEY.clear()
+
+
+def public_entity(kind: str, entity: str, key: bytes | None = None) -> str:
+    """An entity as alert messages name it: a user's subject hash, an IP's masked form with 8
+    hex of its subject hash; an IP cluster (a /24 or /48) as it is. ``key`` defaults to the PII
+    key of the environment, read once.
+
+    >>> public_entity("ip", "203.0.113.77", b"k"), public_entity("ip", "203.0.113.78", b"k")
+    ('203.0.113.0#b84d0efc', '203.0.113.0#4467780a')
+    >>> public_entity("user", "u1", b"k") == subject_hash("u1", b"k")
+    True
+    """
+    if key is None:
+        if not _KEY:
+            _KEY.append(pii_key())
+        key = _KEY[0]
+    if kind == "user":
+        return subject_hash(entity, key)
+    if kind == "ip":
+        return f"{mask_ip(entity) or '?'}#{subject_hash(entity, key)[2:10]}"
+    return entity
+
+
+def _published(alerts: list[Alert]) -> list[Alert]:
+    """The messages of a rule as they leave: series, alert_id and detail pseudonymised. The
+    lifecycle keeps the internal series (its state); the public one is a function of it."""
+    out = []
+    for a in alerts:
+        kind, _, entity = a.series.partition("=")
+        series = f"{kind}={public_entity(kind, entity)}"
+        detail = public_entity("user" if kind == "user" else "ip", a.detail) if a.detail else ""
+        out.append(replace(a, series=series, alert_id=f"{a.rule}|{series}|{a.first_seen_ms}",
+                           detail=detail))
+    return out
 
 
 # -- an ordered map of time -> delta, answering window counts in O(log n) ------------------------
@@ -563,6 +608,20 @@ class EntityRules:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update({"max_entity_keys": MAX_ENTITY_KEYS, "swept": _NEVER, **state})
 
+    def erase(self, idents: set[str]) -> int:
+        """Erasure: the entities named (user ids) leave every rule's state, their open series
+        included. Returns how many entity states were removed."""
+        removed = 0
+        for r in self.rules:
+            for ident in idents:
+                removed += r.entities.pop(ident, None) is not None
+                r.seen.purge(ident)
+                series = f"{r.metric.entity}={ident}"
+                r.breached.pop(series, None)
+                r.settled.pop(series, None)
+                r.life.open.pop(series, None)
+        return removed
+
     def retuned(self, rules: list[RuleSpec], max_entity_keys: int | None = None) -> "EntityRules":
         """These rules, keeping the state of every rule whose declaration did not change (after
         a restart with an edited catalogue); a changed or new rule starts afresh. A lower cap
@@ -627,7 +686,8 @@ class EntityRules:
                 series = f"{kind}={entity}"
                 r.breached[series] = max(r.breached.get(series, end), end)
                 detail = s.user if kind == "user" else s.ip
-                alerts += r.life.step(series, s.ts_ms, s.ts_ms, replace(verdict, detail=detail))
+                alerts += _published(r.life.step(series, s.ts_ms, s.ts_ms,
+                                                 replace(verdict, detail=detail)))
             if created and len(r.entities) > self.max_entity_keys:
                 self._evict(r)
         return alerts
@@ -686,7 +746,7 @@ class EntityRules:
                             break  # (an empty window breaching: a "below" rule stays open)
                         last += r.bucket
                         continue
-                    alerts += life.step(series, emptied + life.resolve_ms, emptied, verdict)
+                    alerts += _published(life.step(series, emptied + life.resolve_ms, emptied, verdict))
                     break
                 if series in life.open:
                     r.breached[series] = last

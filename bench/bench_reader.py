@@ -234,7 +234,9 @@ def _free_port() -> int:
 def bench_http(url: str, users: int, rate: float, seconds: float, post_rate: float, conns: int,
                seed: int, redis_pid: tuple = ()) -> dict:
     port = _free_port()
-    env = {**os.environ, "SURGEFLOW__REDIS__KEY_PREFIX": PREFIX}
+    # the load generator is one client: lift the per-client rate limit, or it measures 429s
+    env = {**os.environ, "SURGEFLOW__REDIS__KEY_PREFIX": PREFIX,
+           "SURGEFLOW__ACCESS__RATE_PER_S": "1000000", "SURGEFLOW__ACCESS__BURST": "1000000"}
     server = subprocess.Popen([sys.executable, "-m", "surgeflow", "serve-features", "--redis-url", url,
                                "--port", str(port)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     rng = random.Random(seed + 2)

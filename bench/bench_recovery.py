@@ -120,7 +120,7 @@ def restart_to_first_event(bench: Bench, settings, topic: str) -> float:
     thread = threading.Thread(target=runner.run, args=(live, bench.redis_url, live.flow.workers))
     thread.start()
     kafka.produce([bench.broker.bootstrap], topic, [(user.encode(), orjson.dumps(doc))])
-    while not client.exists(f"{live.redis.key_prefix}:v1:user:{user}"):
+    while not client.exists(f"{live.redis.key_prefix}:v2:user:{user}"):
         if time.monotonic() - started > 300:
             raise RuntimeError("the restarted flow never wrote the new event")
         time.sleep(0.01)

@@ -65,12 +65,18 @@ class JsonLinesSource(FixedPartitionedSource[RawRecord, int]):
 _FILE_LOCKS: dict[Path, threading.Lock] = {}
 
 
+def file_lock(path: Path) -> threading.Lock:
+    """The lock of a JSON-lines file of this process: writers append under it, an erasure
+    rewrites the file under it (privacy/erasure.py)."""
+    return _FILE_LOCKS.setdefault(Path(path).resolve(), threading.Lock())
+
+
 class _JsonLinesPartition(StatelessSinkPartition):
     def __init__(self, path: Path, encode: Callable[[object], bytes], observe: str | None):
         self.path = path
         self.encode = encode
         self.observe = observe
-        self.lock = _FILE_LOCKS.setdefault(path.resolve(), threading.Lock())
+        self.lock = file_lock(path)
 
     def write_batch(self, items: list) -> None:
         lines = [self.encode(record) + b"\n" for batch in items for record in batch]

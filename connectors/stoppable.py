@@ -5,6 +5,7 @@ and SIGTERM could not end a run that follows a topic. It also beats the heart th
 checks: a worker that still polls its source is alive, whether or not traffic comes."""
 from __future__ import annotations
 
+import threading
 import time
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -13,19 +14,48 @@ from surgeflow.shutdown import STOP
 from surgeflow.stats import STATS
 
 
+# Set once every partition of the main input of this process has ended: side inputs that
+# follow it (the erasure inbox) end too, so a bounded run ends. Cleared by flows.runner.run.
+INPUT_DONE = threading.Event()
+_open = [0]
+_open_lock = threading.Lock()
+
+
+def reset_input_done() -> None:
+    with _open_lock:
+        _open[0] = 0
+        INPUT_DONE.clear()
+
+
 class _StoppablePartition(StatefulSourcePartition):
     def __init__(self, inner: StatefulSourcePartition):
         self.inner = inner
         self.beat = 0.0
+        self.ended = False
+        with _open_lock:
+            _open[0] += 1
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            with _open_lock:
+                _open[0] -= 1
+                if _open[0] <= 0:
+                    INPUT_DONE.set()
 
     def next_batch(self):
         if STOP.is_set():
+            self._end()
             raise StopIteration()
         now = time.monotonic()
         if now - self.beat >= 1.0:  # the worker is polling its source: alive, even with no traffic
             self.beat = now
             STATS.set("heartbeat_ms", time.time() * 1000)
-        return self.inner.next_batch()
+        try:
+            return self.inner.next_batch()
+        except StopIteration:
+            self._end()
+            raise
 
     def next_awake(self):
         return self.inner.next_awake()

@@ -7,9 +7,10 @@ convenience for Python services and the HTTP API (:mod:`features.http`).
     reader.get("u00042")   # {'views_1h': 3, 'revenue_24h': 129.9, ..., 'stale': False, ...} or None
     reader.get("d-9f2c", anonymous=True)   # a visitor's device id: its profile, or its user's
 
-A lookup names the kind of id it holds. By user id (the default) only that user's hash is read.
-By anonymous id (``anonymous=True``) the id's own hash is read (a visitor not merged yet), else the
-alias ``<prefix>:v1:alias:<id>`` is followed once to the user it was merged into. The ids in
+A lookup names the kind of id it holds, and each kind has its own namespace (layout v2). By user
+id (the default) only that user's hash ``<prefix>:v2:user:<id>`` is read. By anonymous id
+(``anonymous=True``) the visitor's own hash ``<prefix>:v2:anon:<id>`` is read (a visitor not merged
+yet), else the alias ``<prefix>:v2:alias:<id>`` is followed once to the user it was merged into. The ids in
 tracking events are not authenticated: anyone can send ``{"user_id": "attacker",
 "anonymous_id": "u00042"}`` and so write ``alias:u00042 -> attacker``. A user-id lookup that fell
 back on aliases would then answer the attacker's features for ``u00042`` whenever that user's own
@@ -48,7 +49,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.registry import Feature, Registry, load_registry
-from features.layout import alias_key, is_valid_id, registry_key, user_key
+from features.layout import alias_key, anon_key, is_valid_id, registry_key, user_key
 
 META_FIELDS = ("as_of", "updated_at")  # written by the flow beside the features
 RESULT_FIELDS = ("as_of", "updated_at", "stale", "user_id", "alias_of")  # added by the reader
@@ -161,23 +162,24 @@ class _Reader:
         >>> reader = _Reader(None, "sf")
         >>> plan = reader._lookup(["u1"])  # by user id
         >>> next(plan)
-        [('HGETALL', 'sf:v1:user:u1')]
+        [('HGETALL', 'sf:v2:user:u1')]
         >>> plan.send([[]])  # no hash: the answer, with no alias lookup
         Traceback (most recent call last):
         StopIteration: {'u1': None}
         >>> plan = reader._lookup(["d1"], anonymous=True)
         >>> next(plan)
-        [('HGETALL', 'sf:v1:user:d1')]
+        [('HGETALL', 'sf:v2:anon:d1')]
         >>> plan.send([[]])  # no hash of its own: its alias
-        [('GET', 'sf:v1:alias:d1')]
+        [('GET', 'sf:v2:alias:d1')]
         >>> plan.send([b"u1"])  # then the user it names, whose hash is the answer
-        [('HGETALL', 'sf:v1:user:u1')]
+        [('HGETALL', 'sf:v2:user:u1')]
         """
         out: dict[str, dict | None] = dict.fromkeys(ids)
         valid = [u for u in out if is_valid_id(u)]
         if not valid:
             return out
-        replies = yield [("HGETALL", user_key(self.prefix, u)) for u in valid]
+        own = anon_key if anonymous else user_key  # separate namespaces (features.layout)
+        replies = yield [("HGETALL", own(self.prefix, u)) for u in valid]
         now_ms = time.time() * 1000
         missing = []
         for u, raw in zip(valid, replies):

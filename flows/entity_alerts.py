@@ -27,6 +27,7 @@ import orjson
 from bytewax.operators import StatefulBatchLogic
 
 from alerts.entities import BY_IP, BY_USER, MAX_ENTITY_KEYS, EntityRules, Signal
+from privacy.erasure import PROCESS_LEDGER
 from alerts.metrics import ENTITY_METRICS, ip_cluster, normal_ip
 from alerts.rules import RuleSpec
 from flows.events import Event, step_failure
@@ -41,6 +42,7 @@ class EntityChunk:
     clocks: dict[int, int]  # source partition -> highest event time in the batch
     partitions: int
     wall_ms: int = 0  # wall time the batch was read: how long partitions have been silent
+    erasures: list | None = None  # erasure requests (privacy/erasure.py), sent to every shard
 
 
 class SignalRouter:
@@ -113,9 +115,13 @@ class EntityShard:
         if self.stream.observe({}, chunk.partitions, chunk.wall_ms):
             if self.watermark == -END_OF_TIME and self.lookback_ms is not None and chunk.wall_ms:
                 alerts += self._advance(chunk.wall_ms - self.lookback_ms)
+        for request in chunk.erasures or ():
+            self.rules.erase({request.subject})
         for s in chunk.signals:
             if s.ts_ms < self.watermark or s.event_id in self.seen:
                 continue  # late (dead-lettered by its ingest shard) or a duplicate
+            if PROCESS_LEDGER and PROCESS_LEDGER.covers(s.user, s.ts_ms):
+                continue  # a person erased since (a replay, or still in flight)
             self.seen[s.event_id] = s.ts_ms
             try:
                 alerts += self.rules.observe(s)

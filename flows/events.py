@@ -12,13 +12,16 @@ the original bytes and a machine-readable reason. Decoding never raises.
 """
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from privacy.pii import dead_letter_key, scrub_raw, scrub_text, seal, subjects_of
+from privacy.subjects import pii_key
 
 EVENT_TYPES = frozenset({"track", "page", "screen", "identify"})
 # Events that SPEC section 3 names; others are kept and counted as `unknown_event_names`.
@@ -86,6 +89,9 @@ class Event:
     marketing: bool | None = None  # context.consent.marketing (trigger actions)
     tz: str = ""  # context.timezone: quiet hours, calendar days and local times of triggers
     latlon: tuple[float, float] | None = None  # context.geo.lat / lon (geo trigger rules)
+    origin: str = ""  # context.source, stamped by the collector: may this event link identities?
+    linked: bool = False  # an anonymous event resolved to its user through an identity link
+    device_consent: bool | None = None  # (linked) its device's profiling consent when linked
 
 
 @dataclass(slots=True)
@@ -101,22 +107,60 @@ class DeadLetter:
     step: str = "decode_and_route"  # the dataflow step that gave up on the record
 
     def to_json(self) -> bytes:
-        """The dead-letter file / message body: reason, detail and the exact original bytes."""
+        """The dead-letter file / message body. No PII in clear (SPEC section 9): the original
+        bytes only sealed (``raw_sealed``, when ``SURGEFLOW_DEAD_LETTER_KEY`` is set), a masked
+        copy (``raw_masked``: e-mails, phones and IPs hashed or masked), the subject hashes an
+        erasure looks for, and ``at_ms`` (wall time written) for retention.
+
+        >>> reset_dead_letter_keys({})  # no keys: nothing sealed, e-mails removed
+        >>> doc = orjson.loads(DeadLetter("invalid_json", "x", b'{"user_id":"u1","mail":"a@b.cn"').to_json())
+        >>> doc["raw_masked"], "raw_sealed" in doc, len(doc["subjects"])
+        ('{"user_id":"u1","mail":"[email]"', False, 0)
+        >>> reset_dead_letter_keys()
+        """
+        pii, sealing = _dead_letter_keys()
+        doc: dict[str, Any] = {
+            "reason": self.reason,
+            "detail": scrub_text(self.detail, pii),
+            "step": self.step,
+            "source": self.source,
+            "key": scrub_text(self.key.decode("utf-8", "replace"), pii) if self.key is not None else None,
+            "at_ms": int(time.time() * 1000),
+            "subjects": subjects_of(self.raw, pii),
+            "raw_masked": scrub_raw(self.raw, pii),
+        }
+        if sealing is not None:
+            doc["raw_sealed"] = seal(self.raw, sealing)
         try:
-            text = self.raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        return orjson.dumps(
-            {
-                "reason": self.reason,
-                "detail": self.detail,
-                "step": self.step,
-                "source": self.source,
-                "key": self.key.decode("utf-8", "replace") if self.key is not None else None,
-                "raw_b64": base64.b64encode(self.raw).decode("ascii"),
-                "raw_text": text if text is not None and len(text) <= 4096 else None,
-            }
-        )
+            return orjson.dumps(doc)
+        except TypeError:  # a lone surrogate (a JSON "\ud800" escape) somewhere: replaced
+            return orjson.dumps({k: _valid_text(v) for k, v in doc.items()})
+
+
+def _valid_text(value):
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [_valid_text(v) for v in value]
+    return value
+
+
+# (PII key, dead-letter key): read from the environment once per process, not per dead letter
+_KEYS: tuple[bytes | None, bytes | None] | None = None
+
+
+def _dead_letter_keys() -> tuple[bytes | None, bytes | None]:
+    global _KEYS
+    if _KEYS is None:
+        _KEYS = (pii_key(), dead_letter_key())
+    return _KEYS
+
+
+def reset_dead_letter_keys(env: dict[str, str] | None = None) -> None:
+    """Forget the keys read (tests): the next dead letter reads the environment again, or
+    ``env`` when given."""
+    global _KEYS
+    _KEYS = None if env is None else (pii_key(env), dead_letter_key(env))
 
 
 _failure_log = logging.getLogger("surgeflow.flow")
@@ -344,6 +388,7 @@ def decode(
             marketing=marketing if isinstance(marketing, bool) else None,
             tz=tz,
             latlon=_latlon(geo),
+            origin=_text(ctx, "source"),
         )
     except Reject as rej:
         return DeadLetter(rej.reason, rej.detail, raw, key, source)

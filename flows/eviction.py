@@ -42,6 +42,13 @@ class OldestFirst:
     def discard(self, key: str) -> None:
         self.last.pop(key, None)
 
+    def purge(self, key: str) -> None:
+        """Forget a key with its heap entries (erasure: no stale entry may keep the id)."""
+        self.last.pop(key, None)
+        if any(k == key for _, k in self.heap):
+            self.heap = [e for e in self.heap if e[1] != key]
+            heapq.heapify(self.heap)
+
     def pop_older_than(self, ts: int) -> str | None:
         """Remove and return a key last active before ``ts``, oldest first (None: there is none)."""
         while self.heap and self.heap[0][0] < ts:

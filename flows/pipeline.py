@@ -17,6 +17,10 @@
       -> actions_to_*             trigger actions: Kafka topic or JSON lines, ClickHouse, webhook
       -> trigger_audit_to_clickhouse  every trigger decision and its reason (trigger_audit)
       -> dead_letters_to_*        decode failures and late events
+    erasures_in          erasure requests (Kafka topic `erasure`, or the embedded inbox), routed
+                         to every ingest shard: the subject leaves the shards' state in-stream
+    erasures             the shards' erasure reports gathered per request: every ClickHouse
+                         table, the files, the ledger in Redis, the audit (privacy/erasure.py)
     close_minutes        the ingest shards' closed minutes merged once every shard closed them
       -> aggregates_to_clickhouse one insert per complete minute, deduplicated by the minute
                                   (hour / day rollups, funnel, user days follow in ClickHouse)
@@ -52,6 +56,7 @@ from features.profile import FeaturePlan
 from flows.entity_alerts import EntityChunk, EntityLogic, SignalRouter
 from flows.minutes import CompleteMinute, MinuteCloser
 from flows.shard import Chunk, IngestLogic, ProfileLogic, ShardConfig, ShardOut
+from privacy.erasure import PROCESS_LEDGER, Eraser, ErasureLogic, names_erased, reset_process_ledger, request_of
 from surgeflow.stats import STATS
 
 log = logging.getLogger("surgeflow.alerts")
@@ -60,7 +65,9 @@ DEAD = "dead"
 ENTITIES = "entities"
 
 
-def shard_config(settings: Settings) -> ShardConfig:
+def shard_config(settings: Settings, erased: dict[str, int] | None = None) -> ShardConfig:
+    pv = settings.privacy
+    key = os.environ.get(pv.pii_key_env)
     return ShardConfig(
         lateness_ms=int(settings.flow.allowed_lateness_s * 1000),
         horizon_ms=int(settings.model.horizon_h * 3_600_000),
@@ -71,7 +78,15 @@ def shard_config(settings: Settings) -> ShardConfig:
         profile_shards=settings.flow.profile_shards,
         ingest_shards=settings.flow.shards,
         raw_events=settings.clickhouse.raw_events,
-        pii_key=os.environ["SURGEFLOW_PII_KEY"].encode() if os.environ.get("SURGEFLOW_PII_KEY") else None,
+        pii_key=key.encode() if key else None,
+        subject_key=key.encode() if key else None,
+        profiling_consent=pv.consent.profiling,
+        marketing_consent=pv.consent.marketing,
+        consent_ttl_ms=int(pv.consent.remember_days * 86_400_000),
+        link_events=frozenset(pv.identity.link_events) if pv.identity.link_events is not None else None,
+        link_sources=frozenset(pv.identity.link_sources),
+        max_users_per_anonymous=pv.identity.max_users_per_anonymous,
+        erased=tuple(sorted((erased or {}).items())),
         idle_ms=_ms(settings.flow.idle_timeout_s),
         lookback_ms=_ms(settings.flow.max_lookback_s),
         max_anonymous=settings.limits.max_anonymous_profiles,
@@ -266,13 +281,15 @@ class Outputs:
 
 def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions: int,
                flow_id: str = "surgeflow", registry: Registry | None = None,
-               snapshots: bool = False) -> Dataflow:
+               snapshots: bool = False, erasure_source: Source | None = None,
+               eraser: Eraser | None = None, erased: dict[str, int] | None = None) -> Dataflow:
     shards = settings.flow.shards
     max_future = settings.flow.max_clock_skew_s
     lim = settings.limits
     limits = Limits(lim.max_depth, lim.max_keys, lim.max_string_chars, lim.max_money,
                     lim.max_quantity)
-    cfg = dataclasses.replace(shard_config(settings), snapshots=snapshots)
+    cfg = dataclasses.replace(shard_config(settings, erased), snapshots=snapshots)
+    reset_process_ledger(cfg.subject_key, erased or {})
     plan = FeaturePlan(registry or load_registry(settings.features.registry),
                        max_cart_items=settings.limits.max_cart_items)
 
@@ -289,7 +306,21 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     bad = op.map("bad_records", split.falses, lambda kv: kv[1])
     by_kind = op.branch("split_entity_signals", split.trues, lambda kv: type(kv[1]) is Chunk)
 
-    ingested = op.stateful_batch("ingest_shards", by_kind.trues,
+    to_ingest = by_kind.trues
+    if erasure_source is not None:  # erasure requests reach every ingest shard
+        requests = op.filter_map("erasure_requests", op.input("erasures_in", flow, erasure_source),
+                                 request_of)
+        routed_erasures = op.flat_map("route_erasures", requests, lambda r: [
+            (f"shard-{i:04d}", Chunk(i, [], {}, partitions, int(time.time() * 1000), None, [r]))
+            for i in range(shards)] + [
+            (f"{ENTITIES}-{i:04d}", EntityChunk(i, [], {}, partitions, int(time.time() * 1000), [r]))
+            for i in range(router.shards if router is not None else 0)])
+        split_erasures = op.branch("split_erasures", routed_erasures, lambda kv: type(kv[1]) is Chunk)
+        to_ingest = op.merge("ingest_input", to_ingest, split_erasures.trues)
+        to_entities = op.merge("entity_input", by_kind.falses, split_erasures.falses)
+    else:
+        to_entities = by_kind.falses
+    ingested = op.stateful_batch("ingest_shards", to_ingest,
                                  lambda resume: IngestLogic(cfg, plan, resume))
     ingested = op.map("ingest_results", ingested, lambda kv: kv[1])
     handovers = op.flat_map("handovers", ingested, lambda o: o.handovers)
@@ -298,6 +329,14 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     profiled = op.map("profile_results", profiled, lambda kv: kv[1])
     results = op.merge("shard_results", ingested, profiled)
 
+    if eraser is not None:
+        reports = op.filter_map("erasure_reports", results, lambda o: o.erasures or None)
+        # the sweep also compacts the recovery store: after two epochs no snapshot holds them
+        resweep_s = max(settings.privacy.erasure.resweep_s, 2 * settings.flow.epoch_interval_s)
+        expected = (shards + 1, shards)  # reports per request, by request.anonymous: a user's
+        # come from every ingest shard and the profile shard, an anonymous id's from the first
+        op.stateful_batch("erasures", op.key_on("all-erasures", reports, lambda _: "all"),
+                          lambda resume: ErasureLogic(eraser, expected, resweep_s, resume))
     features = op.filter_map("feature_values", results,
                              lambda o: (o.features, o.aliases) if o.features or o.aliases else None)
     op.output("features_to_redis", features, outputs.features)
@@ -327,7 +366,7 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     if router is not None:
         lateness = int(settings.flow.allowed_lateness_s * 1000)
         entity_out = op.stateful_batch(
-            "entity_rules", by_kind.falses,
+            "entity_rules", to_entities,
             lambda resume: EntityLogic(entity_rules, lateness, resume, snapshots,
                                        max_entity_keys=settings.limits.max_entity_keys,
                                        idle_ms=cfg.idle_ms, lookback_ms=cfg.lookback_ms))
@@ -338,10 +377,18 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     alerts = op.map("alerts_to_log", alerts, log_alerts)
     for name, sink in outputs.alerts:
         op.output(f"alerts_to_{name}", alerts, sink)
-    dead = op.merge("dead_letters", *dead_streams)
+    dead = op.filter_map("dead_letters", op.merge("all_dead_letters", *dead_streams),
+                         _not_erased)
     for name, sink in outputs.dead_letters:
         op.output(f"dead_letters_to_{name}", dead, sink)
     return flow
+
+
+def _not_erased(dead: list) -> list | None:
+    """Dead letters of people erased since are not written (their record predates the erasure)."""
+    if PROCESS_LEDGER:
+        dead = [d for d in dead if not names_erased(d.raw, d.key, d.ts_ms)]
+    return dead or None
 
 
 def _counted_dead(dead: list) -> list:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,10 +22,21 @@ from config.registry import load_registry
 from connectors.redis_features import RedisFeatureSink, write_registry
 from connectors.synthetic import Anomaly, SyntheticSpec
 from connectors.synthetic_source import SyntheticSource
-from features.layout import user_key_pattern
+from bytewax.inputs import FixedPartitionedSource
+
+from connectors.stoppable import reset_input_done
+from features.layout import anon_key, erased_key, user_key_pattern
+from privacy.erasure import Eraser, InboxSource
+from privacy.pii import warn_if_no_key
+from privacy.retention import sweep_dead_letters, sweep_spools
+from privacy.subjects import pii_key, subject_hash
+from warehouse.migrate import apply_retention
+from privacy.secrets import clickhouse_dsn, kafka_client_config
 from flows.events import DeadLetter
 from flows.pipeline import Outputs, build_flow
 from surgeflow.stats import STATS
+
+flow_log = logging.getLogger("surgeflow.flow")
 
 
 def public(record: dict) -> bytes:
@@ -53,11 +66,18 @@ def make_source(settings: Settings):
         if not paths:
             raise ValueError("source.file.paths is empty")
         return Stoppable(JsonLinesSource(paths)), len(paths)
-    k = settings.kafka
-    partitions = kafka.partition_count(k.brokers, k.events_topic, k.client_config)
+    k, config = settings.kafka, kafka_client_config(settings.kafka)
+    partitions = kafka.partition_count(k.brokers, k.events_topic, config)
     return Stoppable(kafka.events_source(k.brokers, k.events_topic, tail=k.tail,
                                          from_beginning=k.starting_offset == "beginning",
-                                         batch_size=k.batch_size, extra=k.client_config)), partitions
+                                         batch_size=k.batch_size, extra=config)), partitions
+
+
+def _dead_letter_key(settings: Settings):
+    """The dead-letter topic's message key: a subject hash of the record's key (its partition
+    follows the record's, and no id travels in clear)."""
+    key = pii_key(name=settings.privacy.pii_key_env)
+    return lambda d: subject_hash(d.key.decode("utf-8", "replace"), key).encode() if d.key else None
 
 
 def make_outputs(settings: Settings, redis_url: str) -> Outputs:
@@ -70,7 +90,7 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
     share = ch.max_buffer_bytes // (5 if ch.raw_events else 4)
 
     def table(name: str) -> clickhouse.ClickHouseSink:
-        return clickhouse.ClickHouseSink(ch.dsn, ch.database, name, ch.insert_batch_rows,
+        return clickhouse.ClickHouseSink(clickhouse_dsn(ch), ch.database, name, ch.insert_batch_rows,
                                          ch.flush_interval_s, ch.max_buffer_rows,
                                          ch.spool_dir.resolve(), max_buffer_bytes=share,
                                          max_insert_tries=ch.max_insert_tries, timeout_s=ch.timeout_s,
@@ -104,15 +124,15 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
         out.alerts.append(("file", JsonLinesSink(d / "alerts.jsonl", public, "alert_latency_ms")))
         out.dead_letters.append(("file", JsonLinesSink(d / "dead_letters.jsonl", encode_dead)))
     else:
-        k = settings.kafka
+        k, config = settings.kafka, kafka_client_config(settings.kafka)
         out.actions.append(("kafka", kafka.KafkaTopicSink(
-            k.brokers, k.actions_topic, public, lambda a: a["user_id"].encode(), k.client_config,
+            k.brokers, k.actions_topic, public, lambda a: a["user_id"].encode(), config,
             observe="action_latency_ms", reject_dir=reject_dir)))
         out.alerts.append(("kafka", kafka.KafkaTopicSink(
-            k.brokers, k.alerts_topic, public, lambda a: a["series"].encode(), k.client_config,
+            k.brokers, k.alerts_topic, public, lambda a: a["series"].encode(), config,
             observe="alert_latency_ms", reject_dir=reject_dir)))
         out.dead_letters.append(("kafka", kafka.KafkaTopicSink(
-            k.brokers, k.dead_letter_topic, encode_dead, lambda d: d.key, k.client_config,
+            k.brokers, k.dead_letter_topic, encode_dead, _dead_letter_key(settings), config,
             reject_dir=reject_dir)))
     return out
 
@@ -126,23 +146,35 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
         partitions: int | None = None) -> RunResult:
     """Builds and runs the dataflow in this process (1..n worker threads) until its input ends."""
     ch = settings.clickhouse
-    clickhouse.ensure_schema(ch.dsn, ch.database, ch.timezone)
+    clickhouse.ensure_schema(clickhouse_dsn(ch), ch.database, ch.timezone)
     if settings.output.kind == "kafka" or settings.source.kind == "kafka":
         k = settings.kafka
-        kafka.check_brokers(k.brokers, k.client_config)
+        kafka.check_brokers(k.brokers, kafka_client_config(k))
     if settings.output.kind == "kafka":
         k = settings.kafka
         kafka.ensure_topics(k.brokers, [k.actions_topic, k.alerts_topic, k.dead_letter_topic],
-                            extra=k.client_config)
+                            extra=kafka_client_config(k))
+    client, lock = clickhouse.connect(clickhouse_dsn(ch))
+    with lock:  # privacy.retention: the time to live of every table holding a user id
+        apply_retention(client, ch.database, settings.privacy.retention.model_dump())
     registry = load_registry(settings.features.registry)
     write_registry(redis_url, settings.redis.key_prefix, registry.to_dict(),
                    socket_timeout_s=settings.redis.socket_timeout_s,
                    retry_max_backoff_s=settings.redis.retry_max_backoff_s)
     if source is None:
         source, partitions = make_source(settings)
+    if isinstance(source, FixedPartitionedSource) and not isinstance(source, Stoppable):
+        source = Stoppable(source)  # (its end also ends the erasure inbox)
     recovery = recovery_config(settings.flow.recovery_dir)
+    pv = settings.privacy
+    warn_if_no_key(flow_log, name=pv.pii_key_env)
+    retention = start_file_retention(settings)
+    reset_input_done()
     flow = build_flow(settings, source, make_outputs(settings, redis_url), partitions or 1,
-                      registry=registry, snapshots=recovery is not None)
+                      registry=registry, snapshots=recovery is not None,
+                      erasure_source=erasure_source(settings) if isinstance(source, Stoppable) else None,
+                      eraser=make_eraser(settings, redis_url),
+                      erased=load_erased(redis_url, settings.redis.key_prefix))
     epoch = timedelta(seconds=settings.flow.epoch_interval_s)
     workers = workers or settings.flow.workers
     # The shards hold many small long-lived objects; Python's default GC threshold (700) makes it
@@ -155,10 +187,64 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
     try:
         _run(flow, workers, epoch, recovery)
     finally:
+        retention.set()
         STATS.set("ready", 0)
         gc.set_threshold(*threshold)
         gc.unfreeze()
     return RunResult(time.monotonic() - started)
+
+
+def start_file_retention(settings: Settings) -> threading.Event:
+    """Dead letters and spools past their retention go: spools now (no sink reads them yet),
+    dead letters now and every hour. Returns the event that stops the hourly sweep."""
+    ch, rt = settings.clickhouse, settings.privacy.retention
+    sweep_spools(ch.spool_dir.resolve(), rt.spool_days)
+    places = [ch.spool_dir.resolve()] + ([settings.output.dir.resolve()]
+                                         if settings.output.kind == "files" else [])
+    done = threading.Event()
+
+    def hourly():
+        while True:
+            sweep_dead_letters(places, rt.dead_letters_days)
+            if done.wait(3600):
+                return
+
+    threading.Thread(target=hourly, name="retention", daemon=True).start()
+    return done
+
+
+def erasure_source(settings: Settings):
+    """Where erasure requests come from: the erasure topic (Kafka sources), else the inbox."""
+    if settings.source.kind == "kafka":
+        from bytewax.connectors.kafka import KafkaSource
+
+        k, config = settings.kafka, kafka_client_config(settings.kafka)
+        kafka.ensure_topics(k.brokers, [settings.privacy.erasure.topic], extra=config)
+        return Stoppable(KafkaSource(k.brokers, [settings.privacy.erasure.topic], tail=k.tail,
+                                     add_config=config, raise_on_errors=False))
+    return InboxSource(settings.privacy.erasure.inbox.resolve())
+
+
+def make_eraser(settings: Settings, redis_url: str) -> Eraser:
+    ch, pv = settings.clickhouse, settings.privacy
+    files = [ch.spool_dir.resolve()]
+    if settings.output.kind == "files":
+        files.append(settings.output.dir.resolve())
+    inbox = pv.erasure.inbox.resolve()
+    return Eraser(clickhouse_dsn=clickhouse_dsn(ch), database=ch.database, redis_url=redis_url,
+                  prefix=settings.redis.key_prefix, key=pii_key(name=pv.pii_key_env), files=files,
+                  receipts=inbox.parent / "receipts", inbox=inbox,
+                  recovery=settings.flow.recovery_dir.resolve() if settings.flow.recovery_dir else None)
+
+
+def load_erased(redis_url: str, prefix: str) -> dict[str, int]:
+    """The erasure ledger (subject hash -> erasure time), so that a fresh start or a replay
+    keeps erased people out."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return {k.decode(): int(v) for k, v in client.hgetall(erased_key(prefix)).items()}
+    finally:
+        client.close()
 
 
 def recovery_config(db_dir: Path | None) -> RecoveryConfig | None:
@@ -182,13 +268,14 @@ def _run(flow, workers: int, epoch: timedelta, recovery: RecoveryConfig | None) 
 def count_feature_users(redis_url: str, prefix: str) -> int:
     client = redis.Redis.from_url(redis_url)
     try:
-        return sum(1 for _ in client.scan_iter(match=user_key_pattern(prefix), count=5000))
+        return sum(1 for pattern in (user_key_pattern(prefix), anon_key(prefix, "*"))
+                   for _ in client.scan_iter(match=pattern, count=5000))
     finally:
         client.close()
 
 
 def count_aggregate_rows(settings: Settings) -> int:
-    client, lock = clickhouse.connect(settings.clickhouse.dsn)
+    client, lock = clickhouse.connect(clickhouse_dsn(settings.clickhouse))
     with lock:
         return int(client.command(
             f"SELECT count() FROM {settings.clickhouse.database}.events_minute FINAL"))

@@ -20,6 +20,7 @@ reads the wall clock, so a replay of days of history gives the live run's result
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import pickle
 import time
@@ -38,6 +39,8 @@ from flows.stream_clock import END_OF_TIME, StreamClock
 from surgeflow.shutdown import stopping
 from surgeflow.stats import STATS
 from models.propensity import PurchasePropensity
+from privacy.consent import ConsentBook
+from privacy.erasure import PROCESS_LEDGER, ErasedLedger, ErasureReport, ErasureRequest
 from triggers import guards as trigger_guards
 from triggers.book import rule_file
 from triggers.engine import TriggerEngine
@@ -78,6 +81,7 @@ class Chunk:
     wall_ms: int = 0  # wall time the batch was read: how long partitions have been silent
     # source partition -> highest offset read (None: tests without positions, nothing waits)
     progress: dict[int, int] | None = None
+    erasures: list[ErasureRequest] | None = None  # erasure requests (sent to every ingest shard)
 
 
 @dataclass(slots=True)
@@ -89,7 +93,8 @@ class Handover:
 
     shard: int
     source: int
-    ops: list  # (partition, offset, ts, Event | ("merge", user, Profile) | ("forget", user))
+    # (partition, offset, ts, Event | ("merge", user, Profile, consent) | ("erase", user, request))
+    ops: list
     clock: int | None
     progress: dict[int, int]
     final: bool = False
@@ -104,6 +109,7 @@ class Write:
     removed: tuple[str, ...] = ()
     refresh_ttl: bool = False  # the user was active: the key's time to live starts again
     arrival_ms: int = 0
+    anonymous: bool = False  # an anonymous visitor's hash (its own namespace), else a user's
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,16 @@ class ShardConfig:
     max_anonymous: int = 200_000  # anonymous profiles per ingest shard
     max_links: int = 500_000  # identity links per ingest shard
     max_minute_rows: int = 50_000  # distinct aggregate keys per open minute and shard
+    # Privacy (privacy.* settings). These defaults keep the engine's unit tests short; the
+    # product's defaults are config.settings' (opt-in consent, links only from login events).
+    profiling_consent: str = "opt_out"
+    marketing_consent: str = "opt_out"  # opt_in: every action needs a marketing grant
+    consent_ttl_ms: int = 400 * 86_400_000
+    link_events: frozenset[str] | None = None  # events that may link identities (None: any)
+    link_sources: frozenset[str] = frozenset()  # context.source values trusted to link (empty: any)
+    max_users_per_anonymous: int = 1
+    subject_key: bytes | None = None  # key of the subject hashes (erasure ledger)
+    erased: tuple[tuple[str, int], ...] = ()  # the erasure ledger read at start-up
 
 
 @dataclass
@@ -133,7 +149,8 @@ class ShardOut:
 
     shard: int
     features: list[Write] = field(default_factory=list)
-    aliases: list[tuple[str, str]] = field(default_factory=list)  # anonymous id -> user id
+    aliases: list[tuple[str, str | None]] = field(default_factory=list)  # anon -> user (None: delete)
+    erasures: list[ErasureReport] = field(default_factory=list)
     actions: list[dict] = field(default_factory=list)  # "_"-prefixed keys are not published
     audit: list[dict] = field(default_factory=list)  # trigger decisions (trigger_audit)
     dead: list[DeadLetter] = field(default_factory=list)
@@ -148,7 +165,7 @@ class ShardOut:
 
     def __bool__(self) -> bool:
         return bool(self.features or self.aliases or self.actions or self.audit or self.minutes
-                    or self.dead
+                    or self.dead or self.erasures
                     or self.raw or self.handovers or self.events or self.duplicates
                     or self.consent_denied)
 
@@ -203,6 +220,8 @@ class TriggerContext:
         return trigger_guards.zone(tz[1] if tz else None, default)
 
     def marketing_ok(self, policy: str) -> bool:
+        if self.store.config.marketing_consent == "opt_in":  # the global policy is a floor
+            policy = "opt_in"
         given = self.p.marketing if self.p is not None else None
         value = given[1] if given else None
         return value is True if policy == "opt_in" else value is not False
@@ -225,9 +244,12 @@ class ProfileStore:
         # event time is forgotten as if its time to live had passed.
         self.cap: int | None = None
         self.recency: OldestFirst | None = None
+        self.anonymous = False  # the ingest shards' store of anonymous visitors
+        self.consent = ConsentBook(config.profiling_consent, config.consent_ttl_ms)
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"cap": None, "recency": None, "triggers": None, **state})
+        self.__dict__.update({"cap": None, "recency": None, "triggers": None, "anonymous": False,
+                              "consent": None, **state})
         self.__dict__.pop("rule", None)  # the one hard-coded rule before the trigger engine
 
     def refresh_rules(self, wall_ms: int = 0) -> None:
@@ -252,6 +274,20 @@ class ProfileStore:
             self.recency = OldestFirst()
             for name, p in self.users.items():
                 self.recency.touch(name, p.last_event)
+
+    def admit(self, e: Event, out: ShardOut) -> bool:
+        """The consent policy on one event: may it be profiled? A withdrawal forgets what was
+        built (and cancels pending sends)."""
+        book = self.consent
+        if book is None:  # a snapshot from before the consent ledger
+            book = self.consent = ConsentBook(self.config.profiling_consent, self.config.consent_ttl_ms)
+        allowed, withdrawn = book.decide(e.user, e.consent, e.ts_ms, e.linked, e.device_consent)
+        if not allowed:
+            out.consent_denied += 1
+            if withdrawn or (e.consent is False and not e.linked):
+                if e.user in self.users:
+                    self.forget(e.user, out, e.ts_ms)
+        return allowed
 
     def apply(self, e: Event, out: ShardOut) -> None:
         p = self.users.get(e.user)
@@ -282,7 +318,9 @@ class ProfileStore:
         if engine is not None:
             ctx._num = None  # the features now include this event
             withdrawn = False
-            if e.marketing is not None and (p.marketing is None or e.ts_ms >= p.marketing[0]):
+            # (a linked anonymous device may not grant or withdraw for the person)
+            if e.marketing is not None and not e.linked and (p.marketing is None
+                                                             or e.ts_ms >= p.marketing[0]):
                 withdrawn = e.marketing is False and (p.marketing is None or p.marketing[1])
                 p.marketing = (e.ts_ms, e.marketing)
             if e.tz and (p.tz is None or e.ts_ms >= p.tz[0]):
@@ -291,7 +329,13 @@ class ProfileStore:
                 engine.revoke(e.user, e.ts_ms, out)
             engine.on_event(e.user, e, ctx, out, e.arrival_ms)
 
-    def absorb(self, user: str, other: Profile) -> None:
+    def absorb(self, user: str, other: Profile, consent: tuple[int, bool] | None = None) -> None:
+        """A visitor's profile merges into the user's. The user's own consent statement wins
+        over the visitor's; a user who refused profiling does not receive the visitor's data."""
+        if self.consent is not None:
+            self.consent.adopt(user, consent)
+            if not self.consent.allows(user):
+                return
         p = self.users.get(user)
         if p is None:
             self.users[user] = other
@@ -327,6 +371,25 @@ class ProfileStore:
             self.triggers.revoke(user, max(ts, self.watermark), out)
         self._drop(user, out, keep_sent=True)
 
+    def erase(self, user: str, out: ShardOut) -> int:
+        """Erasure: every trace of the identity in this store goes (profile, model examples,
+        trigger state with its history, consent, timer entries); its hash is deleted. Returns
+        the number of profiles removed (0 or 1)."""
+        found = self.users.pop(user, None) is not None
+        self.model.pending.pop(user, None)
+        if self.triggers is not None:
+            self.triggers.erase(user)
+        if self.consent is not None:
+            self.consent.take(user)
+        self.dirty.discard(user)
+        if self.recency is not None:
+            self.recency.purge(user)
+        if any(name == user for _, name in self.timers):
+            self.timers = [t for t in self.timers if t[1] != user]
+            heapq.heapify(self.timers)
+        out.features.append(Write(user, None, anonymous=self.anonymous))
+        return int(found)
+
     def _drop(self, user: str, out: ShardOut, keep_sent: bool = False) -> None:
         """The profile's state and its stored hash go (consent withdrawn, time to live, cap)."""
         self.users.pop(user, None)
@@ -336,7 +399,7 @@ class ProfileStore:
         self.dirty.discard(user)
         if self.recency is not None:
             self.recency.discard(user)
-        out.features.append(Write(user, None))
+        out.features.append(Write(user, None, anonymous=self.anonymous))
 
     # -- time ------------------------------------------------------------------------------
     def advance(self, watermark: int, out: ShardOut) -> None:
@@ -364,6 +427,8 @@ class ProfileStore:
         if engine is not None:
             users = self.users
             engine.advance(watermark, lambda user: TriggerContext(self, user, users.get(user)), out)
+        if self.consent is not None:
+            self.consent.expire(watermark)
 
     def finish(self, clock: int, out: ShardOut) -> None:
         """End of a bounded input: every profile as of the end (a replay ends "now" there)."""
@@ -402,7 +467,8 @@ class ProfileStore:
                 out.dead.append(step_failure("profile_write", exc, b"", name.encode(), p.as_of))
                 continue
             p.written |= score_bit
-            out.features.append(Write(name, values, tuple(removed), p.active, p.arrival_ms))
+            out.features.append(Write(name, values, tuple(removed), p.active, p.arrival_ms,
+                                      self.anonymous))
             p.active = False
             p.arrival_ms = 0
             self._schedule(name, p)
@@ -457,13 +523,21 @@ class IngestShard:
             self.stream.resumed()
         self.__dict__.pop("sent_clock", None)  # before handovers carried the read positions
         self.__dict__.setdefault("progress", {})
+        self.__dict__.setdefault("link_users", {})
+        if self.__dict__.get("erased") is None:
+            self.erased = ErasedLedger(self.config.subject_key, dict(self.config.erased))
+        self.store.anonymous = True
 
     def __init__(self, shard: int, config: ShardConfig, plan: FeaturePlan):
         self.shard = shard
         self.config = config
         self.store = ProfileStore(plan, config)  # anonymous visitors
+        self.store.anonymous = True
         self.store.limit(config.max_anonymous)
-        self.links: dict[str, str] = {}  # anonymous id -> user id
+        self.links: dict[str, str] = {}  # anonymous id -> user id (the latest linked)
+        # anonymous id -> every user linked to it (a shared device), when more than one may be
+        self.link_users: dict[str, tuple[str, ...]] = {}
+        self.erased = ErasedLedger(config.subject_key, dict(config.erased))
         self.link_age = OldestFirst()  # when each link was last used (event time)
         self.swept: set[str] | None = None  # after a restart: linked visitors' hashes deleted
         self.seen: dict[str, int] = {}  # event_id -> ts, kept while a duplicate could be on time
@@ -494,6 +568,8 @@ class IngestShard:
             if self.watermark == -END_OF_TIME and lookback is not None and wall:
                 self.advance(wall - lookback, out)  # older events are late: no minute opens there
         ops: dict[int, list] = {}
+        for request in chunk.erasures or ():
+            self.erase(request, out, ops)
         for event in chunk.events:
             try:
                 self._event(event, out, ops)
@@ -516,6 +592,9 @@ class IngestShard:
     def _event(self, e: Event, out: ShardOut, ops: dict[int, list]) -> None:
         ts = e.ts_ms
         if ts < self.watermark:
+            if self.erased and (self.erased.covers(e.user, ts) or (e.anon and self.erased.covers(e.anon, ts))):
+                STATS.add("erased_events_dropped")
+                return
             self.late_events += 1
             self._delay(minute_of(self.watermark), e)  # a stuck collector's data counts too
             out.dead.append(DeadLetter("late_event", f"event time {ts} < watermark {self.watermark}",
@@ -525,6 +604,12 @@ class IngestShard:
             out.duplicates += 1
             return
         self.seen[e.event_id] = ts
+        if self.erased and (self.erased.covers(e.user, ts) or (e.anon and self.erased.covers(e.anon, ts))):
+            STATS.add("erased_events_dropped")  # erased: a replay must not bring them back
+            if e.identified and e.anon and e.anon != e.user and self._may_link(e) \
+                    and not self.erased.covers(e.anon, ts):
+                self._erase_device(e, out)
+            return
         out.events += 1
         self._bounce(e, ts)
         if self.config.raw_events:
@@ -536,37 +621,119 @@ class IngestShard:
                 # Before the crash this event may have come before its visitor's login (the two
                 # partitions interleave differently) and written the visitor's own hash.
                 self.swept.add(e.user)
-                out.features.append(Write(e.user, None))
+                out.features.append(Write(e.user, None, anonymous=True))
             self.link_age.touch(e.user, ts)
+            if self.store.consent is not None:
+                e.device_consent = self.store.consent.allows(e.user)
             e.user = self.links[e.user]
-            e.identified = True
-        if e.consent is False:  # no profiling, and no identity link either
-            out.consent_denied += 1
-            if e.identified:
-                ops.setdefault(shard_of(e.user, profile_shards), []).append(
-                    (e.partition, e.offset, ts, ("forget", e.user)))
-            elif e.user in self.store.users:
-                self.store.forget(e.user, out, e.ts_ms)
+            e.identified = e.linked = True
+        if not e.identified:  # an anonymous visitor: its consent and profile are kept here
+            if self.store.admit(e, out):
+                self.store.apply(e, out)
             return
-        if e.identified and e.anon and e.anon != e.user and e.anon not in self.links:
-            self.links[e.anon] = e.user
-            self.link_age.touch(e.anon, ts)
-            if len(self.links) > self.config.max_links:  # the least recently used link goes
-                del self.links[self.link_age.pop_oldest()]
-                STATS.add_labeled("evictions", "identity_link")
-            out.aliases.append((e.anon, e.user))
-            anonymous = self.store.take(e.anon)
-            if anonymous is not None:
-                out.features.append(Write(e.anon, None))
-                ops.setdefault(shard_of(e.user, profile_shards), []).append(
-                    (e.partition, e.offset, ts, ("merge", e.user, anonymous)))
-        elif e.identified and e.anon in self.links:
-            self.link_age.touch(e.anon, ts)  # the link is in use: it stays
-        if e.identified:
-            ops.setdefault(shard_of(e.user, profile_shards), []).append(
-                (e.partition, e.offset, ts, e))
+        if e.anon and e.anon != e.user and e.consent is not False and not e.linked:
+            self._link(e, ts, out, ops)
+        # the user's consent is decided by their profile shard, which holds their statements
+        ops.setdefault(shard_of(e.user, profile_shards), []).append((e.partition, e.offset, ts, e))
+
+    def _link(self, e: Event, ts: int, out: ShardOut, ops: dict[int, list]) -> None:
+        """Link the event's anonymous id to its user when the policy lets this event do it: a
+        link event (login, identify...) from a trusted source, and at most
+        ``max_users_per_anonymous`` users per anonymous id. The first link moves the visitor's
+        profile into the user's (merged, never overwriting it)."""
+        anon, user, config = e.anon, e.user, self.config
+        current = self.links.get(anon)
+        if current == user:
+            self.link_age.touch(anon, ts)  # the link is in use: it stays
+            return
+        if not self._may_link(e):
+            return
+        if current is not None:  # a shared device: another user logs in on it
+            users = self.link_users.get(anon, (current,))
+            if user not in users:
+                if len(users) >= config.max_users_per_anonymous:
+                    STATS.add("identity_links_refused")
+                    return
+                self.link_users[anon] = users + (user,)
+            self.links[anon] = user  # its anonymous events now belong to the latest user
+            self.link_age.touch(anon, ts)
+            out.aliases.append((anon, user))
+            return
+        self.links[anon] = user
+        if config.max_users_per_anonymous > 1:
+            self.link_users[anon] = (user,)
+        self.link_age.touch(anon, ts)
+        if len(self.links) > config.max_links:  # the least recently used link goes
+            oldest = self.link_age.pop_oldest()
+            del self.links[oldest]
+            self.link_users.pop(oldest, None)
+            STATS.add_labeled("evictions", "identity_link")
+        out.aliases.append((anon, user))
+        # (the device keeps its statement: its linked events carry it, see ConsentBook.decide)
+        consent = self.store.consent.statement(anon) if self.store.consent is not None else None
+        anonymous = self.store.take(anon)
+        if anonymous is not None:
+            out.features.append(Write(anon, None, anonymous=True))
+            ops.setdefault(shard_of(user, config.profile_shards), []).append(
+                (e.partition, e.offset, ts, ("merge", user, anonymous, consent)))
+
+    def _may_link(self, e: Event) -> bool:
+        config = self.config
+        return (config.link_events is None or e.name in config.link_events) and (
+            not config.link_sources or e.origin in config.link_sources)
+
+    def _erase_device(self, e: Event, out: ShardOut) -> None:
+        """An erased user's own link event, arriving after the erasure (a replay, or still in
+        flight): the device it names was the person's, so it is erased as well."""
+        at = self.erased.erased_at(e.user)
+        PROCESS_LEDGER.add(e.anon, at)
+        rid = hashlib.sha256(f"{self.erased.add(e.anon, at)}|{at}".encode()).hexdigest()[:32]
+        request = ErasureRequest(rid, e.anon, True, "erasure follow-up", at, "in-stream")
+        profiles = self.store.erase(e.anon, out)
+        self.links.pop(e.anon, None)
+        self.link_users.pop(e.anon, None)
+        self.link_age.purge(e.anon)
+        out.aliases.append((e.anon, None))
+        out.erasures.append(ErasureReport(request, f"ingest-{self.shard}", [e.anon],
+                                          {"anonymous_profiles": profiles}, expected=1))
+
+    def erase(self, request: ErasureRequest, out: ShardOut, ops: dict[int, list]) -> None:
+        """In-stream erasure of a subject: a user with every anonymous id linked to them, or
+        one anonymous id. What this shard holds goes; the user's profile shard gets an erase."""
+        subject, at = request.subject, request.requested_at_ms
+        if request.anonymous:
+            anons = [subject] if shard_of(subject, self.config.ingest_shards) == self.shard else []
+            idents = {subject}
         else:
-            self.store.apply(e, out)
+            anons = sorted({a for a, u in self.links.items() if u == subject}
+                           | {a for a, us in self.link_users.items() if subject in us})
+            idents = {subject, *anons}
+        counts = {"anonymous_profiles": 0, "identity_links": 0, "minute_user_entries": 0}
+        for anon in anons:
+            counts["anonymous_profiles"] += self.store.erase(anon, out)
+            if self.links.pop(anon, None) is not None:
+                counts["identity_links"] += 1
+            self.link_users.pop(anon, None)
+            self.link_age.purge(anon)
+            out.aliases.append((anon, None))
+        if request.anonymous and not anons:  # another shard holds it; its hash goes anyway
+            out.features.append(Write(subject, None, anonymous=True))
+        for ident in idents:
+            self.erased.add(ident, at)
+            PROCESS_LEDGER.add(ident, at)
+            self.last_interaction.pop(ident, None)
+            cohort = self.view_cohort.pop(ident, None)
+            if cohort is not None:
+                self.pending_views.get(cohort, {}).pop(ident, None)
+        for rows in self.minutes.values():  # not counted as a user of minutes still open
+            for row in rows.values():
+                if idents & row[4]:
+                    counts["minute_user_entries"] += len(idents & row[4])
+                    row[4] -= idents
+        if not request.anonymous and self.shard == 0:  # one ingest shard asks for the profile
+            ops.setdefault(shard_of(subject, self.config.profile_shards), []).append(
+                (-1, -1, at, ("erase", subject, request)))
+        out.erasures.append(ErasureReport(request, f"ingest-{self.shard}", anons, counts))
 
     def resumed(self) -> None:
         self.store.resumed()
@@ -741,12 +908,25 @@ class ProfileShard:
         self.shard = shard
         self.config = config
         self.store = ProfileStore(plan, config)
+        self.erased = ErasedLedger(config.subject_key, dict(config.erased))
         self.clocks: dict[int, int | None] = {}  # ingest shard -> its clock
         self.progress: dict[int, dict[int, int]] = {}  # ingest shard -> partition -> offset read
         self.pending: list[tuple] = []  # (partition, offset, ts, op) not yet released
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"progress": {}, "pending": [], **state})
+        self.__dict__.update({"progress": {}, "pending": [], "erased": None, **state})
+        if self.erased is None:
+            self.erased = ErasedLedger(self.config.subject_key, dict(self.config.erased))
+
+    def _erase(self, user: str, request: ErasureRequest, out: ShardOut) -> None:
+        """The user's profile and everything pending for them go; their later operations with an
+        event time up to the erasure are dropped (:meth:`_apply`)."""
+        self.erased.add(user, request.requested_at_ms)
+        before = len(self.pending)
+        self.pending = [item for item in self.pending if not _concerns(item[3], user)]
+        profiles = self.store.erase(user, out)
+        out.erasures.append(ErasureReport(request, f"profile-{self.shard}", [], {
+            "user_profiles": profiles, "pending_operations": before - len(self.pending)}))
 
     def receive(self, h: Handover, out: ShardOut) -> None:
         """Take one handover; :meth:`release` applies what can be."""
@@ -795,10 +975,16 @@ class ProfileShard:
         store = self.store
         try:
             if type(op) is Event:
-                store.apply(op, out)
+                if self.erased and self.erased.covers(op.user, op.ts_ms):
+                    STATS.add("erased_events_dropped")
+                elif store.admit(op, out):
+                    store.apply(op, out)
             elif op[0] == "merge":
-                store.absorb(op[1], op[2])
-            else:
+                if not self.erased.covers(op[1], op[2].last_event):
+                    store.absorb(op[1], op[2], op[3] if len(op) > 3 else None)
+            elif op[0] == "erase":
+                self._erase(op[1], op[2], out)
+            else:  # "forget": a snapshot from before consent moved to the profile shards
                 store.forget(op[1], out)
         except Exception as exc:  # noqa: BLE001 - one event must not stop the flow
             if type(op) is Event:
@@ -820,6 +1006,11 @@ class ProfileShard:
         self.release(out, everything=True)
         clock = self.clock()
         self.store.finish(clock if clock is not None else self.store.watermark, out)
+
+
+def _concerns(op, user: str) -> bool:
+    """Does a pending profile-shard operation concern this user?"""
+    return op.user == user if type(op) is Event else op[1] == user
 
 
 def _position(item: tuple) -> tuple[int, int]:

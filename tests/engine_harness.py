@@ -24,7 +24,8 @@ class Harness:
         self.offsets: dict[int, int] = {}  # partition -> last offset given
         self.ingest = [IngestShard(i, self.config, self.plan) for i in range(self.config.ingest_shards)]
         self.profiles: dict[int, ProfileShard] = {}
-        self.redis: dict[str, dict[str, str]] = {}
+        self.redis: dict[str, dict[str, str]] = {}  # by id, whatever the namespace
+        self.stored: dict[tuple[str, str], dict[str, str]] = {}  # ("user" | "anon", id) -> hash
         self.aliases: dict[str, str] = {}
         self.actions: list[dict] = []
         self.audit: list[dict] = []
@@ -64,14 +65,20 @@ class Harness:
     def _collect(self, out: ShardOut) -> None:
         for w in out.features:
             self.writes += 1
+            where = ("anon" if w.anonymous else "user", w.user)
             if w.values is None:
                 self.redis.pop(w.user, None)
+                self.stored.pop(where, None)
                 continue
-            stored = self.redis.setdefault(w.user, {})
-            stored.update(w.values)
-            for f in w.removed:
-                stored.pop(f, None)
-        self.aliases.update(out.aliases)
+            for stored in (self.redis.setdefault(w.user, {}), self.stored.setdefault(where, {})):
+                stored.update(w.values)
+                for f in w.removed:
+                    stored.pop(f, None)
+        for anon, user in out.aliases:
+            if user is None:
+                self.aliases.pop(anon, None)
+            else:
+                self.aliases[anon] = user
         self.actions.extend(out.actions)
         self.audit.extend(out.audit)
         self.dead.extend(out.dead)

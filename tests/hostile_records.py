@@ -17,7 +17,7 @@ NAMES = ["page_view", "product_viewed", "add_to_cart", "order_completed", "login
          "search", "push_opened", "signup", "coupon_redeemed"]
 CHANNELS = ["app", "web", "push", "sms", "email", "ad", "store", "mini_program"]
 WEIRD_STRINGS = ["", " ", "\x00", "\u202e\u202d", "\ud7ff", "\U0001f4a9" * 40, "' OR 1=1 --",
-                 "sf:v1:user:*", "a" * 5000, "é" * 129, "\n\r\t", "{}", "null", "NaN", "-0",
+                 "sf:v2:user:*", "a" * 5000, "é" * 129, "\n\r\t", "{}", "null", "NaN", "-0",
                  "\u0000\u0001\u001f", "\ufeff", "x" * 128, "..", "%s%n", "<script>"]
 WEIRD_NUMBERS = [0, -0.0, 1e308, -1e308, 2**63, -2**63 - 1, 2**64, 10**30, 1e-320, 5e-324, 3.14,
                  -1, 999_999_999.99, 1e9 + 1, 12345678901234567890123, 0.1 + 0.2]

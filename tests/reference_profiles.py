@@ -99,6 +99,7 @@ class Ev:
     props: dict
     campaign: str
     withdraws: bool  # context.consent.profiling is exactly false
+    consent: bool | None = None  # context.consent.profiling when a JSON boolean
 
     @property
     def anonymous_only(self) -> bool:
@@ -149,9 +150,10 @@ def counted_events(records: Iterable[tuple[int, bytes]], late_ids=frozenset()) -
         ctx = doc.get("context") or {}
         consent = ctx.get("consent")
         withdraws = isinstance(consent, dict) and consent.get("profiling") is False
+        given = consent.get("profiling") if isinstance(consent, dict) else None
         assert (user_id if user_id is not None else anon_id) == ev.user
         out.append(Ev(seq, partition, ev.event_id, ev.name, ev.ts_ms, user_id, anon_id, props,
-                      ev.campaign, withdraws))
+                      ev.campaign, withdraws, given if isinstance(given, bool) else None))
     return out
 
 
@@ -162,30 +164,84 @@ def default_end_ms(events: list[Ev]) -> int | None:
     return min(per_partition.values()) if per_partition else None
 
 
-def expected_profiles(records, registry, *, late_ids=frozenset(), end_ms=None):
-    """``(profiles, aliases)`` the engine must produce for ``records`` (see the module doc)."""
+def expected_profiles(records, registry, *, late_ids=frozenset(), end_ms=None, link_events=None,
+                      profiling="opt_out", max_users_per_anonymous=1, namespaced=False):
+    """``(profiles, aliases)`` the engine must produce for ``records`` (see the module doc).
+
+    Privacy (issue 14), written from the rules, not from the engine: ``link_events`` (None: any
+    event) are the event names that may link an anonymous id to a user; ``profiling`` is what an
+    event without a statement means when its identity never stated one; consent statements are
+    per identity (a user id, or an unlinked anonymous id), the latest by event time wins; an
+    anonymous-only event of a linked visitor neither states nor deletes for the user (it follows
+    the user's consent and its own refusal); a merged visitor's statement counts for the user only
+    when the user made none, and a user who refused does not receive the visitor's events."""
     events = counted_events(records, late_ids)
     if end_ms is None:
         end_ms = default_end_ms(events)
+    default = profiling == "opt_out"
 
-    aliases: dict[str, str] = {}  # grows in processing order
+    aliases: dict[str, str] = {}  # grows in processing order: anonymous id -> latest user
+    linked_users: dict[str, list[str]] = {}
+    stated: dict[tuple[str, str], tuple[int, bool]] = {}  # ("user"|"anon", id) -> latest
 
-    def resolve(e: Ev) -> str:  # with the links made so far
-        return aliases.get(e.pid, e.pid) if e.anonymous_only else e.pid
+    def who(e: Ev) -> tuple[str, str]:
+        return ("user", e.user_id) if e.user_id is not None else ("anon", e.anon_id)
+
+    home: dict[int, tuple[str, str]] = {}  # event seq -> the profile it went to
+
+    def consent_of(k) -> bool:
+        return stated[k][1] if k in stated else default
 
     kept: list[Ev] = []
     for e in events:
-        if e.withdraws:
-            gone = resolve(e)
-            kept = [x for x in kept if resolve(x) != gone]
+        statement = e.consent
+        if e.anonymous_only and e.anon_id in aliases:  # a linked device: the user's consent
+            k = ("user", aliases[e.anon_id])  # (or, while the user stated none, the device's)
+            device = stated.get(("anon", e.anon_id))
+            base = stated[k][1] if k in stated else device[1] if device else default
+            if base and statement is not False:
+                home[e.seq] = k
+                kept.append(e)
             continue
-        if e.user_id is not None and _valid_id(e.anon_id) and e.anon_id != e.user_id:
-            aliases.setdefault(e.anon_id, e.user_id)
-        kept.append(e)
+        k = who(e)
+        if statement is False:  # a refusal deletes what this identity's profile holds
+            if k not in stated or e.ts >= stated[k][0]:
+                stated[k] = (e.ts, statement)
+            kept = [x for x in kept if home[x.seq] != k]
+            continue
+        # (the merge a link sets off comes before the link event's own statement)
+        if e.user_id is not None and _valid_id(e.anon_id) and e.anon_id != e.user_id and (
+                link_events is None or e.name in link_events):
+            a, u = e.anon_id, e.user_id
+            if a not in aliases:
+                aliases[a] = u
+                linked_users[a] = [u]
+                visitor = ("anon", a)
+                moving = [x for x in kept if home[x.seq] == visitor]
+                if moving and k not in stated and visitor in stated:  # travels with the profile
+                    stated[k] = stated[visitor]
+                kept = [x for x in kept if home[x.seq] != visitor]
+                if consent_of(k):
+                    for x in moving:
+                        home[x.seq] = k
+                    kept += moving
+            elif aliases[a] != u and (u in linked_users[a]
+                                      or len(linked_users[a]) < max_users_per_anonymous):
+                if u not in linked_users[a]:
+                    linked_users[a].append(u)
+                aliases[a] = u
+        if statement is not None and (k not in stated or e.ts >= stated[k][0]):
+            stated[k] = (e.ts, statement)
+        if (statement if statement is not None and stated.get(k, (None,))[0] == e.ts
+                else consent_of(k)):
+            home[e.seq] = k
+            kept.append(e)
 
-    members: dict[str, list[Ev]] = {}
-    for e in kept:  # merged profiles: every surviving event under its final profile
-        members.setdefault(resolve(e), []).append(e)
+    members: dict = {}  # (namespaced: ("user" | "anon", id), else the id) -> events
+    for e in sorted(kept, key=lambda x: x.seq):  # every surviving event under its profile
+        members.setdefault(home[e.seq] if namespaced else home[e.seq][1], []).append(e)
+    if namespaced:
+        return {k: compute_profile(k[1], evs, registry, end_ms) for k, evs in members.items()}, aliases
     profiles = {pid: compute_profile(pid, evs, registry, end_ms) for pid, evs in members.items()}
     return profiles, aliases
 

@@ -35,13 +35,16 @@ def test_replay_two_files(tmp_path, redis_url, chdb_dsn, chdb_client, ch_databas
     expected = Counter(kinds[v].split(":", 1)[1] for v in written if kinds[v].startswith("malformed:"))
     assert Counter(d["reason"] for d in dead) == expected and sum(expected.values()) > 10
     docs = [json.loads(v) for v in written if kinds[v] in ("ok", "duplicate")]
-    linked = {d["anonymous_id"] for d in docs if d.get("user_id") and d.get("anonymous_id")}
+    # the default link policy: only login, signup and identify events link a visitor to a user
+    linked = {d["anonymous_id"] for d in docs if d.get("user_id") and d.get("anonymous_id")
+              and (d.get("type") == "identify" or d.get("event") in ("login", "signup"))}
     users = {d.get("user_id") or d["anonymous_id"] for d in docs
              if d.get("context", {}).get("consent", {}).get("profiling") is not False}
     users -= linked  # visitors who logged in were merged into their user's profile
     assert count_feature_users(redis_url, "replay") == len(users)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    assert r.object("encoding", f"replay:v1:user:{sorted(users)[0]}") == "listpack"
+    known = sorted(users & {d["user_id"] for d in docs if d.get("user_id")})
+    assert r.object("encoding", f"replay:v2:user:{known[0]}") == "listpack"
     ok = {json.loads(v)["event_id"] for v in written if kinds[v] in ("ok", "duplicate")}
     total = chdb_client.command(f"SELECT sum(events) FROM {ch_database}.events_minute FINAL")
     assert total == len(ok)  # duplicates counted once

@@ -9,7 +9,6 @@ each hostile record must become (rejected with a reason, or stored under its own
 """
 from __future__ import annotations
 
-import base64
 import json
 import re
 import uuid
@@ -25,13 +24,18 @@ from hypothesis import strategies as st
 
 from config.settings import load_settings
 from connectors.redis_features import RedisFeatureSink
+from config.settings import AccessSettings
 from features.http import create_app
-from features.layout import alias_key, is_valid_id, registry_key, user_key
+from features.layout import alias_key, is_valid_id, profile_key, registry_key, user_key
 from features.reader import FeatureReader
 from flows.events import Event, decode
 from flows.runner import run
 from flows.shard import Write
 from tests.services import http_call, serve_app
+from tests.dead_letters import raw_of
+
+# one client reads many ids here: the per-client rate limit is not what is tested
+UNLIMITED = AccessSettings(rate_per_s=1e6, burst=1_000_000, max_body_bytes=1 << 24)
 
 CTL, HST = "ctl", "hst"  # key prefixes of the control run and of the hostile run
 T0 = 1_795_392_000_000
@@ -40,6 +44,8 @@ MISSING = object()  # a field left out of the event (unlike JSON null)
 
 VICTIMS = {"victim", "victim:2", "victim-anon"}  # ids that own a hash in the control run
 VICTIM_ALIASES = {"victim-login": "victim"}  # the victim's device id, merged at login
+VICTIM_ANON = {"victim-anon"}  # the visitor who never logs in: an anonymous hash
+VICTIM_USERS = {"victim", "victim:2"}
 ATTACKED = ("victim:2", "victim")  # victims' user ids a hostile record claims as its device id
 
 
@@ -76,8 +82,8 @@ CONTROL = ["victim\x00", "victim\r", "victim\n", "\nvictim", "victim\r\n", "vic\
 NON_STRINGS = [0, 42, -1, 1.5, True, False, ["victim"], [], {"$ne": None}, {"victim": 1}]
 # Printable, at most 128 characters: valid ids (is_valid_id), each stored under its own key.
 WEIRD_VALID = ["victim:*", "victim*", "victim?", "vict[i]m", "[a-z]*", "[a-z]", "*", "?", "[", "]",
-               "victim:", ":victim", "victim:2:", "victim:2*", "victim::2", f"{HST}:v1:user:victim",
-               f"{HST}:v1:alias:victim-login", f"{HST}:v1:registry", f"{CTL}:v1:user:victim",
+               "victim:", ":victim", "victim:2:", "victim:2*", "victim::2", f"{HST}:v2:user:victim",
+               f"{HST}:v2:alias:victim-login", f"{HST}:v2:registry", f"{CTL}:v2:user:victim",
                "../victim", "victim/..", "victim\\n", "victim\\x00", "victim%0A", "victim ",
                " victim", " ", "   ", "VICTIM", "v\u0456ctim", "\uff56\uff49\uff43\uff54\uff49\uff4d",
                "victim\u0301", "x" * 128, "\u2603" * 128, "$victim", "{victim}", "victim{}",
@@ -179,7 +185,11 @@ def run_flow(tmp_path, name, prefix, redis_url, chdb_dsn, database, with_hostile
     settings = load_settings(
         None, env={}, source__kind="file", source__file={"paths": [str(f)]},
         output__dir=str(tmp_path / name), redis__url=redis_url, redis__key_prefix=prefix,
-        clickhouse__dsn=chdb_dsn, clickhouse__database=database, flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None)
+        clickhouse__dsn=chdb_dsn, clickhouse__database=database, flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None,
+        # the identity rules this module's expectations are written for: any event links, no
+        # consent needed (the privacy defaults have their own tests: test_identity_and_consent)
+        privacy__consent__profiling="opt_out", privacy__identity__link_events=None,
+        privacy__identity__max_users_per_anonymous=1)
     run(settings, redis_url)
     dead_file = tmp_path / name / "dead_letters.jsonl"
     # split on b"\n" only: str.splitlines would also cut at U+2028 or \x85 inside a JSON string
@@ -190,10 +200,10 @@ def run_flow(tmp_path, name, prefix, redis_url, chdb_dsn, database, with_hostile
 
 def keys_of(client: redis.Redis, prefix: str) -> dict[str, set[str]]:
     """Keys under a prefix by kind, each id decoded strictly (a key must be valid UTF-8)."""
-    out: dict[str, set[str]] = {"user": set(), "alias": set(), "other": set()}
+    out: dict[str, set[str]] = {"user": set(), "anon": set(), "alias": set(), "other": set()}
     for raw in client.scan_iter(match=f"{prefix}:*", count=1000):
         key = raw.decode("utf-8")
-        m = re.fullmatch(rf"{re.escape(prefix)}:v1:(user|alias):(.+)", key, re.DOTALL)
+        m = re.fullmatch(rf"{re.escape(prefix)}:v2:(user|anon|alias):(.+)", key, re.DOTALL)
         if m:
             out[m.group(1)].add(m.group(2))
         else:
@@ -201,19 +211,23 @@ def keys_of(client: redis.Redis, prefix: str) -> dict[str, set[str]]:
     return out
 
 
-def expected_owners() -> tuple[set[str], dict[str, str]]:
-    """The hostile run's own keys, from the identity rules: an event's profile is its user id,
-    else its device id; a user id with another device id links (aliases) that device id, whose
-    anonymous profile (if any) merges into the user's (a user's profile never does: ATTACKED)."""
-    owners, links = set(), {}
+def expected_owners() -> tuple[set[str], set[str], dict[str, str]]:
+    """The hostile run's own keys, from the identity rules: (user hashes, anonymous hashes,
+    links). An event's profile is its user id (user namespace), else its device id (anonymous
+    namespace); a user id with another device id links (aliases) that device id, whose anonymous
+    profile (if any) merges into the user's (a user's profile never does: ATTACKED)."""
+    users, anons, links = set(), set(), {}
     for spec, expect in hostile_records():
         if expect[0] != "ok":
             continue
         uid, anon = spec.get("user_id"), spec.get("anonymous_id") or ""
-        owners.add(uid if uid is not None else anon)
+        if uid is not None:
+            users.add(uid)
+        else:
+            anons.add(anon)
         if uid is not None and anon and anon != uid:
             links.setdefault(anon, uid)
-    return owners - set(links), links
+    return users, anons - set(links), links
 
 
 @pytest.fixture(scope="module")
@@ -245,30 +259,32 @@ def test_hostile_ids_end_to_end(runs):
 
     # The control run is what it should be: the three victims, the login alias, no dead letter.
     assert ctl_dead == []
-    assert ctl_keys == {"user": VICTIMS, "alias": set(VICTIM_ALIASES), "other": {registry_key(CTL)}}
+    assert ctl_keys == {"user": VICTIM_USERS, "anon": VICTIM_ANON, "alias": set(VICTIM_ALIASES),
+                        "other": {registry_key(CTL)}}
 
     # 1. Every victim's hash (and alias) is exactly the control run's, field by field.
     for v in sorted(VICTIMS):
-        want = redis_client.hgetall(user_key(CTL, v))
-        got = redis_client.hgetall(user_key(HST, v))
+        want = redis_client.hgetall(profile_key(CTL, v, v in VICTIM_ANON))
+        got = redis_client.hgetall(profile_key(HST, v, v in VICTIM_ANON))
         assert want.pop(b"updated_at") and got.pop(b"updated_at")
         assert got == want, v
-        assert redis_client.ttl(user_key(HST, v)) > 0
+        assert redis_client.ttl(profile_key(HST, v, v in VICTIM_ANON)) > 0
     for anon, user in VICTIM_ALIASES.items():
         assert redis_client.get(alias_key(HST, anon)) == redis_client.get(alias_key(CTL, anon)) == user.encode()
 
     # 2. Every key under the prefix is in the layout, for a valid id, and is exactly the set the
     #    identity rules give: the victims' keys plus the accepted hostile ids' own keys.
-    owners, links = expected_owners()
+    users, anons, links = expected_owners()
     assert hst_keys["other"] == {registry_key(HST)}
-    assert hst_keys["user"] == VICTIMS | owners
+    assert hst_keys["user"] == VICTIM_USERS | users
+    assert hst_keys["anon"] == VICTIM_ANON | anons
     assert hst_keys["alias"] == set(VICTIM_ALIASES) | set(links)
     assert set(ATTACKED) <= set(links) and set(ATTACKED) <= hst_keys["user"]  # alias and own hash
     for anon, user in links.items():
         assert redis_client.get(alias_key(HST, anon)) == user.encode()
     # So a key holds control or glob characters only when its id is valid (is_valid_id) and
     # was sent by a record the expectation table accepts.
-    assert all(is_valid_id(i) for i in hst_keys["user"] | hst_keys["alias"])
+    assert all(is_valid_id(i) for i in hst_keys["user"] | hst_keys["anon"] | hst_keys["alias"])
     raw_keys = list(redis_client.scan_iter(match=f"{HST}:*", count=1000))
     assert not [k for k in raw_keys if not k.decode().isprintable()]  # no control char in a key
     assert max(len(k.decode()) for k in raw_keys) <= len(user_key(HST, "x" * 128))
@@ -276,7 +292,7 @@ def test_hostile_ids_end_to_end(runs):
     # 3. Each rejected hostile record is a dead letter with its exact bytes and a clear reason;
     #    nothing else is dead-lettered (no victim event lost, none late).
     expected = Counter((line, reason) for line, reason in hlines if reason)
-    got_dead = Counter((base64.b64decode(d["raw_b64"]), d["reason"]) for d in dead)
+    got_dead = Counter((raw_of(d), d["reason"]) for d in dead)
     assert got_dead == expected
     assert len(dead) == sum(1 for _, reason in hlines if reason) > 60
     for d in dead:
@@ -311,20 +327,20 @@ def hostile_probes() -> list:
 def check_answer(client: redis.Redis, reader: FeatureReader, ident, got, anonymous: bool) -> None:
     """An answer for a hostile id is None or the id's own hash; by anonymous id it may also be
     the hash of the user the id's alias names. Never a victim's."""
-    owners, links = expected_owners()
+    users, anons, links = expected_owners()
     if not is_valid_id(ident):
         target = None
-    elif ident in owners:
-        target = ident
+    elif anonymous:  # the visitor's own hash, else the user its alias names
+        target = ident if ident in anons else links.get(ident)
     else:  # a user id never follows an alias, whoever wrote it
-        target = links.get(ident) if anonymous else None
+        target = ident if ident in users else None
     if target is None:
         assert got is None, (ident, anonymous)
         return
     assert got is not None and got["user_id"] == target, (ident, anonymous)
     assert target not in VICTIMS and target not in VICTIM_ALIASES
     assert got["alias_of"] == (None if target == ident else ident)
-    raw = client.hgetall(user_key(HST, target))
+    raw = client.hgetall(profile_key(HST, target, anonymous and target == ident))
     assert {k: v for k, v in got.items() if k != "stale"} == {
         k: v for k, v in reader.typed(raw, target, got["alias_of"]).items() if k != "stale"}
 
@@ -338,7 +354,7 @@ def test_reader_and_http_never_answer_a_victim_for_a_hostile_id(runs, redis_url)
     redis_client = runs["client"]
     reader = FeatureReader(redis.Redis.from_url(redis_url, protocol=2), HST)
     # the victims' own answers: user ids by user id, the login device id by anonymous id
-    victims = {**reader.get_many(sorted(VICTIMS)),
+    victims = {**{v: reader.get(v, anonymous=v in VICTIM_ANON) for v in VICTIMS},
                **reader.get_many(sorted(VICTIM_ALIASES), anonymous=True)}
     assert all(v is not None for v in victims.values())
     assert all(victims[a]["user_id"] == u for a, u in VICTIM_ALIASES.items())
@@ -352,8 +368,9 @@ def test_reader_and_http_never_answer_a_victim_for_a_hostile_id(runs, redis_url)
         many = reader.get_many(hashable + sorted(VICTIMS), anonymous=anonymous)
         for p in hashable:
             check_answer(redis_client, reader, p, many[p], anonymous)
-        # the victims in the same batch still read their own, by either kind of lookup
-        victims_read_their_own({v: many[v] for v in VICTIMS}, victims)
+        # the victims in the same batch still read their own (each by its kind of id)
+        victims_read_their_own({v: many[v] for v in VICTIMS if (v in VICTIM_ANON) == anonymous},
+                               victims)
     for p in probes:
         if isinstance(p, (list, dict)):  # unhashable: a clear error, no Redis lookup
             with pytest.raises(TypeError):
@@ -363,7 +380,7 @@ def test_reader_and_http_never_answer_a_victim_for_a_hostile_id(runs, redis_url)
 
     # HTTP on a real uvicorn (Starlette's TestClient decodes the path twice: %250A reads "\n").
     strings = [p for p in hashable if isinstance(p, str)]
-    with serve_app(create_app(redis_url, HST)) as port:
+    with serve_app(create_app(redis_url, HST, access=UNLIMITED, max_batch=1000)) as port:
         for anonymous, query in ((False, ""), (False, "?anonymous=false"), (True, "?anonymous=true")):
             for p in strings:
                 status, body = call(port, "GET", "/features/" + quote(p, safe="") + query)
@@ -388,13 +405,14 @@ def test_victims_user_ids_never_read_the_attackers_alias(runs, redis_url):
     attacker's. Only a lookup by anonymous id follows the alias, to the attacker."""
     client = runs["client"]
     reader = FeatureReader(redis.Redis.from_url(redis_url, protocol=2), HST)
-    with serve_app(create_app(redis_url, HST)) as port:
+    with serve_app(create_app(redis_url, HST, access=UNLIMITED, max_batch=1000)) as port:
         for v in ATTACKED:
             assert client.get(alias_key(HST, v)) == b"attacker"
             own = reader.typed(client.hgetall(user_key(HST, v)), v)
-            for anonymous in (False, True):  # the id's own hash comes first either way
-                got = reader.get(v, anonymous=anonymous)
-                assert {**got, "stale": None} == {**own, "stale": None}, (v, anonymous)
+            got = reader.get(v)  # by user id: the user's own hash
+            assert {**got, "stale": None} == {**own, "stale": None}, v
+            # by anonymous id: the visitor "victim" (another namespace), linked to the attacker
+            assert reader.get(v, anonymous=True)["user_id"] == "attacker"
             moved = f"moved:{uuid.uuid4().hex}"
             client.rename(user_key(HST, v), moved)
             try:
@@ -487,7 +505,7 @@ def test_sink_writes_any_valid_id_only_under_its_own_key(hyp_redis, ident):
         got, by_anon = reader.get_many(ids), reader.get_many(ids, anonymous=True)
         assert got[ident]["views_1h"] == 9 and got[ident]["user_id"] == ident
         assert got[ident + "-dev"] is None and by_anon[ident + "-dev"]["user_id"] == ident
-        assert got["victim"]["views_1h"] == 3 and by_anon["victim"]["user_id"] == "victim"
+        assert got["victim"]["views_1h"] == 3 and by_anon["victim"] is None  # not a visitor
         assert got["victim-anon"] is None and by_anon["victim-anon"]["user_id"] == "victim"
     finally:
         client.delete(*new)

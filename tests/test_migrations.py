@@ -64,9 +64,9 @@ def test_trigger_migration_keeps_actions_and_adds_the_audit(chdb_client, ch_data
         f"INSERT INTO {ch_database}.actions (action_id, rule, user_id, channel, campaign, "
         f"session_id, event_time) VALUES ('x1', 'session_page_views', 'u1', 'push', 'c', 's', "
         f"'2026-11-23 10:00:00')")
-    assert migrate(chdb_client, ch_database) == [3]
+    assert migrate(chdb_client, ch_database, migrations=load_migrations()[:3]) == [3]
     chdb_client.command(f"ALTER TABLE {ch_database}.schema_migrations DELETE WHERE version = 3")
-    assert migrate(chdb_client, ch_database) == [3]
+    assert migrate(chdb_client, ch_database, migrations=load_migrations()[:3]) == [3]
     rows = chdb_client.query(f"SELECT action_id, message, step, trigger, tags FROM "
                              f"{ch_database}.actions FINAL").result_rows
     assert rows == [("x1", "", 0, "", [])]
@@ -102,7 +102,7 @@ def test_migrate_command_applies_then_reports_up_to_date_or_a_clear_error(chdb_d
 
     env = {"SURGEFLOW__CLICKHOUSE__DSN": chdb_dsn, "SURGEFLOW__CLICKHOUSE__DATABASE": ch_database}
     first = CliRunner().invoke(app, ["migrate"], env=env)
-    assert first.exit_code == 0 and "applied migrations [1, 2, 3]" in first.output
+    assert first.exit_code == 0 and "applied migrations [1, 2, 3, 4]" in first.output
     again = CliRunner().invoke(app, ["migrate"], env=env)
     assert again.exit_code == 0 and "up to date" in again.output
     old = ch_database + "_old"
@@ -114,3 +114,19 @@ def test_migrate_command_applies_then_reports_up_to_date_or_a_clear_error(chdb_d
         assert "Traceback" not in refused.output
     finally:
         chdb_client.command(f"DROP DATABASE {old}")
+
+
+def test_privacy_migration_audits_erasures_and_sets_retention(chdb_client, ch_database):
+    """Version 4: the erasure audit table, and a time to live on every table holding a user id,
+    which apply_retention changes when the settings do (only then)."""
+    from warehouse.migrate import RETENTION, apply_retention
+
+    migrate(chdb_client, ch_database)
+    assert "erasure_audit" in tables(chdb_client, ch_database)
+    ddl = dict(chdb_client.query(f"SELECT name, create_table_query FROM system.tables "
+                                 f"WHERE database = '{ch_database}'").result_rows)
+    assert "toIntervalDay(15)" in ddl["events_raw"]
+    assert all("TTL" in ddl[t] for t in RETENTION)
+    days = {"raw_events_days": 7, "user_tables_days": 400}
+    assert apply_retention(chdb_client, ch_database, days) == ["events_raw"]
+    assert apply_retention(chdb_client, ch_database, days) == []

@@ -19,6 +19,7 @@ from flows.runner import run
 from surgeflow.stats import STATS
 from tests.engine_harness import PAGES_ONLY
 from tests.reference_profiles import expected_profiles
+from tests.dead_letters import raw_of
 
 START_MS = 1_795_392_000_000  # 2026-11-23T00:00Z
 SPEC = SyntheticSpec(
@@ -79,8 +80,9 @@ def reference(messages) -> dict:
         })
     end = min(part_max.values())  # the stream clock at the end of the input
     # Features: the independent brute-force reference (tests/reference_profiles.py).
-    features, aliases = expected_profiles(
-        ((m.partition(), m.value()) for m in messages), load_registry())
+    features, aliases = expected_profiles(  # under the privacy defaults (settings)
+        ((m.partition(), m.value()) for m in messages), load_registry(),
+        link_events={"login", "signup", "identify"}, profiling="opt_in", max_users_per_anonymous=3)
     linked = set(aliases.values()) | set(aliases)
     actions, minutes = set(), defaultdict(lambda: [0, set(), 0.0])
     for user, evs in events_by_user.items():
@@ -135,12 +137,15 @@ def run_flow(kafka, topic, redis_url, prefix, dsn, database, workers):
 
 
 def redis_features(redis_url, prefix) -> dict[str, dict[str, str]]:
+    """Every hash, users' and anonymous visitors' (their ids never collide in this stream)."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    head = f"{prefix}:v1:user:"
     out = {}
-    for key in client.scan_iter(match=f"{prefix}:v1:user:*", count=1000):
-        out[key[len(head):]] = client.hgetall(key)
-        assert 0 < client.ttl(key) <= 90 * 86400
+    for kind in ("user", "anon"):
+        head = f"{prefix}:v2:{kind}:"
+        for key in client.scan_iter(match=head + "*", count=1000):
+            assert key[len(head):] not in out
+            out[key[len(head):]] = client.hgetall(key)
+            assert 0 < client.ttl(key) <= 90 * 86400
     return out
 
 
@@ -163,7 +168,7 @@ def test_kafka_to_redis_clickhouse_actions_alerts(kafka, stream, redis_url, chdb
     # Dead letters: every malformed record, with its reason and original bytes; nothing else.
     dead = [json.loads(m.value()) for m in consume_all(kafka.bootstrap, outs["dead"])]
     assert Counter(d["reason"] for d in dead) == ref["dead"]
-    assert all(d["raw_b64"] for d in dead if d["reason"] != "oversized") and len(dead) > 20
+    assert all(raw_of(d) for d in dead if d["reason"] != "oversized") and len(dead) > 20
 
     # Features: exact (every field, as text), per profile, as of the end of the input; visitors
     # who logged in are merged into their user and leave an alias; no profile without consent.
@@ -175,7 +180,7 @@ def test_kafka_to_redis_clickhouse_actions_alerts(kafka, stream, redis_url, chdb
         assert 0.0 <= float(got[user]["p_purchase_24h"]) <= 1.0
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     assert len(ref["aliases"]) > 10
-    assert {a: client.get(f"e2e1:v1:alias:{a}") for a in ref["aliases"]} == ref["aliases"]
+    assert {a: client.get(f"e2e1:v2:alias:{a}") for a in ref["aliases"]} == ref["aliases"]
 
     # Minute aggregates in ClickHouse, duplicates not double-counted, unique users merged.
     assert minute_rows(chdb_client, ch_database) == ref["minutes"]
@@ -219,4 +224,10 @@ def test_same_results_with_one_and_two_workers(kafka, stream, redis_url, chdb_ds
     a, b = results[0][1], results[1][1]
     diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
     assert not diff, f"minute rows differ (1 worker, 2 workers): {sorted(diff.items())[:20]}"
+    fa, fb = results[0][0], results[1][0]
+    fdiff = {u: (fa.get(u), fb.get(u)) for u in set(fa) | set(fb) if fa.get(u) != fb.get(u)}
+    brief = {u: ({k: v for k, v in (x or {}).items() if (y or {}).get(k) != v},
+                 {k: v for k, v in (y or {}).items() if (x or {}).get(k) != v})
+             for u, (x, y) in fdiff.items()}
+    assert not fdiff, f"features differ (1 worker, 2 workers): {len(fdiff)} {sorted(brief.items())[:4]}"
     assert results[0][0] and results[0][2] and results[0] == results[1]

@@ -8,7 +8,7 @@ import redis
 import redis.asyncio as aioredis
 
 from config.registry import load_registry
-from features.layout import alias_key, registry_key, user_key
+from features.layout import alias_key, profile_key, registry_key, user_key
 from features.reader import AsyncFeatureReader, FeatureReader
 
 REG = load_registry()
@@ -23,10 +23,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def store(client, user_id, fields, updated_at=None, as_of=1795392000000, prefix=P):
-    """Write one hash as the flow does (sparse fields + as_of + updated_at)."""
+def store(client, user_id, fields, updated_at=None, as_of=1795392000000, prefix=P, anonymous=False):
+    """Write one hash as the flow does (sparse fields + as_of + updated_at): a user's, or an
+    anonymous visitor's (its own namespace)."""
     mapping = {**fields, "as_of": as_of, "updated_at": now_ms() if updated_at is None else updated_at}
-    client.hset(user_key(prefix, user_id), mapping=mapping)
+    client.hset(profile_key(prefix, user_id, anonymous), mapping=mapping)
 
 
 def full_hash() -> dict:
@@ -85,6 +86,7 @@ def test_get_many_asks_aliases_only_for_missing_anonymous_hashes(redis_client):
     ids = [f"u{i}" for i in range(100)]
     for u in ids:
         store(redis_client, u, {"views_1h": "1"})
+        store(redis_client, u, {"views_1h": "1"}, anonymous=True)
     reader = FeatureReader(redis_client, P)
     for anonymous in (False, True):
         redis_client.config_resetstat()
@@ -107,13 +109,14 @@ def test_anonymous_lookup_follows_an_alias_once(redis_client):
     reader = FeatureReader(redis_client, P)
     got = reader.get("anon-1", anonymous=True)
     assert got["orders_lifetime"] == 2 and got["user_id"] == "user-9" and got["alias_of"] == "anon-1"
-    assert reader.get("user-9", anonymous=True)["alias_of"] is None  # its own hash
+    # a user id is no anonymous id: the user's hash is in another namespace
+    assert reader.get("user-9", anonymous=True) is None
     assert reader.get("anon-2", anonymous=True) is None and reader.get("anon-3", anonymous=True) is None
     many = reader.get_many(["anon-1", "user-9", "anon-2", "anon-3"], anonymous=True)
-    assert many["anon-1"] == {**many["user-9"], "alias_of": "anon-1"}
+    assert many["anon-1"] == {**reader.get("user-9"), "alias_of": "anon-1"}
     assert many["anon-2"] is None and many["anon-3"] is None
     # the anonymous profile's own hash, while it still exists, wins over the alias
-    store(redis_client, "anon-1", {"orders_lifetime": "0"})
+    store(redis_client, "anon-1", {"orders_lifetime": "0"}, anonymous=True)
     assert reader.get("anon-1", anonymous=True)["user_id"] == "anon-1"
     with pytest.raises(TypeError):  # keyword-only: a stray positional True cannot switch modes
         reader.get("anon-1", True)
@@ -133,11 +136,15 @@ def test_user_id_lookup_never_follows_an_alias(redis_client):
     by_anon = reader.get("victim:2", anonymous=True)
     assert by_anon["user_id"] == "attacker" and by_anon["alias_of"] == "victim:2"
     assert reader.get_many(["victim:2"], anonymous=True)["victim:2"] == by_anon
-    # once the victim's hash exists, both lookups read it, never the alias
+    # once the user victim:2 has a hash, a lookup by user id reads it; the anonymous visitor
+    # "victim:2" is someone else (another namespace), whose alias still names the attacker
     store(redis_client, "victim:2", {"views_1h": "1"})
-    for anonymous in (False, True):
-        got = reader.get("victim:2", anonymous=anonymous)
-        assert got["user_id"] == "victim:2" and got["alias_of"] is None and got["views_1h"] == 1
+    got = reader.get("victim:2")
+    assert got["user_id"] == "victim:2" and got["alias_of"] is None and got["views_1h"] == 1
+    assert reader.get("victim:2", anonymous=True)["user_id"] == "attacker"
+    store(redis_client, "victim:2", {"views_1h": "7"}, anonymous=True)  # the visitor's own hash
+    got = reader.get("victim:2", anonymous=True)
+    assert got["user_id"] == "victim:2" and got["alias_of"] is None and got["views_1h"] == 7
 
 
 def test_stale_after_max_age(redis_client):
@@ -158,7 +165,7 @@ def test_hostile_ids_cannot_reach_other_keys(redis_client):
     reader = FeatureReader(redis_client, P)
     assert reader.get("a:b*")["views_1h"] == 7 and reader.get("a:b*")["user_id"] == "a:b*"
     for probe in ["*", "u*", "u?", "u[1]", "a", "a:b", "a:b?", "u1 ", " u1", "U1", "u1\n", "u1\x00",
-                  "../u1", f"{P}:v1:user:u1", ":u1", "x" * 129, "x" * 10_000, ""]:
+                  "../u1", f"{P}:v2:user:u1", ":u1", "x" * 129, "x" * 10_000, ""]:
         assert reader.get(probe) is None and reader.get(probe, anonymous=True) is None, repr(probe)
     # the registry key is not reachable as a user either, nor through a crafted alias id
     assert reader.get("../registry") is None and reader.get_many(["*", "?"]) == {"*": None, "?": None}

@@ -93,15 +93,15 @@ def differences(got: dict, want: dict) -> dict:
 
 
 def user_count(client, prefix) -> int:
-    return sum(1 for _ in client.scan_iter(match=f"{prefix}:v1:user:*", count=1000))
+    return sum(1 for _ in client.scan_iter(match=f"{prefix}:v2:user:*", count=1000))
 
 
 def test_replay_twice_and_crash_restart_leave_redis_as_one_clean_run(tmp_path, kafka, topic,
                                                                     redis_url):
     finish(surgeflow_run(write_config(tmp_path, kafka, topic, redis_url, "clean")))
     clean = contents(redis_url, "clean")
-    users = sum(k.startswith(b":v1:user:") for k in clean)
-    assert users > 1000 and any(k.startswith(b":v1:alias:") for k in clean)
+    users = sum(k.startswith(b":v2:user:") for k in clean)
+    assert users > 1000 and any(k.startswith(b":v2:alias:") for k in clean)
 
     # The same input twice over the same keys (a producer re-sending everything).
     twice = write_config(tmp_path, kafka, topic, redis_url, "twice")

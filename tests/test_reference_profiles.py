@@ -271,20 +271,28 @@ def test_late_ids_are_ignored_and_do_not_move_the_end():
 
 # -- consent -----------------------------------------------------------------------------------
 
-def test_consent_withdrawal_deletes_what_was_built_and_later_events_rebuild():
+def test_consent_withdrawal_deletes_what_was_built_and_is_remembered_until_a_grant():
     recs = [rec(ts=T0), rec("order_completed", T0 + MIN, props={"revenue": 20}),
             rec(ts=T0 + 2 * MIN, consent={"profiling": False, "marketing": True}, eid="nc"),
-            rec(ts=T0 + 3 * MIN)]
+            rec(ts=T0 + 3 * MIN)]  # no statement: the withdrawal holds
+    assert "u1" not in run(recs)[0]
+    recs.append(rec(ts=T0 + 4 * MIN, consent={"profiling": True}))  # granted again: rebuilt
     h = profile(recs)
     assert h["views_1h"] == "1" and "orders_lifetime" not in h and "revenue_lifetime" not in h
-    assert h["first_seen"] == str(T0 + 3 * MIN) and h["session_started_at"] == str(T0 + 3 * MIN)
+    assert h["first_seen"] == str(T0 + 4 * MIN) and h["session_started_at"] == str(T0 + 4 * MIN)
     assert h["interactions_24h"] == "1"
     # a later copy of the withdrawing event is a duplicate: it deletes nothing
-    assert profile(recs + [rec(ts=T0 + 4 * MIN, eid="nc", consent={"profiling": False})])[
+    assert profile(recs + [rec(ts=T0 + 5 * MIN, eid="nc", consent={"profiling": False})])[
         "views_1h"] == "1"
     # withdrawal as the last event: no profile at all
     profiles, _ = run(recs + [rec(ts=T0 + 5 * MIN, consent={"profiling": False})])
     assert "u1" not in profiles
+
+
+def test_opt_in_profiles_only_after_a_grant():
+    recs = [rec(ts=T0), rec(ts=T0 + MIN, consent={"profiling": True}), rec(ts=T0 + 2 * MIN)]
+    assert profile(recs, profiling="opt_in")["views_1h"] == "2"
+    assert "u1" not in run(recs[:1], profiling="opt_in")[0]
 
 
 def test_only_a_json_false_profiling_withdraws():
@@ -330,15 +338,13 @@ def test_first_link_wins():
     assert profiles["V"]["views_1h"] == "1" and "searches_1h" not in profiles["V"]
 
 
-def test_anonymous_withdrawal_deletes_the_linked_profile():
+def test_a_linked_device_can_refuse_its_event_but_not_withdraw_for_the_user():
     recs = [rec(ts=T0, user="U1"), rec(ts=T0 + MIN, user="U1", anon="a1"),
             rec(ts=T0 + 2 * MIN, user=None, anon="a1", consent={"profiling": False}),
             rec("search", T0 + 3 * MIN, user=None, anon="a1")]
     profiles, aliases = run(recs)
     assert aliases == {"a1": "U1"} and set(profiles) == {"U1"}
-    assert counts(profiles["U1"]) == {"searches_1h": "1", "searches_24h": "1", "searches_7d": "1",
-                                      "searches_30d": "1", "interactions_24h": "1",
-                                      "interactions_7d": "1", "interactions_30d": "1"}
+    assert profiles["U1"]["views_1h"] == "2" and profiles["U1"]["searches_1h"] == "1"
 
 
 def test_a_visitor_withdrawal_before_the_login_deletes_only_the_visitor_events():
@@ -349,7 +355,8 @@ def test_a_visitor_withdrawal_before_the_login_deletes_only_the_visitor_events()
             rec(ts=T0 + 4 * MIN, user="U1", anon="a1")]  # the login comes after the withdrawal
     profiles, aliases = run(recs)
     assert aliases == {"a1": "U1"} and set(profiles) == {"U1"}
-    assert profiles["U1"]["views_1h"] == "2" and profiles["U1"]["searches_1h"] == "1"
+    # the visitor's withdrawal held (its later search stayed out); the user's own events count
+    assert profiles["U1"]["views_1h"] == "2" and "searches_1h" not in profiles["U1"]
 
 
 def test_withdrawing_or_self_links_make_no_alias():
@@ -363,7 +370,7 @@ def test_withdrawing_or_self_links_make_no_alias():
 
 
 def test_hostile_ids_are_distinct_verbatim_profiles():
-    ids = ["u1", "u1 ", " u1", "u 1", "a:b", "*", "sf:v1:user:u1", "u*", "'; DROP--"]
+    ids = ["u1", "u1 ", " u1", "u 1", "a:b", "*", "sf:v2:user:u1", "u*", "'; DROP--"]
     profiles, _ = run([rec(ts=T0 + i, user=u) for i, u in enumerate(ids)])
     assert set(profiles) == set(ids)
     assert all(profiles[u]["views_1h"] == "1" for u in ids)

@@ -145,7 +145,7 @@ def test_redis_sink_waits_out_a_hung_then_a_killed_server(tmp_path, caplog):
                     if k != b"updated_at"} == values
         for anon, user in aliases.items():
             assert client.get(alias_key("out", anon)) == user.encode()
-        assert len(client.keys("out:v1:user:*")) == USERS
+        assert len(client.keys("out:v2:user:*")) == USERS
     finally:
         flow.stop.set()
         part.close()
@@ -166,7 +166,7 @@ def stop_server(proc) -> None:
 
 
 def test_redis_sink_skips_a_key_something_else_owns(redis_client, redis_url, caplog):
-    redis_client.set("wt:v1:user:taken", "not a hash")  # another program's key
+    redis_client.set("wt:v2:user:taken", "not a hash")  # another program's key
     before = STATS.labeled("redis_command_errors").get("WRONGTYPE", 0)
     part = RedisFeatureSink(redis_url, "wt", 3600).build("features_to_redis", 0, 1)
     caplog.set_level(logging.INFO, logger="surgeflow.redis")
@@ -174,8 +174,8 @@ def test_redis_sink_skips_a_key_something_else_owns(redis_client, redis_url, cap
         part.write_batch([([Write("taken", {"views_1h": str(i)}, (), True),
                             Write("free", {"views_1h": str(i)}, (), True)], [])])
     part.close()
-    assert redis_client.hget("wt:v1:user:free", "views_1h") == b"2"  # the rest of each batch
-    assert redis_client.get("wt:v1:user:taken") == b"not a hash"
+    assert redis_client.hget("wt:v2:user:free", "views_1h") == b"2"  # the rest of each batch
+    assert redis_client.get("wt:v2:user:taken") == b"not a hash"
     assert STATS.labeled("redis_command_errors")["WRONGTYPE"] == before + 3
     assert len(messages(caplog, "surgeflow.redis", "WRONGTYPE")) == 1  # rate-limited
 

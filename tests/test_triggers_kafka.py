@@ -95,9 +95,10 @@ def stream() -> list[dict]:
 
 def record(e: dict, n: int) -> bytes:
     """Segment-style JSON: pages as type page, the rest as track; ISO and epoch-ms times."""
-    ctx: dict = {"timezone": e["tz"], "channel": "app"}
+    # every user here agreed to profiling (opt-in by default); marketing is the scenario's
+    ctx: dict = {"timezone": e["tz"], "channel": "app", "consent": {"profiling": True}}
     if e["marketing"] is not None:
-        ctx["consent"] = {"marketing": e["marketing"]}
+        ctx["consent"]["marketing"] = e["marketing"]
     doc = {"event_id": e["id"], "user_id": e["user"], "context": ctx}
     if e["name"] == "page_view":
         doc.update(type="page", properties={"page": f"/p/{n % 5}"})

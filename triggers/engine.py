@@ -236,6 +236,14 @@ class TriggerEngine:
         """The profile is gone (time to live, eviction): so is its trigger state."""
         self.users.pop(user, None)
 
+    def erase(self, user: str) -> None:
+        """Erasure: the user's state goes, history and timer entries included (a snapshot must
+        not keep the id in a stale heap entry)."""
+        self.users.pop(user, None)
+        if any(u == user for _, u in self.timers):
+            self.timers = [t for t in self.timers if t[1] != user]
+            heapq.heapify(self.timers)
+
     def take(self, user: str) -> UserTriggers | None:
         """The user's state leaves this shard (a visitor's profile merges into a user's)."""
         return self.users.pop(user, None)

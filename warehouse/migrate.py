@@ -108,3 +108,32 @@ def migrate(client, db: str, tz: str = "UTC", migrations: list[Migration] | None
                       column_names=["version", "name", "checksum", "timezone"])
         now.append(m.version)
     return now
+
+
+# Tables holding a user id, and which retention setting (privacy.retention) applies. Their time
+# to live counts from stored_at (when the row was stored). Erasure deletes from the same tables.
+RETENTION = {
+    "events_raw": "raw_events_days",
+    "actions": "user_tables_days",
+    "alerts": "user_tables_days",
+    "user_days": "user_tables_days",
+    "users_first_seen": "user_tables_days",
+    "trigger_audit": "user_tables_days",
+}
+
+
+def apply_retention(client, db: str, days: dict[str, int]) -> list[str]:
+    """Set each table's time to live from the retention settings (``days``: setting -> days),
+    only where it differs from what the table has: a TTL change rewrites parts on a server.
+    Returns the tables changed."""
+    check_names(db, "UTC")
+    rows = client.query("SELECT name, create_table_query FROM system.tables WHERE database = {db:String}",
+                        parameters={"db": db}).result_rows
+    have = dict(rows)
+    changed = []
+    for table, setting in RETENTION.items():
+        n = int(days[setting])
+        if table in have and f"stored_at + toIntervalDay({n})" not in have[table]:
+            client.command(f"ALTER TABLE {db}.{table} MODIFY TTL stored_at + INTERVAL {n} DAY")
+            changed.append(table)
+    return changed
