@@ -71,6 +71,23 @@ def file_lock(path: Path) -> threading.Lock:
     return _FILE_LOCKS.setdefault(Path(path).resolve(), threading.Lock())
 
 
+def drop_lines(path: Path, gone: Callable[[bytes], bool]) -> int:
+    """Rewrite a JSON-lines file in place without the lines ``gone`` picks, under the writers'
+    lock (erasure, retention); returns how many went (0 for a missing file)."""
+    with file_lock(path):
+        try:
+            with open(path, "r+b") as f:
+                lines = f.readlines()
+                keep = [line for line in lines if not gone(line)]
+                if len(keep) != len(lines):
+                    f.seek(0)
+                    f.writelines(keep)
+                    f.truncate()
+                return len(lines) - len(keep)
+        except (FileNotFoundError, IsADirectoryError):
+            return 0
+
+
 class _JsonLinesPartition(StatelessSinkPartition):
     def __init__(self, path: Path, encode: Callable[[object], bytes], observe: str | None):
         self.path = path

@@ -18,8 +18,8 @@ Migration from ``v1`` (one ``user:`` namespace for both kinds of ids). A v1 hash
 to belong to a user or a visitor, and v1 aliases may have been forged (see SECURITY in the
 README), so nothing is copied: the v2 flow rebuilds every profile from the stream (replay the
 events topic from the start of its retention with an empty recovery store), readers read v2 only,
-and ``surgeflow redis-drop-layout v1`` deletes the old keys (SCAN in batches, with progress).
-Untouched, v1 keys expire with their time to live (``redis.ttl_days``).
+and the old keys expire with their time to live (``redis.ttl_days``), or are deleted at once
+(``redis-cli --scan --pattern '<prefix>:v1:*' | xargs redis-cli unlink``).
 
 >>> user_key("sf", "u1"), anon_key("sf", "u1")
 ('sf:v2:user:u1', 'sf:v2:anon:u1')
@@ -70,11 +70,6 @@ def receipt_key(prefix: str, request_id: str) -> str:
 def user_key_pattern(prefix: str) -> str:
     """Pattern of all user hashes (for operators counting them; never built from an id)."""
     return f"{prefix}:{LAYOUT_VERSION}:user:*"
-
-
-def layout_pattern(prefix: str, version: str = LAYOUT_VERSION) -> str:
-    """Pattern of every key of one layout version (``surgeflow redis-drop-layout``)."""
-    return f"{prefix}:{version}:*"
 
 
 def is_valid_id(user_id: object) -> bool:

@@ -22,6 +22,8 @@ event, but may not grant or withdraw for the person.
 (False, False)
 >>> book.decide("u1", True, 6, linked=True)  # a linked device cannot grant for the user
 (False, False)
+>>> book.decide("u9", True, 6, linked=True), len(book)  # (nor state anything, when none did)
+((True, False), 1)
 >>> book.expire(5 + 10_000 + 1); book.decide("u1", None, 20_000)  # forgotten: the default again
 (False, False)
 >>> ConsentBook("opt_out").decide("u2", None, 1)
@@ -46,12 +48,14 @@ class ConsentBook:
     def decide(self, ident: str, stated: bool | None, ts: int, linked: bool = False,
                device: bool | None = None) -> tuple[bool, bool]:
         """(may this event be profiled, does it withdraw consent that held until now).
-        ``device``: for a linked event, the consent its device had when it was linked, which
-        holds while the user has no statement of their own (the link's merge, which brings that
-        statement, may be applied after the event: they come from different partitions)."""
+        A linked event follows the user's statement; while the user has none (the user's own
+        events and the link's merge come from other partitions, and may be applied after it),
+        its own statement, else ``device``, the consent its device had, else the default."""
         entry = self.entries.get(ident)
-        before = entry[1] if entry is not None else (
-            device if linked and device is not None else self.default)
+        if linked and entry is None:
+            base = stated if stated is not None else device if device is not None else self.default
+            return base, False
+        before = entry[1] if entry is not None else self.default
         if linked:
             return before and stated is not False, False
         if stated is not None and (entry is None or ts >= entry[0]):

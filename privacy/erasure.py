@@ -48,7 +48,7 @@ import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
 
-from connectors.files import file_lock
+from connectors.files import drop_lines
 from connectors.stoppable import INPUT_DONE
 from features.layout import erased_key, is_valid_id, receipt_key
 from privacy.subjects import subject_hash
@@ -439,28 +439,15 @@ def purge_files(paths: list[Path], ids: set[str], hashes: set[str]) -> int:
     given files (and the JSON-lines files of given directories), rewriting them in place under
     the writers' lock. Returns the number of lines removed."""
     needles = [orjson.dumps(i) for i in ids] + [h.encode() for h in hashes]
-    removed = 0
-    for path in _jsonl_files(paths):
-        with file_lock(path):
-            try:
-                with open(path, "r+b") as f:
-                    lines = f.readlines()
-                    keep = [ln for ln in lines if not any(n in ln for n in needles)]
-                    if len(keep) != len(lines):
-                        f.seek(0)
-                        f.writelines(keep)
-                        f.truncate()
-                        removed += len(lines) - len(keep)
-            except FileNotFoundError:
-                continue
-    return removed
+    return sum(drop_lines(path, lambda line: any(n in line for n in needles))
+               for path in _jsonl_files(paths))
 
 
 def _jsonl_files(paths: list[Path]):
     for p in paths:
         if p.is_dir():
             yield from sorted(p.rglob("*.jsonl"))
-        elif p.exists():
+        elif p.is_file():
             yield p
 
 

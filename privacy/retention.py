@@ -26,7 +26,7 @@ from pathlib import Path
 
 import orjson
 
-from connectors.files import file_lock
+from connectors.files import drop_lines
 from surgeflow.stats import STATS
 
 log = logging.getLogger("surgeflow.retention")
@@ -38,7 +38,7 @@ def _dead_letter_files(paths: list[Path]):
         if p.is_dir():
             yield from sorted(x for x in p.rglob("*.jsonl")
                               if x.name.startswith(("dead_letters", "rejected", "webhook_rejected")))
-        elif p.exists():
+        elif p.is_file():
             yield p
 
 
@@ -48,19 +48,11 @@ def sweep_dead_letters(paths: list[Path], days: float, now_ms: int | None = None
     cutoff = now_ms - int(days * DAY_MS)
     removed = 0
     for f in _dead_letter_files(paths):
-        with file_lock(f):
-            try:
-                mtime = int(f.stat().st_mtime * 1000)
-                with open(f, "r+b") as fh:
-                    lines = fh.readlines()
-                    keep = [ln for ln in lines if _written(ln, mtime) >= cutoff]
-                    if len(keep) != len(lines):
-                        fh.seek(0)
-                        fh.writelines(keep)
-                        fh.truncate()
-                        removed += len(lines) - len(keep)
-            except FileNotFoundError:
-                continue
+        try:
+            mtime = int(f.stat().st_mtime * 1000)
+        except FileNotFoundError:
+            continue
+        removed += drop_lines(f, lambda line: _written(line, mtime) < cutoff)
     if removed:
         STATS.add("dead_letters_expired", removed)
         log.warning("retention: %d dead letters older than %g days removed", removed, days)

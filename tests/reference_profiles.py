@@ -198,7 +198,8 @@ def expected_profiles(records, registry, *, late_ids=frozenset(), end_ms=None, l
         if e.anonymous_only and e.anon_id in aliases:  # a linked device: the user's consent
             k = ("user", aliases[e.anon_id])  # (or, while the user stated none, the device's)
             device = stated.get(("anon", e.anon_id))
-            base = stated[k][1] if k in stated else device[1] if device else default
+            base = (stated[k][1] if k in stated else statement if statement is not None
+                    else device[1] if device else default)
             if base and statement is not False:
                 home[e.seq] = k
                 kept.append(e)

@@ -241,3 +241,58 @@ def test_erase_command_in_embedded_mode_then_verify(tmp_path, redis_url, chdb_ds
     assert left.exit_code == 1 and "found traces" in left.output
     audit = chdb_client.query(f"SELECT requested_by, pass FROM {ch_database}.erasure_audit").result_rows
     assert {r[0] for r in audit} >= {"dpo@example"} and {r[1] for r in audit} == {1, 2, 3}
+
+
+def test_erasure_over_http_is_queued_for_the_flow_and_recorded(tmp_path, redis_url, monkeypatch):
+    """POST /erasure with a token of scope erasure:write queues the request as `surgeflow erase`
+    does (the embedded inbox and the ledger); without the scope it is refused."""
+    from config.settings import AccessSettings
+    from features.http import create_app
+    from features.layout import erased_key
+    from privacy.subjects import subject_hash
+    from tests.services import serve_app
+    from tests.test_access import call
+
+    monkeypatch.setenv("SURGEFLOW_PII_KEY", KEY)
+    settings = load_settings(None, env={}, redis__url=redis_url, redis__key_prefix="http-er",
+                             privacy__erasure__inbox=str(tmp_path / "inbox"))
+    writer, reader = "w" * 32, "r" * 32
+    monkeypatch.setenv("SURGEFLOW_API_TOKENS", f"{writer}:erasure:write;{reader}:features:read")
+
+    def erase(user_id, anonymous, requested_by):
+        return request_erasure(settings, user_id, anonymous=anonymous, requested_by=requested_by,
+                               source="http", redis_url=redis_url).request_id
+
+    app = create_app(redis_url, "http-er", access=AccessSettings(), on_erasure=erase)
+    with serve_app(app) as port:
+        denied = call(port, "POST", "/erasure", {"user_id": "u-http"}, token=reader)
+        assert denied[0] == 403 and not (tmp_path / "inbox").exists()
+        status, _, body = call(port, "POST", "/erasure", {"user_id": "u-http"}, token=writer)
+    assert status == 202 and body["request_id"]
+    queued = [json.loads(p.read_bytes()) for p in (tmp_path / "inbox").glob("*.json")]
+    assert [(q["subject"], q["source"]) for q in queued] == [("u-http", "http")]
+    assert queued[0]["requested_by"].startswith("token:") and writer not in json.dumps(queued)
+    client = redis.Redis.from_url(redis_url)
+    assert client.hexists(erased_key("http-er"), subject_hash("u-http", KEY.encode()))
+    assert client.get(receipt_key("http-er", body["request_id"]))  # queued
+
+
+def test_file_retention_of_dead_letters_and_spools(tmp_path):
+    from privacy.retention import sweep_dead_letters, sweep_spools
+
+    now = int(time.time() * 1000)
+    out, spool = tmp_path / "out", tmp_path / "spool"
+    out.mkdir()
+    (spool / "webhook").mkdir(parents=True)
+    (out / "dead_letters.jsonl").write_bytes(b"".join(
+        orjson.dumps({"reason": "x", "at_ms": now - d * 86_400_000}) + b"\n" for d in (20, 16, 1, 0)))
+    (out / "actions.jsonl").write_bytes(b'{"at_ms": 0}\n')  # not a dead letter: kept
+    old, fresh = spool / "000000000001.pickle", spool / "webhook" / "spool-w0-000000000002.jsonl"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    import os
+    os.utime(old, (time.time() - 20 * 86_400,) * 2)
+    assert sweep_dead_letters([out, spool], days=15, now_ms=now) == 2
+    assert len((out / "dead_letters.jsonl").read_bytes().splitlines()) == 2
+    assert (out / "actions.jsonl").read_bytes() == b'{"at_ms": 0}\n'
+    assert sweep_spools(spool, days=15) == 1 and not old.exists() and fresh.exists()

@@ -176,3 +176,29 @@ def test_engine_equals_the_reference_under_the_privacy_defaults(steps, batch):
     got = {k: {f: v for f, v in h.stored[k].items() if f != "p_purchase_24h"} for k in h.stored}
     assert got == profiles
     assert h.aliases == aliases
+
+
+def test_marketing_consent_policy_gates_every_action():
+    """The rule file says opt_out; privacy.consent.marketing: opt_in is a floor under it: without
+    a grant nothing is sent, with one the action goes."""
+    from tests.engine_harness import PAGES_ONLY
+
+    def actions(policy, marketing):
+        h = Harness(ShardConfig(lateness_ms=0, ingest_shards=2, profile_shards=3,
+                                trigger_rules=PAGES_ONLY, marketing_consent=policy))
+        raws = []
+        for i in range(3):
+            d = orjson.loads(doc(i, user="m1", ts=T0 + i * 1000))
+            d["context"]["consent"] = {"profiling": True,
+                                       **({"marketing": marketing} if marketing is not None else {})}
+            raws.append(orjson.dumps(d))
+        h.feed([decode(r) for r in raws])
+        h.feed([decode(doc(9, "push_sent", user="clock", ts=T0 + 3_600_000))])
+        h.finish()
+        return [a["user_id"] for a in h.actions], {d["decision"] for d in h.audit}
+
+    assert actions("opt_out", None)[0] == ["m1"]  # the rule's opt-out alone: sent
+    sent, decisions = actions("opt_in", None)
+    assert sent == [] and "no_consent" in decisions
+    assert actions("opt_in", True)[0] == ["m1"]
+    assert actions("opt_in", False)[0] == [] and actions("opt_out", False)[0] == []
