@@ -343,6 +343,20 @@ def start_redis_aof(data_dir: Path, port: int = 0) -> tuple[subprocess.Popen, in
     append-only file, so a SIGKILL loses nothing it acknowledged. Started again with the same
     ``data_dir`` and ``port`` after a kill, it reloads that file. Returns the process and its
     port once it answers."""
+    return _start_redis(data_dir, port, ["--appendonly", "yes", "--appendfsync", "always"])
+
+
+def start_redis_secured(data_dir: Path, args: list[str], username: str | None,
+                        password: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server of the caller's own with ``args`` (``--requirepass``, ``--user`` ACLs, ...),
+    no persistence; returns the process and its port once ``username`` / ``password`` logs in."""
+    return _start_redis(data_dir, 0, ["--appendonly", "no", *args], username, password)
+
+
+def _start_redis(data_dir: Path, port: int, args: list[str], username: str | None = None,
+                 password: str | None = None) -> tuple[subprocess.Popen, int]:
+    """Start a redis-server with ``args``; return it and its port once it is ours and loaded
+    (and the credentials, if any, log in)."""
     import redis
 
     from connectors.embedded_redis import find_redis_server
@@ -352,45 +366,8 @@ def start_redis_aof(data_dir: Path, port: int = 0) -> tuple[subprocess.Popen, in
     with open(data_dir / "redis.stdout", "ab") as out:
         proc = subprocess.Popen(
             [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-             "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", "", "--daemonize", "no",
-             "--logfile", str((data_dir / "redis.log").resolve())],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent)
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
-    deadline = time.monotonic() + 15
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited ({proc.returncode}):\n"
-                                   + _tail(data_dir / "redis.log"))
-            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError,
-                                     redis.BusyLoadingError):
-                if client.info("server").get("process_id") == proc.pid:  # ours, loaded
-                    return proc, port
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("redis-server did not answer:\n" + _tail(data_dir / "redis.log"))
-            time.sleep(0.05)
-    finally:
-        client.close()
-
-
-def start_redis_secured(data_dir: Path, args: list[str], username: str | None,
-                        password: str) -> tuple[subprocess.Popen, int]:
-    """A redis-server of the caller's own with ``args`` (``--requirepass``, ``--user`` ACLs, ...),
-    no persistence; returns the process and its port once ``username`` / ``password`` logs in."""
-    import redis
-
-    from connectors.embedded_redis import find_redis_server
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_ports(1)[0]
-    with open(data_dir / "redis.stdout", "ab") as out:
-        proc = subprocess.Popen(
-            [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-             "--dir", str(data_dir.resolve()), "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--logfile", str((data_dir / "redis.log").resolve()), *args],
+             "--dir", str(data_dir.resolve()), "--save", "", "--daemonize", "no",
+             "--logfile", str((data_dir / "redis.log").resolve()), *args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent)
     client = redis.Redis(host="127.0.0.1", port=port, username=username, password=password,
@@ -401,8 +378,11 @@ def start_redis_secured(data_dir: Path, args: list[str], username: str | None,
             if proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited ({proc.returncode}):\n"
                                    + _tail(data_dir / "redis.log") + _tail(data_dir / "redis.stdout"))
-            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                if client.ping():
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError,
+                                     redis.BusyLoadingError):
+                # ours and loaded; a restricted ACL user may not run INFO: it logs in, then
+                if (client.ping() if username else
+                        client.info("server").get("process_id") == proc.pid):
                     return proc, port
             if time.monotonic() > deadline:
                 proc.kill()
