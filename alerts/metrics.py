@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from flows.eviction import OldestFirst
+from privacy.pii import CANONICAL_IPV4
 from surgeflow.stats import STATS
 
 DAY_MINUTES = 1440
@@ -415,6 +416,8 @@ def ip_cluster(ip: str) -> str:
     >>> ip_cluster("203.0.113.66"), ip_cluster("2001:db8:1:2::7"), ip_cluster("nope")
     ('203.0.113.0/24', '2001:db8:1::/48', '')
     """
+    if type(ip) is str and (v4 := CANONICAL_IPV4.fullmatch(ip)):  # most IPs: no ipaddress
+        return v4[1] + "0/24"
     ip = normal_ip(ip)
     if not ip:
         return ""

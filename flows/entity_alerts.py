@@ -28,6 +28,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from alerts.entities import BY_IP, BY_USER, MAX_ENTITY_KEYS, EntityRules, Signal
 from privacy.erasure import PROCESS_LEDGER
+from privacy.pii import CANONICAL_IPV4
 from alerts.metrics import ENTITY_METRICS, ip_cluster, normal_ip
 from alerts.rules import RuleSpec
 from flows.events import Event, step_failure
@@ -65,21 +66,27 @@ class SignalRouter:
         self.user_names = frozenset(user_names)
 
     def route(self, e: Event) -> dict[int, Signal]:
-        out: dict[int, Signal] = {}
-        ip_wanted = e.ip and (self.ip_all or e.name in self.ip_names)
-        if not ip_wanted and e.name not in self.user_names:
-            return out
-        ip = normal_ip(e.ip) if e.ip else ""
+        name = e.name
+        ip_wanted = e.ip and (self.ip_all or name in self.ip_names)
+        user_wanted = name in self.user_names
+        if not ip_wanted and not user_wanted:
+            return {}
+        ip = e.ip or ""
+        if ip and not (type(ip) is str and CANONICAL_IPV4.fullmatch(ip)):
+            ip = normal_ip(ip)  # (a canonical IPv4 address, most, is its own normal form)
         ip_wanted = ip_wanted and ip
+        if ip_wanted and not user_wanted:  # most events: one signal, to its IP cluster's shard
+            shard = zlib.crc32(ip_cluster(ip).encode()) % self.shards
+            return {shard: Signal(e.ts_ms, name, e.user, ip, e.country, BY_IP, e.event_id)}
         # Each shard judges only the entities it owns (its IP clusters, its users): a signal
         # sent to two shards says which rules each applies, so nothing is counted twice.
         scopes: dict[int, int] = {}
         if ip_wanted:
             scopes[zlib.crc32(ip_cluster(ip).encode()) % self.shards] = BY_IP
-        if e.name in self.user_names:
+        if user_wanted:
             shard = zlib.crc32(e.user.encode()) % self.shards
             scopes[shard] = scopes.get(shard, 0) | BY_USER
-        return {shard: Signal(e.ts_ms, e.name, e.user, ip, e.country, scope, e.event_id)
+        return {shard: Signal(e.ts_ms, name, e.user, ip, e.country, scope, e.event_id)
                 for shard, scope in scopes.items()}
 
 

@@ -43,6 +43,13 @@ MAX_DEPTH = 64  # decoded events are at most 16 deep; anything deeper is dropped
 # -- IP addresses -------------------------------------------------------------------------------
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# An IPv4 address exactly as ipaddress accepts and writes it (four octets of 1-3 ASCII digits,
+# no leading zero, <= 255): its own canonical form, its first three octets (and their dots)
+# group 1. One C call instead of ipaddress's parsing, for the most common kind of address.
+CANONICAL_IPV4 = re.compile(rf"({_OCTET}\.{_OCTET}\.{_OCTET}\.){_OCTET}")
+
+
 def mask_ip(ip: str) -> str:
     """IPv4: the last octet zeroed; IPv6: all but the first 48 bits zeroed; "" for a non-IP.
 
@@ -51,6 +58,8 @@ def mask_ip(ip: str) -> str:
     >>> mask_ip("203.0.113.066"), mask_ip("256.1.1.1"), mask_ip("not an ip")
     ('', '', '')
     """
+    if type(ip) is str and (v4 := CANONICAL_IPV4.fullmatch(ip)):  # most IPs: one C call
+        return v4[1] + "0"
     parts = ip.split(".")
     if len(parts) == 4 and ":" not in ip:  # the common case, without ipaddress (about 10x faster)
         for p in parts:  # what ipaddress accepts: 1-3 ASCII digits, no leading zero, <= 255
@@ -238,7 +247,7 @@ def scrub_text(text: str, key: bytes | None) -> str:
     >>> scrub_text("13800000000", b"k") == keyed_hash("13800000000", b"k")
     True
     """
-    if len(text) < 6 and ":" not in text:  # shorter than "a@b.cn" or an IP: nothing to find
+    if _plain_text(text):  # most values: a few C-level checks, no substitution pass
         return text
     text = _scrub_text(text, key)
     if "%" in text and _PERCENT.search(text):  # then what its decoded form may still show
@@ -250,6 +259,23 @@ def scrub_text(text: str, key: bytes | None) -> str:
 
 
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+# Digits an IPv4 address or a phone needs: "1.2" (an IPv4's first dot), or 8 digits none more
+# than 3 characters from the next (a phone run: digits, one separator, parentheses).
+_DIGIT_PII = re.compile(r"\d(?:\.\d|(?:\D{0,3}\d){7})").search
+
+
+def _plain_text(text: str) -> bool:
+    """Whether a text surely holds nothing scrub_text changes: no e-mail ('@'), no IPv6 (two
+    ':'), no percent escape, no IPv4 or phone (see _DIGIT_PII); False when unsure.
+
+    >>> _plain_text("black friday deals"), _plain_text("cr-01-a"), _plain_text("tel 1380000")
+    (True, True, True)
+    >>> _plain_text("tel 13800000"), _plain_text("1.2.3.4"), _plain_text("a@b.cn")
+    (False, False, False)
+    """
+    if len(text) < 6:  # shorter than "a@b.cn" or an IP: nothing but an IPv6 ("::1")
+        return ":" not in text
+    return "@" not in text and "%" not in text and text.count(":") < 2 and _DIGIT_PII(text) is None
 
 
 def _scrub_text(text: str, key: bytes | None) -> str:
@@ -340,6 +366,8 @@ def scrub(value: Any, key: bytes | None, _depth: int = 0) -> Any:
         t = type(v)
         if t is str:
             v = scrub_text(v, key)
+        elif t in _SCALARS:  # (most values: spares the isinstance checks, slow with an ABC)
+            pass
         elif t is dict or t is list or isinstance(v, (str, Mapping, list, tuple)):
             v = scrub(v, key, _depth + 1)
         out[name] = v
@@ -347,6 +375,47 @@ def scrub(value: Any, key: bytes | None, _depth: int = 0) -> Any:
 
 
 _PLAIN, _PII_NAME, _PII_IN_NAME = 0, 1, 2  # what a dict key is
+_SCALARS = frozenset({int, float, bool, type(None)})  # never scanned: kept as they are
+
+
+def scrub_json(value: Any, key: bytes | None) -> bytes:
+    """``orjson.dumps(scrub(value, key))``. A value scrub would only copy (most events'
+    properties) is written as it is: checking it costs less than copying it.
+
+    >>> scrub_json({"sku": "p1", "n": [1, 2.5, None]}, None), scrub_json({"mail": "a@b.cn"}, None)
+    (b'{"sku":"p1","n":[1,2.5,null]}', b'{}')
+    """
+    return orjson.dumps(value if _kept(value, 0) else scrub(value, key))
+
+
+def _kept(value: Any, depth: int) -> bool:
+    """Whether scrub would return a value equal to this one, and orjson write both alike:
+    exact JSON types only, no container as deep as MAX_DEPTH, every key a plain name, every
+    text plain (:func:`_plain_text`). False when unsure: scrub then decides."""
+    t = type(value)
+    if t is str:
+        return _plain_text(value)
+    if t in _SCALARS:
+        return True
+    if depth >= MAX_DEPTH:
+        return False
+    if t is list:
+        for v in value:
+            if not _kept(v, depth + 1):
+                return False
+        return True
+    if t is not dict:
+        return False
+    for name, v in value.items():
+        if type(name) is not str or _name_kind(name) != _PLAIN:
+            return False
+        t = type(v)  # (strings and scalars tested here: one call less for most values)
+        if t is str:
+            if not _plain_text(v):
+                return False
+        elif t not in _SCALARS and not _kept(v, depth + 1):
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=4096)  # property names repeat: judge each once
