@@ -37,18 +37,31 @@ class MinuteBuckets:
         self.dirty = 0  # bit mask of the slots whose total moved since the owner last looked
 
     def _put(self, key: int, value: int) -> None:
-        i = bisect_left(self.keys, key)
-        if i < len(self.keys) and self.keys[i] == key:
-            self.vals[i] += value
+        keys = self.keys
+        if keys and keys[-1] == key:  # the newest bucket, the usual case: no search
+            self.vals[-1] += value
+        elif not keys or keys[-1] < key:  # a new newest bucket: appended, nothing moves
+            keys.append(key)
+            self.vals.append(value)
         else:
-            self.keys.insert(i, key)
-            self.vals.insert(i, value)
+            i = bisect_left(keys, key)
+            if keys[i] == key:
+                self.vals[i] += value
+            else:
+                keys.insert(i, key)
+                self.vals.insert(i, value)
 
     def add(self, minute: int, metric: int, value: int) -> None:
         self._put((minute << METRIC_BITS) | metric, value)
-        totals, dirty = self.totals, self.dirty
-        for slot, window in self._plan.by_metric[metric]:
-            if window is None or (self.now - window < minute <= self.now):
+        totals, now, plan = self.totals, self.now, self._plan
+        if minute == now:  # the current minute is in every window of the metric (the usual case)
+            for slot in plan.slots_of[metric]:
+                totals[slot] += value
+            self.dirty |= plan.mask_of[metric]
+            return
+        dirty = self.dirty
+        for slot, window in plan.by_metric[metric]:
+            if window is None or (now - window < minute <= now):
                 totals[slot] += value
                 dirty |= 1 << slot
         self.dirty = dirty
@@ -62,27 +75,34 @@ class MinuteBuckets:
         keys, vals, totals, plan = self.keys, self.vals, self.totals, self._plan
         if old == NEVER:
             self._rebuild()
-        else:
+        elif keys:
+            # The oldest and newest minutes held let most windows skip their searches: nothing
+            # leaves a window whose range starts before the oldest bucket, nothing enters when
+            # no bucket is ahead of the old "now".
+            first, last = keys[0] >> METRIC_BITS, keys[-1] >> METRIC_BITS
             dirty = self.dirty
             for window, slots in plan.by_window.items():
-                lo = bisect_right(keys, ((old - window) << METRIC_BITS) | (MAX_METRICS - 1))
-                hi = bisect_right(keys, (min(minute - window, old) << METRIC_BITS) | (MAX_METRICS - 1))
-                for i in range(lo, hi):  # leaving (buckets ahead of the old "now" never entered)
-                    s = slots[keys[i] & (MAX_METRICS - 1)]
-                    if s >= 0:
-                        totals[s] -= vals[i]
-                        dirty |= 1 << s
-                lo = bisect_right(keys, (old << METRIC_BITS) | (MAX_METRICS - 1))
-                hi = bisect_right(keys, (minute << METRIC_BITS) | (MAX_METRICS - 1))
-                for i in range(lo, hi):  # entering (only buckets ahead of "now", after a merge)
-                    m = keys[i] >> METRIC_BITS
-                    s = slots[keys[i] & (MAX_METRICS - 1)]
-                    if s >= 0 and m > minute - window:
-                        totals[s] += vals[i]
-                        dirty |= 1 << s
+                upto = min(minute - window, old)
+                if first <= upto:
+                    lo = bisect_right(keys, ((old - window) << METRIC_BITS) | (MAX_METRICS - 1))
+                    hi = bisect_right(keys, (upto << METRIC_BITS) | (MAX_METRICS - 1))
+                    for i in range(lo, hi):  # leaving (buckets ahead of the old "now" never entered)
+                        s = slots[keys[i] & (MAX_METRICS - 1)]
+                        if s >= 0:
+                            totals[s] -= vals[i]
+                            dirty |= 1 << s
+                if last > old:
+                    lo = bisect_right(keys, (old << METRIC_BITS) | (MAX_METRICS - 1))
+                    hi = bisect_right(keys, (minute << METRIC_BITS) | (MAX_METRICS - 1))
+                    for i in range(lo, hi):  # entering (only buckets ahead of "now", after a merge)
+                        m = keys[i] >> METRIC_BITS
+                        s = slots[keys[i] & (MAX_METRICS - 1)]
+                        if s >= 0 and m > minute - window:
+                            totals[s] += vals[i]
+                            dirty |= 1 << s
             self.dirty = dirty
-        cut = bisect_right(keys, ((minute - plan.longest) << METRIC_BITS) | (MAX_METRICS - 1))
-        if cut:
+        if keys and keys[0] >> METRIC_BITS <= minute - plan.longest:
+            cut = bisect_right(keys, ((minute - plan.longest) << METRIC_BITS) | (MAX_METRICS - 1))
             del keys[:cut]
             del vals[:cut]
 
@@ -90,9 +110,10 @@ class MinuteBuckets:
         """Windowed totals from the buckets (lifetime slots are kept: pruned buckets count there)."""
         plan, totals = self._plan, self.totals
         self.dirty = (1 << len(plan.slots)) - 1
-        for slot, (_, window) in enumerate(plan.slots):
-            if window is not None:
-                totals[slot] = 0
+        if not self.keys and not any(totals):
+            return  # a new profile's first "now": nothing to count
+        for slot in plan.windowed:
+            totals[slot] = 0
         for key, value in zip(self.keys, self.vals):
             minute, metric = key >> METRIC_BITS, key & (MAX_METRICS - 1)
             for slot, window in plan.by_metric[metric]:
@@ -111,14 +132,23 @@ class MinuteBuckets:
 
     def next_expiry(self) -> int | None:
         """The first minute after "now" at which a bucket leaves a window."""
-        best = None
         keys = self.keys
-        for window in self._plan.by_window:
-            i = bisect_right(keys, ((self.now - window) << METRIC_BITS) | (MAX_METRICS - 1))
-            if i < len(keys):
+        if not keys:
+            return None
+        best = None
+        first, now = keys[0] >> METRIC_BITS, self.now
+        for window in self._plan.ascending:
+            if best is not None and best <= first + window:
+                break  # no bucket leaves a longer window before the oldest one would
+            if first > now - window:  # the oldest bucket is still in this window: it leaves first
+                leave = first + window
+            else:
+                i = bisect_right(keys, ((now - window) << METRIC_BITS) | (MAX_METRICS - 1))
+                if i == len(keys):
+                    continue
                 leave = (keys[i] >> METRIC_BITS) + window
-                if best is None or leave < best:
-                    best = leave
+            if best is None or leave < best:
+                best = leave
         return best
 
     def __len__(self) -> int:
@@ -147,6 +177,13 @@ class SlotPlan:
             if window is not None:
                 self.by_window.setdefault(window, [-1] * MAX_METRICS)[metric] = slot
         self.longest = max(self.by_window, default=0)
+        # for MinuteBuckets' fast paths: each metric's slots and their dirty bits, windowed slots
+        # (a window holds its current minute when it is at least one minute long)
+        now_in = [[s for s, w in pairs if w is None or w > 0] for pairs in self.by_metric]
+        self.slots_of = [tuple(slots) for slots in now_in]
+        self.mask_of = [sum(1 << s for s in slots) for slots in now_in]
+        self.windowed = tuple(s for s, (_, w) in enumerate(self.slots) if w is not None)
+        self.ascending = tuple(sorted(self.by_window))
 
     def __reduce__(self):
         return (SlotPlan, (self.slots,))

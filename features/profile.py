@@ -183,8 +183,7 @@ class FeaturePlan:
         self.metrics = list(metrics)
         self.first_mask = tuple(t[3] for t in self.times)
         self._slots = MinuteBuckets(slots).__getstate__()[4]
-        self._metric_cache: dict[str, tuple] = {}
-        self._time_cache: dict[str, tuple] = {}
+        self._routes: dict[str, tuple] = {}  # event name -> what it moves, see _route
         self.fields = registry.names
         self.bit = {name: 1 << i for i, name in enumerate(self.fields)}
         time_index = {t[0]: i for i, t in enumerate(self.times)}
@@ -201,16 +200,20 @@ class FeaturePlan:
     def new_profile(self) -> Profile:
         return Profile(MinuteBuckets(plan=self._slots), len(self.times))
 
-    def _metrics_for(self, name: str) -> tuple:
-        found = self._metric_cache.get(name)
-        if found is None:
-            found = self._metric_cache[name] = tuple(
-                (i, prop) for i, (events, exclude, prop) in enumerate(self.metrics)
-                if name not in exclude and ("*" in events or name in events))
-            self._time_cache[name] = tuple(
-                (i, first) for i, (_, events, exclude, first) in enumerate(self.times)
-                if name not in exclude and ("*" in events or name in events))
-        return found
+    def _route(self, name: str) -> tuple:
+        """What an event of this name moves: (metrics as (index, prop), time features as
+        (index, first), page views it adds to its session, whether it touches the cart).
+        Memoised per name; bounded, as names come from the input."""
+        if len(self._routes) >= 4096:
+            self._routes.clear()
+        route = self._routes[name] = (
+            tuple((i, prop) for i, (events, exclude, prop) in enumerate(self.metrics)
+                  if name not in exclude and ("*" in events or name in events)),
+            tuple((i, first) for i, (_, events, exclude, first) in enumerate(self.times)
+                  if name not in exclude and ("*" in events or name in events)),
+            int(name in self.view_events),
+            name in (CART_ADD, CART_REMOVE, ORDER, CHECKOUT))
+        return route
 
     # -- state -----------------------------------------------------------------------------
     def apply(self, p: Profile, e) -> None:
@@ -220,23 +223,41 @@ class FeaturePlan:
             p.as_of = ts
         if ts > p.last_event:
             p.last_event = ts
-        minute = ts // MINUTE_MS
+        route = self._routes.get(name)
+        if route is None:
+            route = self._route(name)
+        metrics, time_features, views, cart = route
         b = p.buckets
         b.advance(p.as_of // MINUTE_MS)
-        for metric, prop in self._metrics_for(name):
-            value = 1 if prop is None else cents(e.revenue if prop == "revenue" else
-                                                 e.cost if prop == "cost" else e.properties.get(prop))
-            if value:
-                b.add(minute, metric, value)
-        times = p.times
+        if metrics:
+            minute = ts // MINUTE_MS
+            for metric, prop in metrics:
+                value = 1 if prop is None else cents(e.revenue if prop == "revenue" else
+                                                     e.cost if prop == "cost" else e.properties.get(prop))
+                if value:
+                    b.add(minute, metric, value)
         changed = p.changed | IN_SESSION
-        for i, first in self._time_cache[name]:
-            t = times[i]
-            if t is None or (ts < t if first else ts > t):
-                times[i] = ts
-                changed |= IN_TIME0 << i
-        join_session(p.sess, ts, ts, name in self.view_events, self.gap_ms)
-        if name in (CART_ADD, CART_REMOVE, ORDER, CHECKOUT):
+        if time_features:
+            times = p.times
+            for i, first in time_features:
+                t = times[i]
+                if t is None or (ts < t if first else ts > t):
+                    times[i] = ts
+                    changed |= IN_TIME0 << i
+        # join_session's usual cases without its search: an event at or after the latest
+        # session's last one extends that session (within the gap) or starts the next one
+        sess = p.sess
+        if not sess:
+            sess.extend((ts, ts, views))
+        elif ts >= sess[-2]:
+            if ts - sess[-2] <= self.gap_ms:
+                sess[-2] = ts
+                sess[-1] += views
+            else:
+                sess.extend((ts, ts, views))
+        else:
+            join_session(sess, ts, ts, views, self.gap_ms)
+        if cart:
             self._cart(p, e, ts, name)
             changed |= IN_CART
         if e.campaign:
@@ -412,36 +433,58 @@ class FeaturePlan:
             if as_of != sent:
                 times = p.times
                 for bit, anchors in self._day_bits:
-                    t = next((times[i] for i in anchors if times[i] is not None), None)
-                    if t is not None and (as_of - t) // DAY_MS != (sent - t) // DAY_MS:
-                        changed |= bit
+                    for i in anchors:  # the first anchor set
+                        t = times[i]
+                        if t is not None:
+                            if (as_of - t) // DAY_MS != (sent - t) // DAY_MS:
+                                changed |= bit
+                            break
         b.dirty = 0
         p.changed = 0
         todo = self._todo.get(changed)
         if todo is None:
             todo = self._todo_for(changed)
+        runs, inputs = todo
         out: dict[str, str] = {}
         removed: list[str] = []
         written = p.written
-        ctx = _Ctx(user, p, self)
-        num = _Num(ctx)
-        for bit, name, compute in todo:
-            value, text = compute(ctx, num)
-            num[name] = value
-            if text is not None:
-                out[name] = text
-                written |= bit
-            elif written & bit:
-                removed.append(name)
-                written ^= bit
+        totals = b.totals
+        ctx = num = None
+        if inputs is not None:  # derived features to compute
+            ctx = _Ctx(user, p, self)
+            num = _Num(ctx)
+            for name, slot, money_ in inputs:  # the window totals they read, as _count gives them
+                v = totals[slot]
+                num[name] = (v / 100 if money_ else v) if v else 0
+        for totals_run, computes_run in runs:
+            for bit, name, slot, money_ in totals_run:  # as _count computes them, inline
+                v = totals[slot]
+                if v:
+                    out[name] = money(v) if money_ else str(v)
+                    written |= bit
+                elif written & bit:
+                    removed.append(name)
+                    written ^= bit
+            for bit, name, compute in computes_run:
+                value, text = compute(ctx, num)
+                num[name] = value
+                if text is not None:
+                    out[name] = text
+                    written |= bit
+                elif written & bit:
+                    removed.append(name)
+                    written ^= bit
         p.written = written
         if as_of != sent:
             out["as_of"] = str(as_of)
         p.sent_as_of = as_of
         return out, removed
 
-    def _todo_for(self, changed: int) -> list:
-        """The features to compute when these inputs moved (-1: all), memoised per mask."""
+    def _todo_for(self, changed: int) -> tuple:
+        """The features to compute when these inputs moved (-1: all), memoised per mask:
+        (runs, inputs). The features in registry order, as runs of window totals, which delta
+        reads inline, each followed by a run of other features, computed; ``inputs``: the
+        window totals the latter read (put in ``num`` first), None when there are none."""
         if changed == -1:
             features = -1
         else:
@@ -450,8 +493,24 @@ class FeaturePlan:
                 low = m & -m
                 features |= self._readers[low.bit_length() - 1]
                 m ^= low
-        todo = [(self.bit[f.name], f.name, compute) for i, (f, compute) in enumerate(self.computes)
-                if features >> i & 1 and f.aggregation != "model"]
+        runs: list[tuple[list, list]] = []
+        inputs: dict[str, tuple] = {}
+        for i, (f, compute) in enumerate(self.computes):
+            if not features >> i & 1 or f.aggregation == "model":
+                continue
+            window_total = f.aggregation in ("count", "sum")
+            if not runs or (window_total and runs[-1][1]):
+                runs.append(([], []))
+            if window_total:
+                runs[-1][0].append((self.bit[f.name], f.name, self.slot_of[f.name],
+                                    f.aggregation == "sum"))
+                continue
+            runs[-1][1].append((self.bit[f.name], f.name, compute))
+            for o in f.of:
+                if o in self.slot_of:
+                    inputs[o] = (o, self.slot_of[o], self.registry.by_name[o].aggregation == "sum")
+        derived = any(computes_run for _, computes_run in runs)
+        todo = (runs, tuple(inputs.values()) if derived else None)
         if len(self._todo) > 4096:
             self._todo.clear()  # bounded: the masks seen in practice are a few hundred
         self._todo[changed] = todo
@@ -460,12 +519,15 @@ class FeaturePlan:
     def day_due(self, p: Profile) -> int | None:
         """The next time a "days since" value changes (a timer, so silent users age too)."""
         best = None
+        times, as_of = p.times, p.as_of
         for _, anchors in self._day_bits:
-            t = next((p.times[i] for i in anchors if p.times[i] is not None), None)
-            if t is not None:
-                due = t + ((p.as_of - t) // DAY_MS + 1) * DAY_MS
-                if best is None or due < best:
-                    best = due
+            for i in anchors:  # the first anchor set
+                t = times[i]
+                if t is not None:
+                    due = t + ((as_of - t) // DAY_MS + 1) * DAY_MS
+                    if best is None or due < best:
+                        best = due
+                    break
         return best
 
     def model_x_of(self, p: Profile, session_pages: int) -> dict[str, float]:
@@ -541,27 +603,34 @@ def _time(plan, f):
 
 
 def _days_since(plan, f):
+    of = f.of
+
     def compute(ctx, num):
-        anchor = next((num[o] for o in f.of if num[o] is not None), None)
-        if anchor is None:
-            return None, None
-        days = (ctx.p.as_of - anchor) // DAY_MS
-        return days, str(days)
+        for o in of:  # the first anchor set
+            anchor = num[o]
+            if anchor is not None:
+                days = (ctx.p.as_of - anchor) // DAY_MS
+                return days, str(days)
+        return None, None
     return compute
 
 
 def _rfm(plan, f):
     ds, orders, spend = f.of
-    p = plan.registry.params
+    part = f.part
+    p = plan.registry.params  # (read once: the plan is compiled per flow)
+    recency, frequency, monetary = p["rfm_recency_days"], p["rfm_frequency_orders"], p["rfm_monetary"]
 
     def compute(ctx, num):
-        if not num[orders]:
+        n_orders = num[orders]
+        if not n_orders:
             return None, None
-        r = num[ds] is not None and num[ds] < p["rfm_recency_days"]
-        fr = num[orders] >= p["rfm_frequency_orders"]
-        m = (num[spend] or 0) >= p["rfm_monetary"]
-        if f.part != "tier":
-            high = {"r": r, "f": fr, "m": m}[f.part]
+        days = num[ds]
+        r = days is not None and days < recency
+        fr = n_orders >= frequency
+        m = (num[spend] or 0) >= monetary
+        if part != "tier":
+            high = r if part == "r" else fr if part == "f" else m  # (the registry checks parts)
             return high, "high" if high else "low"
         kind = "value" if r and fr else "develop" if r else "retain" if fr else "winback"
         return None, f"{'important' if m else 'general'}-{kind}"
@@ -571,16 +640,17 @@ def _rfm(plan, f):
 def _lifecycle(plan, f):
     i7, i30, age = f.of
     p = plan.registry.params
+    new_days, decline, growth_days = p["new_user_days"], p["decline_ratio"], p["growth_days"]
 
     def compute(ctx, num):
         a7, a30, days = num[i7] or 0, num[i30] or 0, num[age] or 0
         if a30 == 0:
             stage = "churned"
-        elif days < p["new_user_days"]:
+        elif days < new_days:
             stage = "new"
-        elif 30 * a7 < p["decline_ratio"] * 7 * a30:
+        elif 30 * a7 < decline * 7 * a30:
             stage = "decline"
-        elif days < p["growth_days"]:
+        elif days < growth_days:
             stage = "growth"
         else:
             stage = "mature"
@@ -590,12 +660,11 @@ def _lifecycle(plan, f):
 
 def _activity(plan, f):
     i7, i30 = f.of
-    p = plan.registry.params
+    highly = plan.registry.params["interactions_highly_active"]
 
     def compute(ctx, num):
         a7, a30 = num[i7] or 0, num[i30] or 0
-        level = ("silent" if a30 == 0 else "highly_active" if a7 >= p["interactions_highly_active"]
-                 else "active")
+        level = "silent" if a30 == 0 else "highly_active" if a7 >= highly else "active"
         return None, level
     return compute
 
@@ -610,37 +679,55 @@ def _at_least(plan, f):
 
 
 def _session(plan, f):
-    part = f.part
+    # one function per part: (start, last event, page views) of the latest session
+    def session_id(ctx, num):
+        s = ctx.session
+        return (None, None) if s is None else (None, idempotency_key("session", ctx.user, str(s[0])))
 
-    def compute(ctx, num):
+    def pages(ctx, num):
+        s = ctx.session
+        return (None, None) if s is None else (s[2], str(s[2]))
+
+    def started_at(ctx, num):
+        s = ctx.session
+        return (None, None) if s is None else (s[0], str(s[0]))
+
+    def duration_s(ctx, num):
         s = ctx.session
         if s is None:
             return None, None
-        start, last, views = s
-        if part == "id":
-            return None, idempotency_key("session", ctx.user, str(start))
-        v = {"pages": views, "started_at": start, "duration_s": (last - start) // 1000}[part]
+        v = (s[1] - s[0]) // 1000
         return v, str(v)
-    return compute
+    return {"id": session_id, "pages": pages, "started_at": started_at,
+            "duration_s": duration_s}[f.part]
 
 
 def _cart(plan, f):
-    part = f.part
+    # one function per part
+    def items(ctx, num):
+        cart = ctx.p.cart
+        if not cart:  # most profiles
+            return 0, None
+        v = max(0, sum(c[1] for c in cart))
+        return v, (str(v) if v else None)
 
-    def compute(ctx, num):
+    def value(ctx, num):
+        cart = ctx.p.cart
+        if not cart:
+            return 0.0, None  # (0 / 100)
+        v = max(0, sum(c[2] for c in cart))
+        return v / 100, (money(v) if v else None)
+
+    def updated_at(ctx, num):
+        t = ctx.p.cart_updated
+        return t, (str(t) if t is not None else None)
+
+    def checkout_pending(ctx, num):
         p = ctx.p
-        if part == "items":
-            v = max(0, sum(c[1] for c in p.cart))
-            return v, (str(v) if v else None)
-        if part == "value":
-            v = max(0, sum(c[2] for c in p.cart))
-            return v / 100, (money(v) if v else None)
-        if part == "updated_at":
-            return p.cart_updated, (str(p.cart_updated) if p.cart_updated is not None else None)
         pending = int(p.last_checkout is not None
                       and (p.last_order is None or p.last_checkout > p.last_order))
         return pending, str(pending)
-    return compute
+    return {"items": items, "value": value, "updated_at": updated_at}.get(f.part, checkout_pending)
 
 
 def _argmax(plan, f):

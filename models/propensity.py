@@ -20,8 +20,11 @@ True
 from __future__ import annotations
 
 import math
+from array import array
 
 from river import linear_model, optim, preprocessing
+
+MAX_MEMO = 1024  # scores memoised per model state, at most (see score_totals): < 1 MB
 
 
 class PurchasePropensity:
@@ -55,21 +58,42 @@ class PurchasePropensity:
         compiled = self._compiled
         if compiled is None or compiled[0] != self.learned or compiled[1] is not inputs:
             compiled = self._compiled = self._compile(inputs)
+        # The score depends only on the totals' contents and the pages (for these weights):
+        # profiles often share them (a first page view), so scores are memoised by content
+        # until the model learns. Only for arrays, whose bytes are a cheap exact key.
+        memo = compiled[5]
+        key = (totals.typecode, totals.tobytes(), session_pages) if type(totals) is array else None
+        if key is not None:
+            score = memo.get(key)
+            if score is not None:
+                return score
         z = 0.0
-        for slot, money_, mean, sd, w in compiled[2]:
-            if w:
-                z += w * (((totals[slot] / 100 if money_ else float(totals[slot])) - mean) / sd)
+        for slot, money_, mean, sd, w, at_zero in compiled[2]:
+            v = totals[slot]
+            if v:
+                z += w * (((v / 100 if money_ else float(v)) - mean) / sd)
+            else:
+                z += at_zero  # the same term, computed once (most inputs are 0)
         mean, sd, w = compiled[3]
         if w:
             z += w * ((float(session_pages) - mean) / sd)
         z += compiled[4]
         if z < -30:
-            return 0.0
-        if z > 30:
-            return 1.0
-        return 1 / (1 + math.exp(-z))
+            score = 0.0
+        elif z > 30:
+            score = 1.0
+        else:
+            score = 1 / (1 + math.exp(-z))
+        if key is not None:
+            if len(memo) >= MAX_MEMO:
+                memo.clear()  # bounded; it starts afresh whenever the model learns anyway
+            memo[key] = score
+        return score
 
     def _compile(self, inputs: list[tuple[str, int, bool]]) -> tuple:
+        """(learned, inputs, per input (slot, money, mean, sd, weight, term of a 0 total),
+        session_pages' (mean, sd, weight), intercept, score memo). Inputs of zero weight add
+        nothing and are left out (score_totals skipped them)."""
         scaler, regression = self.model.steps.values()
         means, vars_, weights = scaler.means, scaler.vars, regression._weights
 
@@ -77,8 +101,16 @@ class PurchasePropensity:
             var = vars_.get(name, 0.0)
             # a zero variance scales the input to 0.0, which adds nothing to the dot product
             return means.get(name, 0.0), (var ** 0.5 if var else 1.0), (weights.get(name, 0.0) if var else 0.0)
-        return (self.learned, inputs, [(slot, money_, *one(name)) for name, slot, money_ in inputs],
-                one("session_pages"), regression.intercept)
+        terms = []
+        for name, slot, money_ in inputs:
+            mean, sd, w = one(name)
+            if w:
+                terms.append((slot, money_, mean, sd, w, w * ((0.0 - mean) / sd)))
+        return (self.learned, inputs, terms, one("session_pages"), regression.intercept, {})
+
+    def __getstate__(self) -> dict:
+        # the compiled form and its memo are derived: rebuilt on the first score after a restore
+        return {**self.__dict__, "_compiled": None}
 
     def remember(self, user: str, ts_ms: int, x: dict[str, float]) -> None:
         """Keep an example whose label is not known yet."""
