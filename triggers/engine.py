@@ -40,7 +40,7 @@ from surgeflow.stats import STATS
 from triggers import guards as g
 from triggers.rules import (NOT_DONE_BY_USER, Fire, Match, Rule, UserTriggers, compile_rule,
                             idempotency_key)
-from triggers.spec import TriggerBook
+from triggers.spec import TriggerBook, duration_ms
 
 FALLBACK_STEP = 1000  # a channel fallback's step: the step it falls back from + 1000
 NEVER = 2**62
@@ -96,6 +96,7 @@ class CompiledBook:
         self.by_name = {r.name: r for r in self.rules}
         self.every = [r for r in self.rules if r.interest is None]
         self._index: dict[str, list[Rule]] = {}
+        self._reacting: dict[str, list[tuple[Rule, bool]]] = {}
         self.horizon_ms = g.history_horizon(list(spec.guards.caps))
         self.interval_ms = {ch: 1000.0 / rate for ch, rate in spec.guards.release_rate_per_s.items()
                             if rate > 0}
@@ -107,6 +108,17 @@ class CompiledBook:
             if len(self._index) < 10_000:  # event names are input: the cache stays bounded
                 self._index[name] = rules
         return rules
+
+    def reacting(self, name: str) -> list[tuple[Rule, bool]]:
+        """:meth:`interested`, each rule with whether ``name`` is one of its ``exit_on`` events.
+        An exit test reads the event's name only, so it is decided once per name here instead
+        of on every event (a "silent N days" drip exits on every event)."""
+        pairs = self._reacting.get(name)
+        if pairs is None:
+            pairs = [(r, r.exit is not None and r.exit.takes(name)) for r in self.interested(name)]
+            if len(self._reacting) < 10_000:
+                self._reacting[name] = pairs
+        return pairs
 
 
 class TriggerEngine:
@@ -152,29 +164,31 @@ class TriggerEngine:
 
     # -- events --------------------------------------------------------------------------------
     def on_event(self, user: str, e, ctx, out, arrival_ms: int = 0) -> None:
-        book = self.book
-        rules = book.interested(e.name)
+        ts = e.ts_ms
+        rules = self.book.reacting(e.name)
         st = self.users.get(user)
-        if not rules and st is None:
-            return
         if st is None:
+            if not rules:
+                return  # no rule reads this event and the user has no state: nothing to do
             st = self.users[user] = UserTriggers()
-        elif st.heap_due is not None and st.heap_due <= e.ts_ms:
+        elif st.heap_due is not None and st.heap_due <= ts:
             # The user's own later event shows these timers elapsed (event time) before it:
             # they fire first, whether or not the watermark has passed them yet, so a stop
             # event after the deadline never cancels what was due before it.
-            self._due(user, st, e.ts_ms, ctx, out)
+            self._due(user, st, ts, ctx, out)
         if self.retired and st.matches:
             retired = {id(m.rule): m.rule for m in st.matches.values()
                        if getattr(m.rule, "retired", False)}
             if retired:
-                rules = list(retired.values()) + rules
+                rules = [(r, r.exit is not None and r.exit(e, ctx))
+                         for r in retired.values()] + rules
         fires: list[Fire] = []
-        ts = e.ts_ms
-        for rule in rules:
-            if rule.exit is not None and rule.exit(e, ctx):
+        for rule, exits in rules:
+            if exits:
                 self._exit(st, user, rule, e, ctx, out)
-            fires += rule.on_event(st, e, ctx)
+            fired = rule.on_event(st, e, ctx)
+            if fired:
+                fires += fired
         if st.sends and e.name not in NOT_DONE_BY_USER:
             self._opened(st, user, e, out)
         if fires:
@@ -187,9 +201,12 @@ class TriggerEngine:
             if m.step > 0 and rule.kind in ("schedule", "drip"):
                 self._audit(out, e.ts_ms, user, rule, "", m.step, "", "", "exited",
                             f"{e.name} ended it after step {m.step}")
+        name = rule.name
+        if not st.sends or not any(s.rule.name == name for s in st.sends):
+            return  # the usual case (a drip's exit on every event): no pending send to end
         keep = []
         for s in st.sends:
-            if s.rule.name == rule.name:
+            if s.rule.name == name:
                 self._audit(out, e.ts_ms, user, s.rule, s.action_id, s.step, s.channel, s.message,
                             "exited", f"{e.name} before the pending send")
             else:
@@ -198,10 +215,13 @@ class TriggerEngine:
 
     def _opened(self, st: UserTriggers, user: str, e, out) -> None:
         """A channel fallback waits for an open (or click...): this event may be it."""
+        name = e.name
+        if not any(s.awaits and name in s.unless for s in st.sends):
+            return  # no fallback waits for this event (most events, most pending sends)
         keep = []
         ref = e.properties.get("action_id") if isinstance(e.properties, dict) else None
         for s in st.sends:
-            if s.awaits and e.name in s.unless and (ref is None or ref == s.awaits):
+            if s.awaits and name in s.unless and (ref is None or ref == s.awaits):
                 self._audit(out, e.ts_ms, user, s.rule, s.action_id, s.step, s.channel,
                             s.message, "fallback_cancelled", f"{e.name} within the wait")
             else:
@@ -286,41 +306,44 @@ class TriggerEngine:
     def _due(self, user: str, st: UserTriggers, now: int, ctx, out) -> None:
         """Everything of the user due at or before ``now``, earliest first, each at its own
         due time (a schedule's next step may be due before ``now`` too)."""
+        first = _first_due(st)
+        if first > now:
+            return  # the timer moved later since it was set (a session went on): nothing yet
         extra = {"_timer_ms": self.wall_ms} if self.wall_ms else {}
-        while True:
-            first = _first_due(st)
-            if first > now:
-                return
-            for m in sorted((m for m in st.matches.values() if m.due == first),
-                            key=lambda m: (m.rule.name, m.key)):
+        while first <= now:
+            matches = [m for m in st.matches.values() if m.due == first]
+            if len(matches) > 1:
+                matches.sort(key=_match_order)
+            for m in matches:
                 for f in m.rule.on_due(st, m, ctx):
                     self._decide(st, user, [f], f.ts, ctx, out, "", extra)
-            ready = sorted((s for s in st.sends if s.due == first),
-                           key=lambda s: (s.rule.name, s.action_id))
-            if ready:
-                st.sends = [s for s in st.sends if s.due != first]
-                for s in ready:
-                    self._offer(st, user, s, s.due, ctx, out, extra)
+            if st.sends:
+                ready = [s for s in st.sends if s.due == first]
+                if ready:
+                    st.sends = [s for s in st.sends if s.due != first]
+                    if len(ready) > 1:
+                        ready.sort(key=_send_order)
+                    for s in ready:
+                        self._offer(st, user, s, s.due, ctx, out, extra)
+            first = _first_due(st)
 
     def _settle(self, user: str, st: UserTriggers, now: int) -> None:
         """Forget what no longer matters, drop an empty state, schedule the next timer."""
-        if st.history:
-            horizon = self.book.horizon_ms if self.book is not None else 0
-            cut = now - horizon
-            if st.history[0][0] <= cut:
-                st.history = [h for h in st.history if h[0] > cut]
-        if st.marks and min(until for until, _ in st.marks.values()) <= now:
-            for name in [n for n, (until, _) in st.marks.items() if until <= now]:
-                del st.marks[name]
+        horizon = self.book.horizon_ms if self.book is not None else 0
+        if st.history and st.history[0][0] <= now - horizon:
+            st.history = [h for h in st.history if h[0] > now - horizon]
+        marks = st.marks
+        soonest = _soonest_mark(marks) if marks else NEVER
+        if soonest <= now:
+            for name in [n for n, (until, _) in marks.items() if until <= now]:
+                del marks[name]
+            soonest = _soonest_mark(marks)
         if st.empty():
             del self.users[user]
             return
-        due = _first_due(st)
+        due = min(_first_due(st), soonest)
         if st.history:
-            due = min(due, st.history[0][0] + (self.book.horizon_ms if self.book else 0) + 1)
-        for until, _ in st.marks.values():
-            if until < due:
-                due = until
+            due = min(due, st.history[0][0] + horizon + 1)
         if due == NEVER:
             return
         if st.heap_due is None or due < st.heap_due:
@@ -335,15 +358,19 @@ class TriggerEngine:
     def _decide(self, st: UserTriggers, user: str, fires: list[Fire], now: int, ctx, out,
                 campaign: str, extra: dict) -> None:
         """Rules that fired on one event: the highest priority ones are offered for sending."""
-        live = [f for f in fires if not f.rule.shadow]
-        live.sort(key=lambda f: (-f.rule.priority, f.rule.name))
+        if len(fires) == 1:
+            ranked = fires  # the usual case (every timer): nothing to rank
+        else:  # live ones by priority, then the shadow ones (they never take a live one's place)
+            live = [f for f in fires if not f.rule.shadow]
+            live.sort(key=lambda f: (-f.rule.priority, f.rule.name))
+            ranked = live + [f for f in fires if f.rule.shadow]
         cap = self.book.guards.max_actions_per_event
-        for i, f in enumerate(live + [f for f in fires if f.rule.shadow]):
+        for i, f in enumerate(ranked):
             s = Send(f.rule, f.trigger, f.step, f.rule.action.channel, f.message, f.props,
                      idempotency_key(f.rule.name, user, f.trigger, str(f.step)), campaign)
-            if i >= cap and not f.rule.shadow:
+            if i >= cap and not f.rule.shadow:  # (then ranked[0] is the live winner)
                 self._audit(out, now, user, f.rule, s.action_id, s.step, s.channel, s.message,
-                            "lower_priority", f"{live[0].rule.name} fired on the same event")
+                            "lower_priority", f"{ranked[0].rule.name} fired on the same event")
                 continue
             self._offer(st, user, s, now, ctx, out, extra)
 
@@ -370,9 +397,10 @@ class TriggerEngine:
                     s.due = int(slot)
                     st.sends.append(s)
                     return
-        tz = ctx.zone()
+        tz = None  # the user's time zone: read only when a guard needs it
         q = guards.quiet_hours
         if q is not None and s.channel in q.channels:
+            tz = ctx.zone()
             until = g.quiet_until(q, now, tz)
             if until is not None:
                 if q.policy == "drop":
@@ -384,6 +412,10 @@ class TriggerEngine:
                 return
         tags = tuple(rule.action.tags)
         for cap in guards.caps:
+            if len(st.history) < cap.max:
+                continue  # it counts sends of the history: fewer than max sends never fill it
+            if tz is None:
+                tz = ctx.zone()
             frees = g.cap_breach(cap, st.history, now, s.channel, s.message, tags, tz)
             if frees is None:
                 continue
@@ -418,7 +450,6 @@ class TriggerEngine:
         STATS.add_labeled("trigger_actions", rule.name)
         fb = rule.action.fallback
         if fb is not None and s.step < FALLBACK_STEP:
-            from triggers.spec import duration_ms
             f = Send(rule, s.trigger, s.step + FALLBACK_STEP, fb.channel, fb.message or s.message,
                      s.props, idempotency_key(rule.name, user, s.trigger,
                                               str(s.step + FALLBACK_STEP)), s.campaign)
@@ -449,6 +480,23 @@ class TriggerEngine:
     # -- figures ---------------------------------------------------------------------------------
     def pending_timers(self) -> int:
         return sum(1 for st in self.users.values() if st.heap_due is not None)
+
+
+def _match_order(m: Match) -> tuple:
+    return (m.rule.name, m.key)
+
+
+def _send_order(s: Send) -> tuple:
+    return (s.rule.name, s.action_id)
+
+
+def _soonest_mark(marks: dict[str, tuple[int, int]]) -> int:
+    """When the first re-entry mark expires (NEVER: none)."""
+    soonest = NEVER
+    for until, _ in marks.values():
+        if until < soonest:
+            soonest = until
+    return soonest
 
 
 def _first_due(st: UserTriggers) -> int:

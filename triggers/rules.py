@@ -188,7 +188,10 @@ def holds(cond: Condition, e, ctx) -> bool:
 
 
 def all_hold(conds, e, ctx) -> bool:
-    return all(holds(c, e, ctx) for c in conds)
+    for c in conds:  # in order, the first that fails ends it (a loop: no generator per call)
+        if not holds(c, e, ctx):
+            return False
+    return True
 
 
 class _Events:
@@ -202,9 +205,13 @@ class _Events:
         self.where = tuple(em.where)
         self.session_start = em.session_start
 
+    def takes(self, name: str) -> bool:
+        """The name test alone: all there is to an ``exit_on`` matcher (no conditions)."""
+        return name in self.names or (self.any and name not in NOT_DONE_BY_USER)
+
     def __call__(self, e, ctx) -> bool:
         if not (e.name in self.names or (self.any and e.name not in NOT_DONE_BY_USER)):
-            return False
+            return False  # (the test of takes(), inline: this runs several times per event)
         if self.session_start and ctx.session_start(e.ts_ms) != e.ts_ms:
             return False
         return all_hold(self.where, e, ctx) if self.where else True
@@ -231,6 +238,7 @@ class Rule:
         self.shadow = spec.mode == "shadow"
         self.action = spec.action
         self.when = tuple(spec.when)
+        # names only, no conditions: the engine decides it once per event name (reacting)
         self.exit = _events_of(spec.exit_on) if spec.exit_on else None
         self.correlate = tuple(getattr(spec, "correlate", ()) or ())
         self.reentry = spec.reentry if spec.reentry is not None else self._default_reentry()
@@ -318,6 +326,8 @@ class Rule:
 
     def _evict_oldest(self, st: UserTriggers, limit: int) -> None:
         """Bounded whatever the input: beyond ``limit`` open matches, the oldest goes."""
+        if len(st.matches) <= limit:
+            return  # fewer matches of all rules than the limit: none to count
         open_ = self._open(st)
         if len(open_) > limit:
             oldest = min(open_, key=lambda x: (x.start, x.key))
@@ -374,7 +384,8 @@ class CountRule(Rule):
                 m = st.matches[k] = Match(self, (), None, session, e.event_id, 0, [])
             times = m.data
             times.append(ts)
-            times.sort()
+            if len(times) > 1 and times[-2] > ts:  # a late event: keep the times in order
+                times.sort()
             while times and times[0] < session:
                 times.pop(0)
             del times[:-(4 * self.n + 16)]  # bounded; only "the n-th" matters
@@ -389,7 +400,8 @@ class CountRule(Rule):
             m = st.matches[k] = Match(self, (), None, ts, e.event_id, 0, [])
         times = m.data
         times.append(ts)
-        times.sort()
+        if len(times) > 1 and times[-2] > ts:  # a late event: keep the times in order
+            times.sort()
         cut = ts - self.window_ms
         while times and times[0] <= cut:
             times.pop(0)
@@ -455,9 +467,11 @@ class AbsenceRule(Rule):
     def on_event(self, st, e, ctx):
         if self.stop(e, ctx):
             key = self.corr(e)
-            for m in self._open(st):
-                if key is None or m.key == key:
+            if key is None:  # no correlation value: every open match of the rule ends
+                for m in self._open(st):
                     del st.matches[(self.slot, m.key)]
+            else:  # the one match of that key (matches are keyed by (slot, key))
+                st.matches.pop((self.slot, key), None)
         if self.retired or not self.start(e, ctx):
             return []
         key = self.corr(e, start=True)
@@ -530,7 +544,7 @@ class ScheduleRule(Rule):
         if self.retired or not self.entry(e, ctx) or not self.eligible(st, e.ts_ms, ctx):
             return []
         key = self._key(e)
-        if key in [m.key for m in self._open(st)]:
+        if (self.slot, key) in st.matches:  # (a match is kept under (slot, its key))
             return []
         self.mark(st, e.ts_ms, ctx)
         st.matches[(self.slot, key)] = Match(self, key, self.due_of(0, e.ts_ms, ctx), e.ts_ms,
@@ -571,7 +585,9 @@ class DripRule(ScheduleRule):
 
     def exit_matches(self, st, e, ctx):
         m = st.matches.get((self.slot, ()))
-        if m is not None and m.step == 0 and self.entry(e, ctx):
+        if m is None:
+            return []  # a drip has one match per user, under the key (): none is open
+        if m.step == 0 and self.entry(e, ctx):
             return []  # still waiting for its first step: on_event starts the wait again
         return super().exit_matches(st, e, ctx)
 

@@ -31,6 +31,8 @@ invalid trigger rules:
 """
 from __future__ import annotations
 
+import functools
+
 import re
 import zoneinfo
 from pathlib import Path
@@ -51,6 +53,7 @@ class TriggerRuleError(ValueError):
     """The rule file is not valid; the message names every rule and field at fault."""
 
 
+@functools.lru_cache(maxsize=256)  # read on every quiet-hours check: a handful of distinct texts
 def clock_minutes(text: str) -> int:
     """``"09:30"`` -> 570 (minutes after local midnight)."""
     m = _CLOCK.match(str(text))
