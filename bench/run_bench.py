@@ -647,9 +647,10 @@ class Bench:
         STATS.max_samples = max(STATS.max_samples, 2 * a.events + 10_000)  # keep every sample
         log(f"{label}: flows.runner.run (Kafka -> shards -> Redis/ClickHouse/Kafka), "
             f"{a.workers} worker(s), {a.shards} shards")
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         with GcTimer() as gc_time:
             result = runner.run(settings, self.redis_url, a.workers)
+        cpu = time.process_time() - cpu  # this process runs the flow (Redis, Kafka are apart)
         total = time.monotonic() - started
         n = STATS.get("events_in")
         log(f"{label}: {n:,} events in {result.seconds:.2f}s = {n / result.seconds:,.0f}/s "
@@ -661,11 +662,25 @@ class Bench:
             "seconds": round(result.seconds, 3),
             "setup_seconds": round(total - result.seconds, 3),
             "events_per_s": round(n / result.seconds, 1),
+            "cpu_s": round(cpu, 3),  # set-up included (schema, registry): a little over the run's
+            "cpu_us_per_event": round(cpu / n * 1e6, 1),
             "feature_latency_ms": percentiles("feature_latency_ms"),
             "action_latency_ms": percentiles("action_latency_ms"),
             "python_gc": gc_time.summary(),
             "counts": self.counts(settings),
         }
+
+    def hand_written(self, topic: str) -> dict:
+        """bench/baseline_loop.py on the same topic: what a user would write instead (a subset of
+        the features, none of the outputs beyond Redis)."""
+        from bench.baseline_loop import run_baseline as run_loop
+
+        log("hand-written loop: confluent-kafka + orjson + redis-py pipeline")
+        res = run_loop(self.broker.bootstrap, topic, self.redis_url,
+                       batch_size=self.args.batch_size, prefix=f"baseline-{uuid.uuid4().hex[:6]}")
+        log(f"hand-written loop: {res['events']:,} events in {res['seconds']:.2f}s = "
+            f"{res['events_per_s']:,.0f}/s, {res['cpu_us_per_event']} us CPU/event")
+        return res
 
     def counts(self, settings: Settings) -> dict:
         names = ["events_in", "events_dead_lettered", "duplicates", "late_events", "events_unique",
@@ -848,6 +863,11 @@ class Bench:
         out["baseline_events_per_s"] = base1["events_per_s"]
         out["full_events_per_s"] = full["events_per_s"]
         out["ratio_full_to_baseline"] = round(full["events_per_s"] / base1["events_per_s"], 4)
+        out["full_cpu_us_per_event"] = full["cpu_us_per_event"]
+        loop = self.hand_written(topic)
+        out["hand_written_loop"] = loop
+        out["ratio_full_to_hand_written_loop"] = round(
+            full["events_per_s"] / loop["events_per_s"], 4)
         out["replay_feature_latency_ms"] = {k: full["feature_latency_ms"][k] for k in ("p50", "p99")}
         if not a.no_baseline_after:
             base2 = self.baseline(topic, "baseline (after)")
