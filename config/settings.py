@@ -163,6 +163,20 @@ class ClickHouseSettings(Strict):
     database: str = Field("surgeflow", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     insert_batch_rows: int = Field(5000, ge=1)  # insert when this many rows wait...
     flush_interval_s: float = Field(1.0, gt=0)  # ...or when the oldest has waited this long
+    # Behind (a replay, a consumer far behind): complete minutes go to ClickHouse as one block
+    # per aligned window of this many minutes (a divisor of 1440) once the window ended
+    # catch_up_after_s before the wall clock; a block holds at most catch_up_block_rows rows.
+    # Live minutes go one per block. (flows/minutes.BlockGrouper)
+    catch_up_block_minutes: int = Field(60, ge=1, le=1440)
+    catch_up_block_rows: int = Field(50_000, ge=1)
+    catch_up_after_s: float = Field(300.0, ge=0)
+
+    @field_validator("catch_up_block_minutes")
+    @classmethod
+    def _divides_a_day(cls, v: int) -> int:
+        if 1440 % v:
+            raise ValueError("must divide a day (1440 minutes): 1, 5, 15, 30, 60, 120, 1440...")
+        return v
     # Reporting time zone: where days, weeks and months start (fixed when the database is created).
     timezone: str = "UTC"
     raw_events: bool = True  # keep masked raw events (events_raw, 30-day TTL) for drill-down

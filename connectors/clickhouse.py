@@ -199,12 +199,19 @@ def _utc(ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
 
 
-def minute_blocks(minutes):
-    """One block per complete minute, its token the minute (empty minutes are not inserted)."""
-    for m in minutes:
-        if m.rows:
-            ts = _utc(m.minute_ms)
-            yield f"minute-{m.minute}", [(ts, *row) for row in m.rows], m.closed_at_ms
+def minute_blocks(items):
+    """The insert blocks of a batch of minute blocks (flows/minutes.MinuteBlock: several complete
+    minutes, one token) or of complete minutes (one block each, token ``minute-<m>``). Every row
+    names its block, for the ledger; blocks without rows are not inserted."""
+    for item in items:
+        minutes = getattr(item, "minutes", None)
+        if minutes is None:  # a CompleteMinute
+            minutes, token = [item], f"minute-{item.minute}"
+        else:
+            token = item.token
+        rows = [(_utc(m.minute_ms), *row, token) for m in minutes for row in m.rows]
+        if rows:
+            yield token, rows, max(m.closed_at_ms for m in minutes) or None
 
 
 def raw_rows(batch):
@@ -245,7 +252,8 @@ class Table:
 
 TABLES = {
     "events_minute_in": Table(["ts", "channel", "campaign", "creative", "event_name", "events",
-                               "revenue", "cost", "orders", "users"], blocks=minute_blocks),
+                               "revenue", "cost", "orders", "users", "block"],
+                               blocks=minute_blocks),
     "events_raw": Table(["event_time", "event_id", "type", "event_name", "user_id", "anonymous_id",
                          "channel", "campaign", "creative", "revenue", "cost", "ip_masked",
                          "country", "properties"], rows=raw_rows),
@@ -354,6 +362,8 @@ class _InsertPartition(StatelessSinkPartition):
         self.stat = table
         self.component = "clickhouse"  # one outage, one log line, whatever the tables
         self.spec = TABLES[table]
+        self.ledger = f"{db}.minute_blocks"  # events_minute_in: the minute -> block ledger
+        self.ledger_max: int | None = None  # its newest minute when this partition started
         self.max_rows, self.max_delay_s = max_rows, max_delay_s
         self.max_buffer_rows, self.max_buffer_bytes = max_buffer_rows, max_buffer_bytes
         self.max_insert_tries = max(1, max_insert_tries)
@@ -597,17 +607,57 @@ class _InsertPartition(StatelessSinkPartition):
         return block
 
     def _insert(self, block: _Block) -> Exception | None:
-        settings = DEDUPE | {"insert_deduplication_token": block.token} if block.token else {}
         try:
-            with self.lock:
-                self.client.insert(self.table, block.rows, column_names=self.spec.columns,
-                                   settings=settings)
+            parts = [(block.token, block.rows)]
+            if block.token and self.stat == "events_minute_in":
+                if len(block.rows[0]) < len(self.spec.columns):  # spooled before rows named it
+                    block.rows = [(*r, block.token) for r in block.rows]
+                parts = self._reconciled(block)
+            for token, rows in parts:
+                settings = DEDUPE | {"insert_deduplication_token": token} if token else {}
+                with self.lock:
+                    self.client.insert(self.table, rows, column_names=self.spec.columns,
+                                       settings=settings)
         except Exception as exc:  # noqa: BLE001 - classified by the caller
             return exc
         STATS.add(f"rows_{self.stat}", len(block.rows))
         if block.closed_at_ms:  # queryable now: the delay since the minute closed, for the figures
             STATS.observe_since("minute_queryable_ms", [block.closed_at_ms])
         return None
+
+    def _reconciled(self, block: _Block) -> list[tuple[str, list]]:
+        """A minute block split by the ledger (``minute_blocks``): minutes some earlier insert
+        brought go again under that insert's token (ClickHouse drops them as duplicates, in
+        every view too); the others keep the block's token. Another run may have grouped the
+        same minutes differently (live one by one, then a replay by the hour), and a token
+        only deduplicates an identical grouping. Only minutes up to the ledger's newest at
+        start are looked up: what this run adds is grouped once."""
+        if self.ledger_max is None:
+            with self.lock:
+                self.ledger_max = int(self.client.command(
+                    f"SELECT toUnixTimestamp(max(minute)) FROM {self.ledger}") or 0)
+        first = min(int(r[0].timestamp()) for r in block.rows)
+        if first > self.ledger_max:
+            return [(block.token, block.rows)]
+        last = max(int(r[0].timestamp()) for r in block.rows)
+        with self.lock:
+            found = self.client.query(
+                f"SELECT toUnixTimestamp(minute), any(block) FROM {self.ledger} "
+                f"WHERE minute >= toDateTime({first}) AND minute <= toDateTime({last}) "
+                "GROUP BY minute").result_rows
+        recorded = {int(m): b for m, b in found}
+        if not recorded:
+            return [(block.token, block.rows)]
+        rest = block.token
+        if rest in recorded.values():  # (rows of minutes the earlier block did not have)
+            rest = f"{block.token}+{first // 60}-{last // 60}"
+        parts: dict[str, list] = {}
+        for r in block.rows:
+            token = recorded.get(int(r[0].timestamp()), rest)
+            parts.setdefault(token, []).append(r[:-1] + (token,))
+        STATS.add("clickhouse_minutes_reconciled", sum(len(v) for k, v in parts.items()
+                                                        if k != rest))
+        return list(parts.items())
 
     def _finish(self, block: _Block) -> None:
         if block.path is not None:  # inserted (or set aside): its write-ahead file is done

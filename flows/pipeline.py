@@ -54,7 +54,7 @@ from flows.events import DEFAULT_LIMITS, DeadLetter, Event, Limits, decode, step
 from config.registry import Registry, load_registry
 from features.profile import FeaturePlan
 from flows.entity_alerts import EntityChunk, EntityLogic, SignalRouter
-from flows.minutes import CompleteMinute, MinuteCloser
+from flows.minutes import BlockGrouper, CompleteMinute, MinuteBlock, MinuteCloser
 from flows.shard import Chunk, IngestLogic, ProfileLogic, ShardConfig, ShardOut
 from privacy.erasure import PROCESS_LEDGER, Eraser, ErasureLogic, names_erased, reset_process_ledger, request_of
 from surgeflow.stats import STATS
@@ -197,21 +197,40 @@ def count_dead(dead: list[DeadLetter]) -> None:
         STATS.add_labeled("dead_letters", d.reason)
 
 
-class MinuteLogic(op.StatefulBatchLogic):
-    """Single-key step: merges the ingest shards' minute parts into complete minutes."""
+@dataclass(slots=True)
+class MinuteRelease:
+    """What the minute closer releases per batch: complete minutes for the detectors (at once)
+    and the ClickHouse blocks they make up (held while the stream is behind)."""
 
-    def __init__(self, shards: int, resume):
-        self.closer = resume if resume is not None else MinuteCloser(shards)
+    minutes: list[CompleteMinute]
+    blocks: list[MinuteBlock]
+
+
+class MinuteLogic(op.StatefulBatchLogic):
+    """Single-key step: merges the ingest shards' minute parts into complete minutes, and groups
+    them into ClickHouse blocks (flows/minutes.BlockGrouper)."""
+
+    def __init__(self, shards: int, resume, grouper: BlockGrouper | None = None):
+        if isinstance(resume, tuple):  # (closer, grouper)
+            self.closer, self.grouper = resume
+        else:  # nothing to resume, or a snapshot from before blocks: its closer alone
+            self.closer = resume if resume is not None else MinuteCloser(shards)
+            self.grouper = grouper or BlockGrouper(block_minutes=1)
 
     def on_batch(self, parts: list) -> tuple[list, bool]:
         done = [m for part in parts for m in self.closer.add(part)]
         now_ms = int(time.time() * 1000)
         for m in done:
             m.closed_at_ms = now_ms
-        return ([done] if done else []), False
+        blocks = self.grouper.add(done, now_ms)
+        return ([MinuteRelease(done, blocks)] if done or blocks else []), False
+
+    def on_eof(self) -> tuple[list, bool]:
+        blocks = self.grouper.flush()
+        return ([MinuteRelease([], blocks)] if blocks else []), False
 
     def snapshot(self):
-        return self.closer
+        return (self.closer, self.grouper)
 
 
 class AlertLogic(op.StatefulBatchLogic):
@@ -342,9 +361,14 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
     op.output("features_to_redis", features, outputs.features)
     parts = op.filter_map("minute_parts", results,
                           lambda o: ("all-minutes", o.minutes) if o.minutes else None)
-    minutes = op.stateful_batch("close_minutes", parts, lambda resume: MinuteLogic(shards, resume))
-    minutes = op.map("complete_minutes", minutes, lambda kv: kv[1])
-    op.output("aggregates_to_clickhouse", minutes, outputs.aggregates)
+    ch = settings.clickhouse
+    released = op.stateful_batch("close_minutes", parts, lambda resume: MinuteLogic(
+        shards, resume, BlockGrouper(ch.catch_up_block_minutes, ch.catch_up_block_rows,
+                                     int(ch.catch_up_after_s * 1000))))
+    released = op.map("released_minutes", released, lambda kv: kv[1])
+    blocks = op.filter_map("minute_blocks", released, lambda r: r.blocks or None)
+    op.output("aggregates_to_clickhouse", blocks, outputs.aggregates)
+    minutes = op.filter_map("complete_minutes", released, lambda r: r.minutes or None)
     if outputs.raw_events is not None:
         raw = op.filter_map("raw_events", results, lambda o: o.raw or None)
         op.output("raw_events_to_clickhouse", raw, outputs.raw_events)

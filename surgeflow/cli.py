@@ -62,8 +62,9 @@ _register_commands()
 class Progress:
     """A live status line (events/s, users, alerts, actions) while the flow runs."""
 
-    def __init__(self, every_s: float = 1.0):
+    def __init__(self, every_s: float = 1.0, total: int | None = None):
         self.every_s = every_s
+        self.total = total  # records to read, when known (a replay): percent and estimate
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.started = time.monotonic()
@@ -71,11 +72,21 @@ class Progress:
     def line(self) -> str:
         from surgeflow.stats import STATS
 
+        from connectors.clickhouse import rows_in_flight
+
         elapsed = max(time.monotonic() - self.started, 1e-9)
         n = STATS.get("events_in")
-        return (f"{elapsed:5.0f}s events {n:,} ({n / elapsed:,.0f}/s) users {len(STATS.users):,} "
+        read = f"events {n:,}"
+        if self.total:
+            left = (self.total - n) / (n / elapsed) if n else None
+            read += (f"/{self.total:,} ({100 * n / self.total:.0f}%"
+                     + (f", ~{left:,.0f}s left" if left is not None and n < self.total else "")
+                     + ")")
+        waiting = rows_in_flight()  # reading done, this is the drain still to go
+        return (f"{elapsed:5.0f}s {read} ({n / elapsed:,.0f}/s) users {len(STATS.users):,} "
                 f"dead {STATS.get('events_dead_lettered'):,} alerts {STATS.get('alerts_fired'):,} "
-                f"actions {STATS.get('actions_emitted'):,}")
+                f"actions {STATS.get('actions_emitted'):,}"
+                + (f" | ClickHouse rows waiting {waiting:,}" if waiting else ""))
 
     def _loop(self) -> None:
         tty = sys.stderr.isatty()
@@ -268,6 +279,45 @@ def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML config
     finally:
         stop_metrics()
     _finish(_summary(settings, url, result.seconds, {}))
+
+
+@app.command()
+def replay(files: list[Path] = typer.Argument(..., exists=True, dir_okay=False,
+                                             help="JSON-lines files, one source partition each"),
+           config: Optional[Path] = ConfigOption,
+           workers: Optional[int] = typer.Option(None, help="worker threads in this process")):
+    """Backfill: replay JSON-lines files of history into the configured outputs (Redis,
+    ClickHouse, actions, alerts). Event time drives everything; no wall-clock lookback or skew
+    limit applies, and complete minutes go to ClickHouse in blocks of a window while behind."""
+    from connectors.embedded_redis import EmbeddedRedis
+    from flows.runner import run
+
+    settings = _settings(config, source__kind="file", source__file__paths=[str(f) for f in files],
+                         flow__max_lookback_s=None, flow__max_clock_skew_s=None)
+    _logging()
+    total = 0
+    for f in files:  # for the estimate: a quick count of the lines to read
+        with f.open("rb") as fh:
+            total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+    server = None
+    if settings.redis.url is None:
+        server = EmbeddedRedis(settings.redis.embedded_dir.resolve())
+        url = server.start()
+    else:
+        url = connect_url(settings.redis)
+    if settings.output.kind == "files":
+        settings.output.dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"surgeflow replay: {len(files)} file(s), {total:,} lines", highlight=False)
+    try:
+        _migrate_or_exit(settings, server)
+        _graceful_stop(None, settings.flow.drain_timeout_s)
+        with Progress(total=total):
+            result = run(settings, url, workers)
+        summary = _summary(settings, url, result.seconds, {"files": [str(f) for f in files]})
+    finally:
+        if server is not None:
+            server.stop()
+    _finish(summary)
 
 
 @app.command()
