@@ -409,28 +409,53 @@ def _dt(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, timezone.utc)
 
 
+# Run in a child process: the flow's recovery store is written by the SQLite that Bytewax bundles,
+# and two copies of SQLite in one process do not see each other's POSIX locks (closing one
+# copy's descriptor drops the other's locks), which corrupts the file under a concurrent write.
+# In a separate process the locks hold; Bytewax's own connection waits out the VACUUM (its
+# busy timeout is 5 s).
+_COMPACT = """
+import sqlite3, sys
+for name in sys.argv[1:]:
+    try:
+        con = sqlite3.connect(name, timeout=10)
+        try:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            con.execute("VACUUM")
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            con.close()
+        print("ok", name, sep="\\t", flush=True)
+    except sqlite3.Error as exc:
+        print("error", name, exc, sep="\\t", flush=True)
+"""
+
+
 def compact_recovery(directory: Path) -> int:
     """The recovery store's snapshots were rewritten without the erased (the in-stream erase,
     then an epoch): SQLite still holds the old rows' bytes in free pages and its write-ahead
-    log until it is compacted. VACUUM rewrites each file without them (it waits for the flow's
-    own writes, and is skipped for a file busy longer than 10 s, to be done at the next sweep)."""
-    import sqlite3
+    log until it is compacted. VACUUM rewrites each file without them, in a child process (see
+    above); a file busy longer than 10 s is skipped, to be done at the next sweep."""
+    import subprocess
+    import sys
 
+    files = [str(f) for f in sorted(directory.glob("part-*.sqlite3"))]
+    if not files:
+        return 0
+    try:
+        out = subprocess.run([sys.executable, "-c", _COMPACT, *files], capture_output=True,
+                             text=True, timeout=60 + 15 * len(files)).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        out = "\n".join(f"error\t{f}\t{exc}" for f in files)
     done = 0
-    for f in sorted(directory.glob("part-*.sqlite3")):
-        try:
-            con = sqlite3.connect(f, timeout=10)
-            try:
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                con.execute("VACUUM")
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                done += 1
-            finally:
-                con.close()
-        except sqlite3.Error as exc:
+    for line in out.splitlines():
+        status, name, why = (line.split("\t", 2) + ["", ""])[:3]
+        if status == "ok":
+            done += 1
+        elif status == "error":
             STATS.add_labeled("erasure_errors", "recovery_compaction")
             log.warning("recovery store %s not compacted (%s): it is tried at the next erasure",
-                        f.name, exc)
+                        Path(name).name, why)
     return done
 
 
