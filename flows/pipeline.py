@@ -222,15 +222,27 @@ class MinuteLogic(op.StatefulBatchLogic):
         now_ms = int(time.time() * 1000)
         for m in done:
             m.closed_at_ms = now_ms
-        blocks = self.grouper.add(done, now_ms)
+        blocks = _without_erased(self.grouper.add(done, now_ms))
         return ([MinuteRelease(done, blocks)] if done or blocks else []), False
 
     def on_eof(self) -> tuple[list, bool]:
-        blocks = self.grouper.flush()
+        blocks = _without_erased(self.grouper.flush())
         return ([MinuteRelease([], blocks)] if blocks else []), False
 
     def snapshot(self):
         return (self.closer, self.grouper)
+
+
+def _without_erased(blocks: list[MinuteBlock]) -> list[MinuteBlock]:
+    """Minute blocks leave out the ids of people erased since their minutes closed: a block held
+    while the stream is behind may go after the erasure swept ClickHouse (user_days and
+    users_first_seen take the ids from it). Blocks already queued are swept again (pass 2)."""
+    if not PROCESS_LEDGER or not blocks:
+        return blocks
+    covers = PROCESS_LEDGER.covers
+    return [MinuteBlock([dataclasses.replace(m, rows=[
+        (*r[:-1], [u for u in r[-1] if not covers(u, m.minute_ms)]) for r in m.rows])
+        for m in block.minutes]) for block in blocks]
 
 
 class AlertLogic(op.StatefulBatchLogic):
