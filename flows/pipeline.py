@@ -44,7 +44,7 @@ import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
-from bytewax.outputs import DynamicSink
+from bytewax.outputs import FixedPartitionedSink, Sink
 
 from alerts.minute_rules import MinuteRules
 from alerts.rules import load_rules
@@ -53,6 +53,7 @@ from connectors.kafka import SOURCE_OUTAGE
 from flows.events import DEFAULT_LIMITS, DeadLetter, Event, Limits, decode, step_failure
 from config.registry import Registry, load_registry
 from features.profile import FeaturePlan
+from flows.cluster import pinned_key
 from flows.entity_alerts import EntityChunk, EntityLogic, SignalRouter
 from flows.minutes import BlockGrouper, CompleteMinute, MinuteBlock, MinuteCloser
 from flows.shard import Chunk, IngestLogic, ProfileLogic, ShardConfig, ShardOut
@@ -301,13 +302,13 @@ def _num(x) -> str:
 class Outputs:
     """Where each kind of result goes; each list may hold several sinks (e.g. Kafka and ClickHouse)."""
 
-    features: DynamicSink
-    aggregates: DynamicSink  # complete minutes
-    raw_events: DynamicSink | None = None
-    actions: list[tuple[str, DynamicSink]] = field(default_factory=list)
-    audit: DynamicSink | None = None  # trigger decisions (ClickHouse trigger_audit)
-    alerts: list[tuple[str, DynamicSink]] = field(default_factory=list)
-    dead_letters: list[tuple[str, DynamicSink]] = field(default_factory=list)
+    features: Sink
+    aggregates: Sink  # complete minutes
+    raw_events: Sink | None = None
+    actions: list[tuple[str, Sink]] = field(default_factory=list)
+    audit: Sink | None = None  # trigger decisions (ClickHouse trigger_audit)
+    alerts: list[tuple[str, Sink]] = field(default_factory=list)
+    dead_letters: list[tuple[str, Sink]] = field(default_factory=list)
 
 
 def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions: int,
@@ -364,13 +365,14 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
         reports = op.filter_map("erasure_reports", results, lambda o: o.erasures or None)
         # the sweep also compacts the recovery store: after two epochs no snapshot holds them
         resweep_s = max(settings.privacy.erasure.resweep_s, 2 * settings.flow.epoch_interval_s)
+        erasure_key = pinned_key("all")  # it deletes from ClickHouse: a worker of process 0
         expected = (shards + 1, shards)  # reports per request, by request.anonymous: a user's
         # come from every ingest shard and the profile shard, an anonymous id's from the first
-        op.stateful_batch("erasures", op.key_on("all-erasures", reports, lambda _: "all"),
+        op.stateful_batch("erasures", op.key_on("all-erasures", reports, lambda _: erasure_key),
                           lambda resume: ErasureLogic(eraser, expected, resweep_s, resume))
     features = op.filter_map("feature_values", results,
                              lambda o: (o.features, o.aliases) if o.features or o.aliases else None)
-    op.output("features_to_redis", features, outputs.features)
+    _output("features_to_redis", features, outputs.features)
     parts = op.filter_map("minute_parts", results,
                           lambda o: ("all-minutes", o.minutes) if o.minutes else None)
     ch = settings.clickhouse
@@ -379,17 +381,17 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
                                      int(ch.catch_up_after_s * 1000))))
     released = op.map("released_minutes", released, lambda kv: kv[1])
     blocks = op.filter_map("minute_blocks", released, lambda r: r.blocks or None)
-    op.output("aggregates_to_clickhouse", blocks, outputs.aggregates)
+    _output("aggregates_to_clickhouse", blocks, outputs.aggregates)
     minutes = op.filter_map("complete_minutes", released, lambda r: r.minutes or None)
     if outputs.raw_events is not None:
         raw = op.filter_map("raw_events", results, lambda o: o.raw or None)
-        op.output("raw_events_to_clickhouse", raw, outputs.raw_events)
+        _output("raw_events_to_clickhouse", raw, outputs.raw_events)
     actions = op.filter_map("actions", results, _counted_actions)
     for name, sink in outputs.actions:
-        op.output(f"actions_to_{name}", actions, sink)
+        _output(f"actions_to_{name}", actions, sink)
     if outputs.audit is not None:
         audit = op.filter_map("trigger_decisions", results, lambda o: o.audit or None)
-        op.output("trigger_audit_to_clickhouse", audit, outputs.audit)
+        _output("trigger_audit_to_clickhouse", audit, outputs.audit)
     late = op.filter_map("late_events", results, lambda o: o.dead or None)
     dead_streams = [bad, late]
 
@@ -412,12 +414,19 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
                                           lambda kv: _counted_dead(kv[1][1]) or None))
     alerts = op.map("alerts_to_log", alerts, log_alerts)
     for name, sink in outputs.alerts:
-        op.output(f"alerts_to_{name}", alerts, sink)
+        _output(f"alerts_to_{name}", alerts, sink)
     dead = op.filter_map("dead_letters", op.merge("all_dead_letters", *dead_streams),
                          _not_erased)
     for name, sink in outputs.dead_letters:
-        op.output(f"dead_letters_to_{name}", dead, sink)
+        _output(f"dead_letters_to_{name}", dead, sink)
     return flow
+
+
+def _output(step_id: str, stream, sink) -> None:
+    """op.output, with the (key, item) pairs a one-process sink (flows/cluster.OwnerSink) takes."""
+    if isinstance(sink, FixedPartitionedSink):
+        stream = op.map(f"{step_id}_to_owner", stream, lambda item: ("owner", item))
+    op.output(step_id, stream, sink)
 
 
 def _not_erased(dead: list) -> list | None:

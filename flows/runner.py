@@ -32,6 +32,8 @@ from privacy.retention import sweep_dead_letters, sweep_spools
 from privacy.subjects import pii_key, subject_hash
 from warehouse.migrate import apply_retention
 from privacy.secrets import clickhouse_dsn, kafka_client_config
+from flows import cluster
+from flows.cluster import OwnerSink, Place, set_place
 from flows.events import DeadLetter
 from flows.pipeline import Outputs, build_flow
 from surgeflow.stats import STATS
@@ -89,12 +91,20 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
     # clickhouse.max_buffer_bytes bounds every queue together: each table gets an equal share
     share = ch.max_buffer_bytes // (5 if ch.raw_events else 4)
 
-    def table(name: str) -> clickhouse.ClickHouseSink:
-        return clickhouse.ClickHouseSink(clickhouse_dsn(ch), ch.database, name, ch.insert_batch_rows,
-                                         ch.flush_interval_s, ch.max_buffer_rows,
-                                         ch.spool_dir.resolve(), max_buffer_bytes=share,
-                                         max_insert_tries=ch.max_insert_tries, timeout_s=ch.timeout_s,
-                                         write_ahead=write_ahead)
+    # In a cluster, what one process owns (embedded chDB, the output files) is written by
+    # process 0 only (flows/cluster.py); a ClickHouse server takes every worker's share.
+    several = cluster.PLACE.processes > 1
+    embedded = clickhouse.chdb_dir(ch.dsn) is not None
+
+    def owned(sink, local: bool):
+        return OwnerSink(sink) if several and local else sink
+
+    def table(name: str):
+        return owned(clickhouse.ClickHouseSink(
+            clickhouse_dsn(ch), ch.database, name, ch.insert_batch_rows, ch.flush_interval_s,
+            ch.max_buffer_rows, ch.spool_dir.resolve(), max_buffer_bytes=share,
+            max_insert_tries=ch.max_insert_tries, timeout_s=ch.timeout_s,
+            write_ahead=write_ahead), embedded)
 
     out = Outputs(
         features=RedisFeatureSink(redis_url, r.key_prefix, int(r.ttl_days * 86_400),
@@ -120,9 +130,12 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
     encode_dead = DeadLetter.to_json
     if settings.output.kind == "files":
         d = settings.output.dir
-        out.actions.append(("file", JsonLinesSink(d / "actions.jsonl", public, "action_latency_ms")))
-        out.alerts.append(("file", JsonLinesSink(d / "alerts.jsonl", public, "alert_latency_ms")))
-        out.dead_letters.append(("file", JsonLinesSink(d / "dead_letters.jsonl", encode_dead)))
+        out.actions.append(("file", owned(JsonLinesSink(d / "actions.jsonl", public,
+                                                        "action_latency_ms"), True)))
+        out.alerts.append(("file", owned(JsonLinesSink(d / "alerts.jsonl", public,
+                                                       "alert_latency_ms"), True)))
+        out.dead_letters.append(("file", owned(JsonLinesSink(d / "dead_letters.jsonl", encode_dead),
+                                               True)))
     else:
         k, config = settings.kafka, kafka_client_config(settings.kafka)
         out.actions.append(("kafka", kafka.KafkaTopicSink(
@@ -143,10 +156,17 @@ class RunResult:
 
 
 def run(settings: Settings, redis_url: str, workers: int | None = None, source=None,
-        partitions: int | None = None) -> RunResult:
-    """Builds and runs the dataflow in this process (1..n worker threads) until its input ends."""
+        partitions: int | None = None, addresses: list[str] | None = None,
+        process_id: int = 0) -> RunResult:
+    """Builds and runs the dataflow in this process (1..n worker threads) until its input ends;
+    with ``addresses`` (host:port of every process), as process ``process_id`` of a Bytewax
+    cluster (flows/cluster.py). Process 0 migrates ClickHouse and applies retention before it
+    joins, and the cluster starts only once every process has joined."""
     ch = settings.clickhouse
-    clickhouse.ensure_schema(clickhouse_dsn(ch), ch.database, ch.timezone)
+    workers = workers or settings.flow.workers
+    set_place(Place(process_id, len(addresses) if addresses else 1, workers))
+    if process_id == 0:
+        clickhouse.ensure_schema(clickhouse_dsn(ch), ch.database, ch.timezone)
     if settings.output.kind == "kafka" or settings.source.kind == "kafka":
         k = settings.kafka
         kafka.check_brokers(k.brokers, kafka_client_config(k))
@@ -154,9 +174,10 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
         k = settings.kafka
         kafka.ensure_topics(k.brokers, [k.actions_topic, k.alerts_topic, k.dead_letter_topic],
                             extra=kafka_client_config(k))
-    client, lock = clickhouse.connect(clickhouse_dsn(ch))
-    with lock:  # privacy.retention: the time to live of every table holding a user id
-        apply_retention(client, ch.database, settings.privacy.retention.model_dump())
+    if process_id == 0:
+        client, lock = clickhouse.connect(clickhouse_dsn(ch))
+        with lock:  # privacy.retention: the time to live of every table holding a user id
+            apply_retention(client, ch.database, settings.privacy.retention.model_dump())
     registry = load_registry(settings.features.registry)
     write_registry(redis_url, settings.redis.key_prefix, registry.to_dict(),
                    socket_timeout_s=settings.redis.socket_timeout_s,
@@ -168,7 +189,8 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
     recovery = recovery_config(settings.flow.recovery_dir)
     pv = settings.privacy
     warn_if_no_key(flow_log, name=pv.pii_key_env)
-    retention = start_file_retention(settings)
+    # files on this machine are swept by one process
+    retention = start_file_retention(settings) if process_id == 0 else threading.Event()
     reset_input_done()
     flow = build_flow(settings, source, make_outputs(settings, redis_url), partitions or 1,
                       registry=registry, snapshots=recovery is not None,
@@ -176,7 +198,6 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
                       eraser=make_eraser(settings, redis_url),
                       erased=load_erased(redis_url, settings.redis.key_prefix))
     epoch = timedelta(seconds=settings.flow.epoch_interval_s)
-    workers = workers or settings.flow.workers
     # The shards hold many small long-lived objects; Python's default GC threshold (700) makes it
     # rescan them all often (about 11% of a 1M-event run). Collect far less often while running.
     threshold = gc.get_threshold()
@@ -185,7 +206,7 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
     started = time.monotonic()
     STATS.set("ready", 1)  # /readyz: the flow runs (and no sink reports an outage)
     try:
-        _run(flow, workers, epoch, recovery)
+        _run(flow, workers, epoch, recovery, addresses, process_id)
     finally:
         retention.set()
         STATS.set("ready", 0)
@@ -257,8 +278,12 @@ def recovery_config(db_dir: Path | None) -> RecoveryConfig | None:
     return RecoveryConfig(db_dir)
 
 
-def _run(flow, workers: int, epoch: timedelta, recovery: RecoveryConfig | None) -> None:
-    if workers == 1:
+def _run(flow, workers: int, epoch: timedelta, recovery: RecoveryConfig | None,
+         addresses: list[str] | None = None, process_id: int = 0) -> None:
+    if addresses and len(addresses) > 1:
+        cluster_main(flow, addresses, process_id, epoch_interval=epoch, recovery_config=recovery,
+                     worker_count_per_proc=workers)
+    elif workers == 1:
         run_main(flow, epoch_interval=epoch, recovery_config=recovery)
     else:
         cluster_main(flow, [], 0, epoch_interval=epoch, recovery_config=recovery,
@@ -274,7 +299,11 @@ def count_feature_users(redis_url: str, prefix: str) -> int:
         client.close()
 
 
-def count_aggregate_rows(settings: Settings) -> int:
+def count_aggregate_rows(settings: Settings) -> int | None:
+    """Rows of the minute aggregate (None in a process of a cluster that does not own the
+    embedded ClickHouse)."""
+    if cluster.PLACE.process_id != 0 and clickhouse.chdb_dir(settings.clickhouse.dsn) is not None:
+        return None
     client, lock = clickhouse.connect(clickhouse_dsn(settings.clickhouse))
     with lock:
         return int(client.command(

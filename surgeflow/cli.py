@@ -253,15 +253,30 @@ def _start_dashboard(settings: Settings):
 
 @app.command(name="run")
 def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML configuration"),
-            workers: Optional[int] = typer.Option(None, help="worker threads in this process")):
+            workers: Optional[int] = typer.Option(None, help="worker threads in each process"),
+            processes: int = typer.Option(1, min=1, help="processes on this machine (a Bytewax "
+                                          "cluster on loopback ports)"),
+            addresses: Optional[str] = typer.Option(None, help="host:port of every process of a "
+                                                    "cluster across machines, comma-separated"),
+            process_id: int = typer.Option(0, "--process-id", min=0,
+                                           help="this process's index in --addresses")):
     """Production run: sources and sinks as configured (Kafka, Redis, ClickHouse)."""
     from connectors.kafka import KafkaUnavailable, check_brokers
-    from flows.runner import run
+    from flows.runner import recovery_config, run
 
     settings = _settings(config)
     _logging()
     if settings.redis.url is None:
         console.print("[red]redis.url must be set for `surgeflow run` (use `demo` for embedded)[/red]")
+        raise typer.Exit(2)
+    cluster = addresses.split(",") if addresses else None
+    if cluster is not None and not 0 <= process_id < len(cluster):
+        console.print(f"[red]--process-id {process_id} is not an index of the "
+                      f"{len(cluster)} --addresses[/red]")
+        raise typer.Exit(2)
+    if processes > 1 and cluster is not None:
+        console.print("[red]--processes starts a cluster on this machine; across machines "
+                      "give --addresses and --process-id to each process[/red]")
         raise typer.Exit(2)
     url = connect_url(settings.redis)
     try:
@@ -270,15 +285,29 @@ def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML config
     except KafkaUnavailable as exc:
         console.print(f"[red]{redact(str(exc))}[/red]")
         raise typer.Exit(3) from None
-    _migrate_or_exit(settings)
+    if processes > 1:
+        from surgeflow.launch import launch
+
+        recovery_config(settings.flow.recovery_dir)  # created once, before the processes share it
+        code, summary = launch(config, processes, workers,
+                               say=lambda text: console.print(text, highlight=False))
+        if summary is not None:
+            console.print("cluster summary", highlight=False)
+            _finish(summary)
+        raise typer.Exit(code)
+    if process_id == 0:  # the others join the cluster only once process 0 has migrated
+        _migrate_or_exit(settings)
+    if process_id and settings.metrics.enabled and settings.metrics.port:
+        settings = settings.model_copy(update={"metrics": settings.metrics.model_copy(
+            update={"port": settings.metrics.port + process_id})})
     stop_metrics = _start_metrics(settings)
     _graceful_stop(None, settings.flow.drain_timeout_s)
     try:
         with Progress():
-            result = run(settings, url, workers)
+            result = run(settings, url, workers, addresses=cluster, process_id=process_id)
     finally:
         stop_metrics()
-    _finish(_summary(settings, url, result.seconds, {}))
+    _finish(_summary(settings, url, result.seconds, {"process_id": process_id} if cluster else {}))
 
 
 @app.command()
