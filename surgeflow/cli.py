@@ -290,7 +290,8 @@ def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML config
 
         recovery_config(settings.flow.recovery_dir)  # created once, before the processes share it
         code, summary = launch(config, processes, workers,
-                               say=lambda text: console.print(text, highlight=False))
+                               say=lambda text: console.print(text, highlight=False),
+                               kill_after_s=(settings.flow.drain_timeout_s or 60.0) + 5)
         if summary is not None:
             console.print("cluster summary", highlight=False)
             _finish(summary)

@@ -42,7 +42,8 @@ def command(config: Path, addresses: list[str], process_id: int, workers: int | 
     return cmd + (["--workers", str(workers)] if workers else [])
 
 
-def launch(config: Path, processes: int, workers: int | None, say=print) -> tuple[int, dict | None]:
+def launch(config: Path, processes: int, workers: int | None, say=print,
+           kill_after_s: float = 30.0) -> tuple[int, dict | None]:
     """Runs the cluster to its end; returns (exit code, combined summary or None)."""
     addresses = free_addresses(processes)
     summary = os.environ.get("SURGEFLOW_SUMMARY")
@@ -64,16 +65,24 @@ def launch(config: Path, processes: int, workers: int | None, say=print) -> tupl
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = 0
+        code, stopping_since = 0, None
         while any(p.poll() is None for p in procs):
             failed = [p for p in procs if p.returncode not in (None, 0)]
             if failed and not code:
                 code = failed[0].returncode
                 say(f"process {procs.index(failed[0])} ended with exit code {code}: "
-                    "stopping the others")
+                    "stopping the others (restart them all: they resume from the snapshot)")
                 forward(signal.SIGTERM, None)
+                stopping_since = time.monotonic()
+            if stopping_since is not None and time.monotonic() - stopping_since > kill_after_s:
+                forward(signal.SIGKILL, None)  # a cluster that lost a process may not drain
             time.sleep(0.2)
-        code = code or max((p.returncode for p in procs), key=abs)
+        if not code:
+            failed = [p for p in procs if p.returncode != 0]
+            if failed:
+                code = failed[0].returncode
+                say(f"process {procs.index(failed[0])} ended with exit code {code} "
+                    "(restart them all: they resume from the snapshot)")
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

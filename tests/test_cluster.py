@@ -9,7 +9,9 @@ import json
 import os
 import subprocess
 import sys
+import signal
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,82 @@ def test_one_two_and_four_processes_give_the_same_outputs(kafka, redis_url, tmp_
         assert other["alerts"] == one["alerts"]
     # the work was spread: 4 processes each read a Kafka partition
     assert redis.Redis.from_url(redis_url).exists("p4w1:v2:registry")
+
+
+BIG = SyntheticSpec(seed=29, users=800, start_ms=1_795_392_000_000, events_per_s=10.0,
+                    duration_s=5400.0, duplicate_share=0.02, max_disorder_ms=2000)
+
+
+def cluster_config(tmp_path: Path, kafka, topic: str, redis_url: str, name: str,
+                   recovery: Path | None) -> Path:
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(json.dumps({
+        "source": {"kind": "kafka"}, "output": {"kind": "files", "dir": str(tmp_path / f"out-{name}")},
+        "kafka": {"brokers": [kafka.bootstrap], "events_topic": topic, "tail": False},
+        "redis": {"url": redis_url, "key_prefix": name},
+        "clickhouse": {"dsn": f"chdb://{tmp_path / ('ch-' + name)}", "database": "sf",
+                       "spool_dir": str(tmp_path / f"spool-{name}")},
+        "flow": {"shards": 8, "max_clock_skew_s": None, "max_lookback_s": None,
+                 "recovery_dir": str(recovery) if recovery else None, "epoch_interval_s": 1.0,
+                 "allowed_lateness_s": 60},
+        "metrics": {"enabled": False},
+    }))
+    return config
+
+
+def outputs_of(tmp_path: Path, redis_url: str, name: str) -> tuple[dict, list]:
+    feats = {u: {k: v for k, v in f.items() if k not in VOLATILE}
+             for u, f in redis_features(redis_url, name).items()}
+    minutes = chdb_rows(f"chdb://{tmp_path / ('ch-' + name)}",
+                        "SELECT toUnixTimestamp(ts), channel, campaign, event_name, sum(events), "
+                        "uniqExactMerge(users), round(sum(revenue), 2) FROM sf.events_minute FINAL "
+                        "GROUP BY ts, channel, campaign, event_name")
+    return feats, minutes
+
+
+@pytest.mark.timeout(1500)
+def test_a_killed_process_then_a_restart_of_all_loses_and_doubles_nothing(kafka, redis_url,
+                                                                          tmp_path):
+    """Two processes with a recovery store; one is killed (SIGKILL) mid-run, the launcher stops
+    the other, and `surgeflow run --processes 2` again resumes from the snapshot: the features
+    and the minute aggregates equal a clean one-process run's."""
+    topic = kafka.create_topic("cluster-crash", partitions=4)
+    records = list(generate(BIG))
+    produce([kafka.bootstrap], topic, ((r.key, r.value, r.sent_ms) for r in records))
+    run = [sys.executable, "-m", "surgeflow", "run", "--processes", "2", "-c"]
+    clean = cluster_config(tmp_path, kafka, topic, redis_url, "clean", None)
+    done = subprocess.run(run[:-3] + ["-c", str(clean)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    crash = cluster_config(tmp_path, kafka, topic, redis_url, "crash", tmp_path / "recovery")
+    launcher = subprocess.Popen(run + [str(crash)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    first = launcher.stdout.readline()
+    while "cluster of 2 processes" not in first:
+        assert first, "the launcher ended before starting its processes"
+        first = launcher.stdout.readline()
+    victim = int(first.rsplit("pids ", 1)[1].split(",")[1].strip(" )\n"))
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 120
+    while not any(True for _ in client.scan_iter(match="crash:v2:user:*", count=100)):
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.1)
+    time.sleep(2.5)  # a few epochs: snapshots were taken
+    assert launcher.poll() is None, "the run ended before the kill: make the stream longer"
+    os.kill(victim, signal.SIGKILL)
+    rest = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode != 0 and "ended with exit code" in rest, rest[-2000:]
+
+    summary = tmp_path / "again.json"
+    again = subprocess.run(run + [str(crash)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "SURGEFLOW_SUMMARY": str(summary)})
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    resumed = json.loads(summary.read_text())["events_in"]
+    assert 0 < resumed < len(records), resumed  # it went on from the snapshot, not from the start
+    clean_feats, clean_minutes = outputs_of(tmp_path, redis_url, "clean")
+    feats, minutes = outputs_of(tmp_path, redis_url, "crash")
+    assert clean_feats and clean_minutes
+    assert minutes == clean_minutes  # nothing lost, nothing counted twice
+    diff = {u for u in set(feats) | set(clean_feats) if feats.get(u) != clean_feats.get(u)}
+    assert not diff, f"features differ after the crash and restart: {sorted(diff)[:5]}"
