@@ -254,8 +254,9 @@ def _start_dashboard(settings: Settings):
 @app.command(name="run")
 def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML configuration"),
             workers: Optional[int] = typer.Option(None, help="worker threads in each process"),
-            processes: int = typer.Option(1, min=1, help="processes on this machine (a Bytewax "
-                                          "cluster on loopback ports)"),
+            processes: int = typer.Option(1, min=1, envvar="SURGEFLOW_PROCESSES",
+                                          help="processes on this machine (a Bytewax cluster on "
+                                          "loopback ports)"),
             addresses: Optional[str] = typer.Option(None, help="host:port of every process of a "
                                                     "cluster across machines, comma-separated"),
             process_id: int = typer.Option(0, "--process-id", min=0,

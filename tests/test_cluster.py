@@ -243,3 +243,24 @@ def test_a_killed_process_then_a_restart_of_all_loses_and_doubles_nothing(kafka,
     assert minutes == clean_minutes  # nothing lost, nothing counted twice
     diff = {u for u in set(feats) | set(clean_feats) if feats.get(u) != clean_feats.get(u)}
     assert not diff, f"features differ after the crash and restart: {sorted(diff)[:5]}"
+
+
+def test_compose_runs_the_configured_number_of_processes():
+    """docker-compose passes SURGEFLOW_PROCESSES to `surgeflow run --processes`, and the CLI
+    takes the options the README gives for several machines."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from surgeflow.cli import app
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    service = compose["services"]["surgeflow"]  # (its environment comes from x-surgeflow)
+    assert service["command"][0] == "run"
+    assert compose["x-surgeflow"]["environment"]["SURGEFLOW_PROCESSES"] == "${SURGEFLOW_PROCESSES:-1}"
+    # the variable reaches --processes: a value out of its range is refused before anything runs
+    refused = CliRunner().invoke(app, ["run", "-c", "none.yaml"], env={"SURGEFLOW_PROCESSES": "0"})
+    assert refused.exit_code == 2 and "processes" in refused.output
+    help_text = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output
+    readme = (ROOT / "README.md").read_text()
+    for option in ("--processes", "--addresses", "--process-id", "--workers"):
+        assert option in help_text and option in readme
