@@ -1032,6 +1032,8 @@ class _Logic(StatefulBatchLogic):
         self.plan = plan
         self.state = pickle.loads(resume) if resume is not None else None
         if self.state is not None:
+            STATS.add("shards_restored")  # the progress line shows the restore (surgeflow/cli.py)
+            STATS.add("snapshot_bytes_restored", len(resume))
             self.state.store.plan = plan
             # the configuration of this run, not the one the snapshot was taken under
             self.state.config = self.state.store.config = config

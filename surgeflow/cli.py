@@ -62,9 +62,12 @@ _register_commands()
 class Progress:
     """A live status line (events/s, users, alerts, actions) while the flow runs."""
 
-    def __init__(self, every_s: float = 1.0, total: int | None = None):
+    def __init__(self, every_s: float = 1.0, total: int | None = None, shards: int | None = None,
+                 prefix: str = ""):
         self.every_s = every_s
         self.total = total  # records to read, when known (a replay): percent and estimate
+        self.shards = shards  # shard states a snapshot may hold (the restore's progress)
+        self.prefix = prefix  # which process of a cluster prints the line
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.started = time.monotonic()
@@ -83,7 +86,14 @@ class Progress:
                      + (f", ~{left:,.0f}s left" if left is not None and n < self.total else "")
                      + ")")
         waiting = rows_in_flight()  # reading done, this is the drain still to go
-        return (f"{elapsed:5.0f}s {read} ({n / elapsed:,.0f}/s) users {len(STATS.users):,} "
+        restored = STATS.get("shards_restored")
+        if restored and not n:  # resuming: the snapshot's shard states are loaded first
+            of = f"/{self.shards:,}" if self.shards else ""
+            left = (f", ~{elapsed / restored * (self.shards - restored):,.0f}s left"
+                    if self.shards and restored < self.shards else "")
+            return (f"{self.prefix}{elapsed:5.0f}s restoring the snapshot: shards {restored:,}{of}"
+                    f" ({STATS.get('snapshot_bytes_restored') / 1e6:,.1f} MB{left})")
+        return (f"{self.prefix}{elapsed:5.0f}s {read} ({n / elapsed:,.0f}/s) users {len(STATS.users):,} "
                 f"dead {STATS.get('events_dead_lettered'):,} alerts {STATS.get('alerts_fired'):,} "
                 f"actions {STATS.get('actions_emitted'):,}"
                 + (f" | ClickHouse rows waiting {waiting:,}" if waiting else ""))
@@ -131,6 +141,7 @@ def _summary(settings: Settings, redis_url: str, seconds: float, extra: dict) ->
         "aggregate_rows": count_aggregate_rows(settings),
         "alerts_fired": STATS.get("alerts_fired"),
         "actions_emitted": STATS.get("actions_emitted"),
+        "shards_restored": STATS.get("shards_restored"),
         "seconds": round(seconds, 2),
         "events_per_s": round(STATS.get("events_in") / seconds, 1) if seconds else None,
         "redis_url": redact(redis_url),
@@ -180,7 +191,7 @@ def demo(config: Optional[Path] = ConfigOption,
     console.print("Ctrl-C stops" + (f"; stopping after {seconds:g} s" if seconds else ""))
     _graceful_stop(seconds, settings.flow.drain_timeout_s)
     try:
-        with Progress():
+        with Progress(shards=settings.flow.shards + settings.flow.profile_shards):
             result = run(settings, redis_url)
         summary = _summary(settings, redis_url, result.seconds, {
             "redis_data_dir": str(redis_dir),
@@ -305,7 +316,8 @@ def run_cmd(config: Path = typer.Option(..., "--config", "-c", help="YAML config
     stop_metrics = _start_metrics(settings)
     _graceful_stop(None, settings.flow.drain_timeout_s)
     try:
-        with Progress():
+        with Progress(shards=settings.flow.shards + settings.flow.profile_shards,
+                      prefix=f"[process {process_id}] " if cluster else ""):
             result = run(settings, url, workers, addresses=cluster, process_id=process_id)
     finally:
         stop_metrics()
@@ -342,7 +354,7 @@ def replay(files: list[Path] = typer.Argument(..., exists=True, dir_okay=False,
     try:
         _migrate_or_exit(settings, server)
         _graceful_stop(None, settings.flow.drain_timeout_s)
-        with Progress(total=total):
+        with Progress(total=total, shards=settings.flow.shards + settings.flow.profile_shards):
             result = run(settings, url, workers)
         summary = _summary(settings, url, result.seconds, {"files": [str(f) for f in files]})
     finally:

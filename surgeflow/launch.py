@@ -19,7 +19,7 @@ from pathlib import Path
 
 # counts that add up over processes; the rest of a summary is taken from process 0
 ADDED = ("events_in", "events_dead_lettered", "duplicates_dropped", "late_events", "alerts_fired",
-         "actions_emitted")
+         "actions_emitted", "shards_restored")
 
 
 def free_addresses(n: int) -> list[str]:
