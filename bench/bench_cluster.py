@@ -43,6 +43,7 @@ def run_processes(bench: Bench, topic: str, processes: int, events: int) -> dict
                   "actions_topic": out["actions"], "alerts_topic": out["alerts"]},
         "redis": {"url": bench.redis_url, "key_prefix": name},
         "clickhouse": {"dsn": f"chdb://{bench.tmp / ('chdb-' + name)}", "database": "sf",
+                       "raw_events": not bench.args.no_raw_events,
                        "spool_dir": str(bench.tmp / f"spool-{name}")},
         "flow": {"shards": bench.args.shards, "max_clock_skew_s": None, "max_lookback_s": None,
                  "recovery_dir": None, "epoch_interval_s": bench.args.epoch_s},
@@ -77,9 +78,12 @@ def main(argv=None) -> int:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--processes", default="1,2,4")
     p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--no-raw-events", action="store_true",
+                   help="clickhouse.raw_events off (no events_raw row per event to process 0)")
     a = p.parse_args(argv)
     args = bench_args(["--events", str(a.events), "--partitions", str(a.partitions),
                        "--users", str(a.users), "--no-live"])
+    args.no_raw_events = a.no_raw_events
     bench = Bench(args)
     try:
         bench.start_services()
@@ -105,6 +109,7 @@ def main(argv=None) -> int:
     ratios.update({f"throughput_{r['processes']}p_to_1p": round(r["events_per_s"] / one["events_per_s"], 3)
                    for r in runs if one and r is not one})
     print(json.dumps({"machine": machine_info(), "events": a.events, "partitions": a.partitions,
+                      "raw_events": not a.no_raw_events,
                       "produce": produced, "runs": runs, "ratios": ratios}, indent=2))
     return 0
 
