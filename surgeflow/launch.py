@@ -22,15 +22,15 @@ ADDED = ("events_in", "events_dead_lettered", "duplicates_dropped", "late_events
          "actions_emitted", "shards_restored")
 
 
-def free_addresses(n: int) -> list[str]:
-    """n loopback addresses with ports free now (held together, so they differ)."""
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
     socks = []
     try:
         for _ in range(n):
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
-        return [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
+        return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
@@ -45,7 +45,7 @@ def command(config: Path, addresses: list[str], process_id: int, workers: int | 
 def launch(config: Path, processes: int, workers: int | None, say=print,
            kill_after_s: float = 30.0) -> tuple[int, dict | None]:
     """Runs the cluster to its end; returns (exit code, combined summary or None)."""
-    addresses = free_addresses(processes)
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(processes)]
     summary = os.environ.get("SURGEFLOW_SUMMARY")
     procs = []
     for i in range(processes):

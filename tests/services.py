@@ -24,6 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+from surgeflow.launch import free_ports
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KAFKA_POM = PROJECT_ROOT / "scripts" / "kafka" / "pom.xml"
 KAFKA_LIBS = PROJECT_ROOT / ".cache" / "kafka-libs"
@@ -35,20 +37,6 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _has_kafka_jar(libs: Path) -> bool:
@@ -153,7 +141,7 @@ class KafkaBroker:
             raise RuntimeError("Java ('java') is not installed; it is needed to run the Kafka broker")
         self.libs = ensure_kafka_libs(self.libs or KAFKA_LIBS)
         self.workdir = Path(tempfile.mkdtemp(prefix="surgeflow-kafka-"))
-        self.port, self.controller_port, self.sasl_port = _free_ports(3)
+        self.port, self.controller_port, self.sasl_port = free_ports(3)
         listeners = f"PLAINTEXT://127.0.0.1:{self.port}"
         sasl: list[str] = []
         if self.scram_users:
@@ -362,7 +350,7 @@ def _start_redis(data_dir: Path, port: int, args: list[str], username: str | Non
     from connectors.embedded_redis import find_redis_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = port or _free_ports(1)[0]
+    port = port or free_ports(1)[0]
     with open(data_dir / "redis.stdout", "ab") as out:
         proc = subprocess.Popen(
             [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
