@@ -201,6 +201,60 @@ class GcTimer:
                 "collections_by_generation": self.collections}
 
 
+class ThreadCpu:
+    """CPU seconds of this process's threads while a phase runs, grouped by what they do.
+
+    Samples /proc/self/task every ``interval`` s (threads come and go: the insert threads end at
+    close, chDB's pools grow); a Python thread is named by ``threading``, others by their kernel
+    name (librdkafka's ``rdk:*``, chDB's pools, Bytewax's workers)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.cpu: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+        self.start_cpu: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _sample(self) -> dict[int, float]:
+        out = {}
+        py = {t.native_id: t.name for t in threading.enumerate()}
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            tid = int(task.name)
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[tid] = (int(fields[11]) + int(fields[12])) / self.tick
+            self.names[tid] = py.get(tid, comm)
+        return out
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.cpu.update(self._sample())
+
+    def __enter__(self) -> "ThreadCpu":
+        self.start_cpu = self._sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.cpu.update(self._sample())
+
+    def summary(self) -> dict[str, float]:
+        """CPU seconds per thread group, largest first (digits in names folded: pools)."""
+        groups: dict[str, float] = defaultdict(float)
+        for tid, cpu in self.cpu.items():
+            name = "".join("#" if ch.isdigit() else ch for ch in self.names.get(tid, "?"))
+            groups[name] += cpu - self.start_cpu.get(tid, 0.0)
+        return {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
 class _Timed:
     """Wraps an iterator and accumulates the time spent producing its items."""
 
@@ -648,7 +702,7 @@ class Bench:
         log(f"{label}: flows.runner.run (Kafka -> shards -> Redis/ClickHouse/Kafka), "
             f"{a.workers} worker(s), {a.shards} shards")
         started, cpu = time.monotonic(), time.process_time()
-        with GcTimer() as gc_time:
+        with GcTimer() as gc_time, ThreadCpu() as threads:
             result = runner.run(settings, self.redis_url, a.workers)
         cpu = time.process_time() - cpu  # this process runs the flow (Redis, Kafka are apart)
         total = time.monotonic() - started
@@ -667,6 +721,7 @@ class Bench:
             "feature_latency_ms": percentiles("feature_latency_ms"),
             "action_latency_ms": percentiles("action_latency_ms"),
             "python_gc": gc_time.summary(),
+            "cpu_s_by_thread": threads.summary(),
             "counts": self.counts(settings),
         }
 

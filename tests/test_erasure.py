@@ -90,9 +90,11 @@ def search_clickhouse(client, db: str, ids: set[str]) -> dict[str, int]:
 
 
 def search_files(root: Path, ids: set[str], skip: set[Path]) -> list[str]:
+    """The lines (with their file) of .json/.jsonl files under root that name one of the ids."""
     needles = [orjson.dumps(i) for i in ids]
-    return [str(p) for p in root.rglob("*") if p.is_file() and p not in skip
-            and p.suffix in (".jsonl", ".json") and any(n in p.read_bytes() for n in needles)]
+    return [f"{p}: {line[:400]!r}" for p in root.rglob("*") if p.is_file() and p not in skip
+            and p.suffix in (".jsonl", ".json")
+            for line in p.read_bytes().splitlines() if any(n in line for n in needles)]
 
 
 def test_erasing_100_users_under_a_running_flow(kafka, redis_url, chdb_dsn, chdb_client, ch_database,
