@@ -592,8 +592,7 @@ class IngestShard:
     def _event(self, e: Event, out: ShardOut, ops: dict[int, list]) -> None:
         ts = e.ts_ms
         if ts < self.watermark:
-            if self.erased and (self.erased.covers(e.user, ts) or (e.anon and self.erased.covers(e.anon, ts))):
-                STATS.add("erased_events_dropped")
+            if self.erased and self._erased_event(e, ts, out):
                 return
             self.late_events += 1
             self._delay(minute_of(self.watermark), e)  # a stuck collector's data counts too
@@ -604,11 +603,7 @@ class IngestShard:
             out.duplicates += 1
             return
         self.seen[e.event_id] = ts
-        if self.erased and (self.erased.covers(e.user, ts) or (e.anon and self.erased.covers(e.anon, ts))):
-            STATS.add("erased_events_dropped")  # erased: a replay must not bring them back
-            if e.identified and e.anon and e.anon != e.user and self._may_link(e) \
-                    and not self.erased.covers(e.anon, ts):
-                self._erase_device(e, out)
+        if self.erased and self._erased_event(e, ts, out):
             return
         out.events += 1
         self._bounce(e, ts)
@@ -681,6 +676,19 @@ class IngestShard:
         config = self.config
         return (config.link_events is None or e.name in config.link_events) and (
             not config.link_sources or e.origin in config.link_sources)
+
+    def _erased_event(self, e: Event, ts: int, out: ShardOut) -> bool:
+        """Is this an erased subject's event from before the erasure? Then it is dropped (a
+        replay must not bring them back); a link event among them erases the device it names,
+        late or not."""
+        erased = self.erased
+        if not (erased.covers(e.user, ts) or (e.anon and erased.covers(e.anon, ts))):
+            return False
+        STATS.add("erased_events_dropped")
+        if e.identified and e.anon and e.anon != e.user and self._may_link(e) \
+                and not erased.covers(e.anon, ts):
+            self._erase_device(e, out)
+        return True
 
     def _erase_device(self, e: Event, out: ShardOut) -> None:
         """An erased user's own link event, arriving after the erasure (a replay, or still in

@@ -303,3 +303,32 @@ def test_after_a_restart_a_linked_visitor_s_own_hash_is_deleted_once():
     assert [w.user for w in out.features if w.values is None] == ["anon-1"]
     ops = [op[3] for _, h in out.handovers for op in h.ops]
     assert [op.user for op in ops if hasattr(op, "user")] == ["u9", "u9", "u9"]
+
+
+def test_an_erased_users_login_erases_the_device_it_names_late_or_not():
+    """After u's erasure, u's own login naming a device (a replay, or still in flight) erases the
+    device as well, whether the login is on time or late (behind the watermark)."""
+    from privacy.erasure import ErasureRequest, reset_process_ledger
+
+    reset_process_ledger(b"k" * 32, {})
+    try:
+        for late in (False, True):
+            s = IngestShard(0, ShardConfig(lateness_ms=0, profile_shards=1, ingest_shards=1),
+                            Harness().plan)
+            out = ShardOut(0)
+            s.ingest(Chunk(0, [ev(1, "u", "page_view", T0)], {0: T0 + 10 * 60_000}, 1), out)
+            erased_at = T0 + 20 * 60_000
+            s.ingest(Chunk(0, [], {}, 1, 0, None, [ErasureRequest("r1", "u", False, "t", erased_at)]),
+                     out)
+            login_ts = T0 + (60_000 if late else 15 * 60_000)  # the watermark is at T0 + 10 min
+            out = ShardOut(0)
+            s.ingest(Chunk(0, [ev(2, "u", "login", login_ts, anon="anon-d", identified=True)], {}, 1),
+                     out)
+            assert [r.request.subject for r in out.erasures] == ["anon-d"], late
+            assert out.erasures[0].request.requested_by == "erasure follow-up"
+            assert s.erased.covers("anon-d", T0) and not out.dead  # no dead letter for the login
+            out = ShardOut(0)  # the device's own older events are dropped from now on
+            s.ingest(Chunk(0, [ev(3, "anon-d", "page_view", T0 + 16 * 60_000)], {}, 1), out)
+            assert out.events == 0
+    finally:
+        reset_process_ledger(None, {})
