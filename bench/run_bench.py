@@ -634,7 +634,7 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- settings --------------------------------------------------------------------------
-    def settings(self, topic: str, *, tail: bool, database: str) -> Settings:
+    def settings(self, topic: str, *, tail: bool, database: str, **overrides) -> Settings:
         a = self.args
         return load_settings(
             None, env={},
@@ -645,8 +645,17 @@ class Bench:
             redis__url=self.redis_url,
             clickhouse__dsn=self.dsn, clickhouse__database=database,
             flow__max_clock_skew_s=None, flow__max_lookback_s=None, flow__recovery_dir=None, flow__workers=a.workers, flow__shards=a.shards,
-            flow__epoch_interval_s=a.epoch_s,
+            flow__epoch_interval_s=a.epoch_s, **overrides,
         )
+
+    def feature_only(self, topic: str) -> dict:
+        """The flow with features and Redis only, against the hand-written loop: no trigger
+        rules, no alert rules, no raw events. The engine has no switch for the rest: sessions,
+        the propensity model and the minute aggregates (one chDB insert per minute) stay on."""
+        empty = self.tmp / "no_alert_rules.yaml"
+        empty.write_text("rules: []\n")
+        return self.full(topic, "bench_features", label="feature-only", trigger__rules=None,
+                         clickhouse__raw_events=False, alerts__rules=str(empty))
 
     # -- phases ----------------------------------------------------------------------------
     def fill_topic(self) -> tuple[str, dict]:
@@ -693,9 +702,9 @@ class Bench:
             raise RuntimeError(f"{label} read {res['events']} records, expected {a.events}")
         return res
 
-    def full(self, topic: str, database: str, label: str = "full") -> dict:
+    def full(self, topic: str, database: str, label: str = "full", **overrides) -> dict:
         a = self.args
-        settings = self.settings(topic, tail=False, database=database)
+        settings = self.settings(topic, tail=False, database=database, **overrides)
         flush_redis(self.redis_url)
         STATS.reset()
         STATS.max_samples = max(STATS.max_samples, 2 * a.events + 10_000)  # keep every sample
@@ -924,6 +933,13 @@ class Bench:
         out["ratio_full_to_hand_written_loop"] = round(
             full["events_per_s"] / loop["events_per_s"], 4)
         out["replay_feature_latency_ms"] = {k: full["feature_latency_ms"][k] for k in ("p50", "p99")}
+        if not a.no_feature_only:
+            features = self.feature_only(topic)
+            out["feature_only_events_per_s"] = features["events_per_s"]
+            out["feature_only_cpu_us_per_event"] = features["cpu_us_per_event"]
+            out["ratio_feature_only_to_hand_written_loop"] = round(
+                features["events_per_s"] / loop["events_per_s"], 4)
+            out["details"] = {"feature_only": features}
         if not a.no_baseline_after:
             base2 = self.baseline(topic, "baseline (after)")
             out["baseline_after_events_per_s"] = base2["events_per_s"]
@@ -936,7 +952,7 @@ class Bench:
             out["live"] = live
         with contextlib.suppress(OSError):
             out["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        out["details"] = {"produce": produced, "baseline": base1, "full": full,
+        out["details"] = out.get("details", {}) | {"produce": produced, "baseline": base1, "full": full,
                           "full_runs_events_per_s": [r["events_per_s"] for r in runs],
                           "settings": {"batch_size": a.batch_size, "shards": a.shards,
                                        "epoch_interval_s": a.epoch_s, "users": a.users,
@@ -964,6 +980,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="py-spy: sampling from outside, ~5-10%% overhead, sees all worker threads "
                         "(default); pyinstrument: in-process, 2-3x slower run, calling thread only")
     p.add_argument("--no-live", action="store_true", help="skip the live latency phase")
+    p.add_argument("--no-feature-only", action="store_true",
+                   help="skip the feature-only flow (features and Redis only)")
     p.add_argument("--no-baseline-after", action="store_true", help="skip the second baseline")
     p.add_argument("--live-rate", type=float, default=2000.0, help="live phase records/s")
     p.add_argument("--live-seconds", type=float, default=20.0, help="live phase measured seconds")

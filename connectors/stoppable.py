@@ -28,15 +28,17 @@ def reset_input_done() -> None:
 
 
 class _StoppablePartition(StatefulSourcePartition):
-    def __init__(self, inner: StatefulSourcePartition):
+    def __init__(self, inner: StatefulSourcePartition, side: bool = False):
         self.inner = inner
+        self.side = side  # a side input (the erasure topic): follows the main input's end
         self.beat = 0.0
         self.ended = False
-        with _open_lock:
-            _open[0] += 1
+        if not side:
+            with _open_lock:
+                _open[0] += 1
 
     def _end(self) -> None:
-        if not self.ended:
+        if not self.ended and not self.side:
             self.ended = True
             with _open_lock:
                 _open[0] -= 1
@@ -44,7 +46,7 @@ class _StoppablePartition(StatefulSourcePartition):
                     INPUT_DONE.set()
 
     def next_batch(self):
-        if STOP.is_set():
+        if STOP.is_set() or (self.side and INPUT_DONE.is_set()):
             self._end()
             raise StopIteration()
         now = time.monotonic()
@@ -68,11 +70,16 @@ class _StoppablePartition(StatefulSourcePartition):
 
 
 class Stoppable(FixedPartitionedSource):
-    def __init__(self, inner: FixedPartitionedSource):
+    """``side=True``: a side input (the erasure topic), which ends when the main input of this
+    process has ended: a bounded run (a replay, a source that stops) ends even if the side input
+    follows its topic."""
+
+    def __init__(self, inner: FixedPartitionedSource, side: bool = False):
         self.inner = inner
+        self.side = side
 
     def list_parts(self) -> list[str]:
         return self.inner.list_parts()
 
     def build_part(self, step_id: str, for_part: str, resume_state):
-        return _StoppablePartition(self.inner.build_part(step_id, for_part, resume_state))
+        return _StoppablePartition(self.inner.build_part(step_id, for_part, resume_state), self.side)

@@ -242,7 +242,7 @@ def erasure_source(settings: Settings):
         k, config = settings.kafka, kafka_client_config(settings.kafka)
         kafka.ensure_topics(k.brokers, [settings.privacy.erasure.topic], extra=config)
         return Stoppable(KafkaSource(k.brokers, [settings.privacy.erasure.topic], tail=k.tail,
-                                     add_config=config, raise_on_errors=False))
+                                     add_config=config, raise_on_errors=False), side=True)
     return InboxSource(settings.privacy.erasure.inbox.resolve())
 
 
