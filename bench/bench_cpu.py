@@ -25,6 +25,7 @@ from bench.run_bench import REPLAY_START_MS
 from config.registry import load_registry
 from config.settings import load_settings
 from connectors.synthetic import SyntheticSpec, expected_records, generate
+from flows.runner import GC_THRESHOLD
 from features.profile import FeaturePlan
 from flows.entity_alerts import EntityLogic, SignalRouter
 from flows.pipeline import DEAD, DecodeAndRoute, MinuteLogic, shard_config
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         profiler = Profiler(interval=0.0005)
         profiler.start()
     gc.freeze()  # as flows/runner.py runs the flow
-    gc.set_threshold(50_000, 20, 20)
+    gc.set_threshold(*GC_THRESHOLD)
     started = time.process_time()
     steps.run(msgs)
     total = time.process_time() - started
