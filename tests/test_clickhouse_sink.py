@@ -86,3 +86,29 @@ def test_an_outage_spills_to_disk_and_a_restart_sends_it(chdb_dsn, chdb_client, 
     again.close()
     count = chdb_client.query(f"SELECT count(), uniqExact(event_id) FROM {ch_database}.events_raw FINAL")
     assert count.result_rows == [(5000, 5000)]
+
+
+def test_raw_event_times_land_to_the_millisecond_from_ints_and_old_spools(chdb_dsn, chdb_client,
+                                                                          ch_database, tmp_path):
+    """events_raw rows carry epoch ms (DateTime64(3) as is); a spool file of an earlier version,
+    whose rows held datetimes, is still sent right."""
+    import datetime as dt
+    import pickle
+
+    migrate(chdb_client, ch_database)
+    spool = tmp_path / f"{ch_database}.events_raw" / "worker-0"
+    spool.mkdir(parents=True)
+    old = [raw(i) for i in range(10, 13)]
+    old = [(dt.datetime.fromtimestamp(r[0] / 1000, tz=dt.timezone.utc), *r[1:]) for r in old]
+    (spool / "000000000000.pickle").write_bytes(pickle.dumps((None, old, None)))
+    sink = ClickHouseSink(chdb_dsn, ch_database, "events_raw", max_rows=500, max_delay_s=0.1,
+                          spool_dir=tmp_path)
+    part = sink.build("s", 0, 1)
+    fresh = [raw(i) for i in range(3)]
+    fresh[1] = (fresh[1][0] + 123, *fresh[1][1:])  # not on a whole second
+    part.write_batch([fresh])
+    part.close()
+    got = dict(chdb_client.query(f"SELECT event_id, toUnixTimestamp64Milli(event_time) "
+                                 f"FROM {ch_database}.events_raw FINAL").result_rows)
+    want = {r[1]: r[0] for r in fresh} | {f"e{i}": (T0 * 60 + i) * 1000 for i in range(10, 13)}
+    assert got == want

@@ -19,6 +19,7 @@ from triggers.engine import CompiledBook
 from triggers.spec import TriggerRuleError, load_trigger_rules
 
 log = logging.getLogger("surgeflow.triggers")
+_BY_NAME: dict[tuple, "RuleFile"] = {}  # (path as given, reload_s) -> the same RuleFile
 _FILES: dict[tuple[str, float], "RuleFile"] = {}
 _LOCK = threading.Lock()
 
@@ -65,10 +66,15 @@ class RuleFile:
 
 
 def rule_file(path: str | Path, reload_s: float = 5.0) -> RuleFile:
-    """The process's one :class:`RuleFile` for this path (shared by its workers)."""
+    """The process's one :class:`RuleFile` for this path (shared by its workers). Called per
+    batch of every shard: the path as given is looked up first (resolving it costs syscalls)."""
+    f = _BY_NAME.get((path, reload_s))
+    if f is not None:
+        return f
     key = (str(Path(path).resolve()), reload_s)
     with _LOCK:
         f = _FILES.get(key)
         if f is None:
             f = _FILES[key] = RuleFile(path, reload_s)
+        _BY_NAME[(path, reload_s)] = f
         return f
