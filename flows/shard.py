@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import operator
 import pickle
 import time
 import zlib
@@ -1021,8 +1022,7 @@ def _concerns(op, user: str) -> bool:
     return op.user == user if type(op) is Event else op[1] == user
 
 
-def _position(item: tuple) -> tuple[int, int]:
-    return item[0], item[1]
+_position = operator.itemgetter(0, 1)  # (partition, offset) of a pending operation: its sort key
 
 
 def _event_bytes(e: Event) -> bytes:
