@@ -25,7 +25,7 @@ from bench.run_bench import REPLAY_START_MS
 from config.registry import load_registry
 from config.settings import load_settings
 from connectors.synthetic import SyntheticSpec, expected_records, generate
-from flows.runner import GC_THRESHOLD
+from flows import gc_pacing
 from features.profile import FeaturePlan
 from flows.entity_alerts import EntityLogic, SignalRouter
 from flows.pipeline import DEAD, DecodeAndRoute, MinuteLogic, shard_config
@@ -104,6 +104,7 @@ class Steps:
             self.cpu[name] += time.process_time() - t
 
     def batch(self, msgs: list) -> None:
+        self._timed("gc_between_batches", gc_pacing.between_batches)  # as the flow's source does
         routed = self._timed("decode_and_route", self.route, msgs)
         ingest_in, entity_in = defaultdict(list), defaultdict(list)
         for key, item in routed:
@@ -196,10 +197,9 @@ def main(argv: list[str] | None = None) -> int:
 
         profiler = Profiler(interval=0.0005)
         profiler.start()
-    gc.freeze()  # as flows/runner.py runs the flow
-    gc.set_threshold(*GC_THRESHOLD)
     started = time.process_time()
-    steps.run(msgs)
+    with gc_pacing.paced():  # as flows/runner.py runs the flow (the GC between batches)
+        steps.run(msgs)
     total = time.process_time() - started
     if profiler is not None:
         profiler.stop()

@@ -63,7 +63,7 @@ from bench.run_bench import (REPLAY_START_MS, RESULTS_DIR, Bench, GcTimer, StopA
 from config.settings import Settings, load_settings
 from connectors import kafka
 from connectors.synthetic import SyntheticSpec, rhythm
-from flows.runner import GC_THRESHOLD
+from flows.gc_pacing import THRESHOLD as GC_THRESHOLD
 from flows import runner
 from surgeflow.stats import STATS
 from triggers.spec import RULES_FILE, duration_ms, load_trigger_rules
@@ -728,7 +728,7 @@ def memory_never_return(n: int, traced: bool, span_ms: int = 3_600_000,
     from triggers.engine import Collected, CompiledBook, TriggerEngine
     from triggers.rules import SimpleContext
 
-    gc.set_threshold(*GC_THRESHOLD)  # as flows.runner.run sets it for the flow
+    gc.set_threshold(*GC_THRESHOLD)  # the flow's GC counts (automatic here: no batches)
     book = CompiledBook(load_trigger_rules(RULES_FILE))
     ctx = SimpleContext()
     ctx_of = lambda user: ctx  # noqa: E731

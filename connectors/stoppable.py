@@ -10,6 +10,7 @@ import time
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from flows.gc_pacing import between_batches
 from surgeflow.shutdown import STOP
 from surgeflow.stats import STATS
 
@@ -46,6 +47,7 @@ class _StoppablePartition(StatefulSourcePartition):
                     INPUT_DONE.set()
 
     def next_batch(self):
+        between_batches()  # the last batch is done: its objects are gone, the GC scans the rest
         if STOP.is_set() or (self.side and INPUT_DONE.is_set()):
             self._end()
             raise StopIteration()

@@ -1,7 +1,6 @@
 """Wires a configured run: the source and the outputs from settings, then runs the dataflow."""
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -32,18 +31,11 @@ from privacy.retention import sweep_dead_letters, sweep_spools
 from privacy.subjects import pii_key, subject_hash
 from warehouse.migrate import apply_retention
 from privacy.secrets import clickhouse_dsn, kafka_client_config
-from flows import cluster
+from flows import cluster, gc_pacing
 from flows.cluster import OwnerSink, Place, set_place
 from flows.events import DeadLetter
 from flows.pipeline import Outputs, build_flow
 from surgeflow.stats import STATS
-
-# Python's cyclic GC while the flow runs (gc.set_threshold). The shards hold many small long-lived
-# objects: the default (700, 10, 10) rescans them often (about 11 % of a 1M-event run). A
-# generation-1 collection scans the survivors of threshold0 * threshold1 allocations at once, a
-# pause of the whole flow: (50_000, 20) paused it ~400 ms (live p99 430-480 ms); (10_000, 10)
-# pauses ~50 ms for +3 % CPU (bench/README, "Live latency").
-GC_THRESHOLD = (10_000, 10, 20)
 
 flow_log = logging.getLogger("surgeflow.flow")
 
@@ -205,20 +197,14 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
                       eraser=make_eraser(settings, redis_url),
                       erased=load_erased(redis_url, settings.redis.key_prefix))
     epoch = timedelta(seconds=settings.flow.epoch_interval_s)
-    # The shards hold many small long-lived objects; Python's default GC threshold (700) makes it
-    # rescan them all often (about 11% of a 1M-event run). Collect far less often while running.
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
     started = time.monotonic()
     STATS.set("ready", 1)  # /readyz: the flow runs (and no sink reports an outage)
     try:
-        _run(flow, workers, epoch, recovery, addresses, process_id)
+        with gc_pacing.paced():  # the cyclic GC between batches, not inside them
+            _run(flow, workers, epoch, recovery, addresses, process_id)
     finally:
         retention.set()
         STATS.set("ready", 0)
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
     return RunResult(time.monotonic() - started)
 
 
