@@ -66,7 +66,9 @@ def launch(config: Path, processes: int, workers: int | None, say=print,
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code, stopping_since = 0, None
-        while any(p.poll() is None for p in procs):
+        # every process is polled each turn (any() on a generator would stop at the first one
+        # still running, and a failed process behind it would never be seen)
+        while [p.poll() for p in procs].count(None):
             failed = [p for p in procs if p.returncode not in (None, 0)]
             if failed and not code:
                 code = failed[0].returncode

@@ -265,3 +265,25 @@ def test_compose_runs_the_configured_number_of_processes():
     readme = (ROOT / "README.md").read_text()
     for option in ("--processes", "--addresses", "--process-id", "--workers"):
         assert option in help_text and option in readme
+
+
+def test_the_launcher_sees_any_process_fail_and_stops_the_others(monkeypatch, tmp_path):
+    """Whichever process fails first (here the last one, while the first still runs), the
+    launcher notices it, stops the rest and returns its exit code: a cluster that lost a process
+    would otherwise wait forever for it. (Stand-in processes: the launcher's own logic.)"""
+    from surgeflow import launch as launcher
+
+    def command(config, addresses, process_id, workers):
+        if process_id == 0:  # runs until told to stop
+            code = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(120)"
+        else:
+            code = "import sys, time; time.sleep(0.5); sys.exit(3)"
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(launcher, "command", command)
+    monkeypatch.delenv("SURGEFLOW_SUMMARY", raising=False)
+    said: list[str] = []
+    started = time.monotonic()
+    code, _ = launcher.launch(tmp_path / "unused.yaml", 2, None, say=said.append, kill_after_s=10)
+    assert code == 3 and time.monotonic() - started < 10
+    assert any("process 1 ended with exit code 3" in s for s in said), said
