@@ -330,6 +330,12 @@ class ProfileStore:
                 engine.revoke(e.user, e.ts_ms, out)
             engine.on_event(e.user, e, ctx, out, e.arrival_ms)
 
+    def elapse(self, user: str, ts: int, out: ShardOut) -> None:
+        """Fire the user's trigger timers due by ``ts`` (an operation at ``ts`` comes next)."""
+        engine = self._engine()
+        if engine is not None and ts:
+            engine.elapse(user, ts, TriggerContext(self, user, self.users.get(user)), out)
+
     def absorb(self, user: str, other: Profile, consent: tuple[int, bool] | None = None) -> None:
         """A visitor's profile merges into the user's. The user's own consent statement wins
         over the visitor's; a user who refused profiling does not receive the visitor's data."""
@@ -667,6 +673,9 @@ class IngestShard:
         out.aliases.append((anon, user))
         # (the device keeps its statement: its linked events carry it, see ConsentBook.decide)
         consent = self.store.consent.statement(anon) if self.store.consent is not None else None
+        # the visitor's timers due before the login fire here, for the visitor, whatever the
+        # batch: else they moved to the user if the watermark had not passed them yet
+        self.store.elapse(anon, ts, out)
         anonymous = self.store.take(anon)
         if anonymous is not None:
             out.features.append(Write(anon, None, anonymous=True))
@@ -959,7 +968,7 @@ class ProfileShard:
                 self.pending = waiting
             ready.sort(key=_position)  # stable: one event's operations keep their order
             for part, offset, ts, op in ready:
-                self._apply(op, out)
+                self._apply(op, out, ts)
         clock = self.clock()
         if clock is not None:
             watermark = clock - self.config.lateness_ms
@@ -980,7 +989,7 @@ class ProfileShard:
                     frontier[part] = seen
         return frontier
 
-    def _apply(self, op, out: ShardOut) -> None:
+    def _apply(self, op, out: ShardOut, ts: int = 0) -> None:
         store = self.store
         try:
             if type(op) is Event:
@@ -990,6 +999,9 @@ class ProfileShard:
                     store.apply(op, out)
             elif op[0] == "merge":
                 if not self.erased.covers(op[1], op[2].last_event):
+                    # what was due before the login fires first, without the visitor's data (as
+                    # before an event); else where the watermark stood decided it (batches)
+                    store.elapse(op[1], ts, out)
                     store.absorb(op[1], op[2], op[3] if len(op) > 3 else None)
             elif op[0] == "erase":
                 self._erase(op[1], op[2], out)
