@@ -487,6 +487,11 @@ class ErasureLogic(StatefulBatchLogic):
         self.open: dict[str, _Pending] = state[0]
         self.sweeps: list[tuple[int, ErasureRequest, set[str]]] = state[1]  # pass 2 (with ids)
         self.closing: list[tuple[int, ErasureRequest]] = state[2] if len(state) > 2 else []
+        # Pass 3 compacts the recovery store once no snapshot holds the subjects: two epochs
+        # must have closed since pass 2, which a loaded machine may take longer than resweep_s
+        # to do. Epochs are counted here (snapshot() is called at each one's end).
+        self.epochs = 0
+        self.closing_epoch: dict[str, int] = {}  # request id -> epoch count at pass 2
 
     def on_batch(self, batches: list[list[ErasureReport]]):
         done = []
@@ -514,14 +519,24 @@ class ErasureLogic(StatefulBatchLogic):
         return [], False
 
     def notify_at(self):
-        due = [s[0] for s in self.sweeps] + [c[0] for c in self.closing]
+        now = int(time.time() * 1000)
+        due = [s[0] for s in self.sweeps] + [
+            c[0] if self._epochs_passed(c[1]) else max(c[0], now + 500) for c in self.closing]
         return _dt(min(due)) if due else None
+
+    def _epochs_passed(self, request: ErasureRequest) -> bool:
+        if self.eraser.recovery is None:
+            return True
+        return self.epochs >= self.closing_epoch.get(request.request_id, 0) + 2
 
     def on_notify(self):
         now = int(time.time() * 1000)
-        closing = [r for t, r in self.closing if t <= now]
+        closing = [r for t, r in self.closing if t <= now and self._epochs_passed(r)]
         if closing:
-            self.closing = [c for c in self.closing if c[0] > now]
+            done = {id(r) for r in closing}
+            self.closing = [c for c in self.closing if id(c[1]) not in done]
+            for r in closing:
+                self.closing_epoch.pop(r.request_id, None)
             self.eraser.complete(closing)
         due = [s for s in self.sweeps if s[0] <= now]
         if due and _in_flight():
@@ -534,6 +549,8 @@ class ErasureLogic(StatefulBatchLogic):
                 self.closing += [(now + self.resweep_ms, replace(
                     r, subject=subject_hash(r.subject, self.eraser.key), hashed=True))
                     for _, r, _ in due]
+                for _, r, _ in due:
+                    self.closing_epoch[r.request_id] = self.epochs
         return [], False
 
     def on_eof(self):
@@ -565,6 +582,7 @@ class ErasureLogic(StatefulBatchLogic):
         return True
 
     def snapshot(self) -> bytes:
+        self.epochs += 1  # an epoch ends
         return pickle.dumps((self.open, self.sweeps, self.closing), protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -298,3 +298,44 @@ def test_file_retention_of_dead_letters_and_spools(tmp_path):
     assert len((out / "dead_letters.jsonl").read_bytes().splitlines()) == 2
     assert (out / "actions.jsonl").read_bytes() == b'{"at_ms": 0}\n'
     assert sweep_spools(spool, days=15) == 1 and not old.exists() and fresh.exists()
+
+
+def test_recovery_compaction_waits_for_two_closed_epochs_not_only_for_time():
+    """Pass 3 (VACUUM of the recovery store) runs once two epochs closed after pass 2, however
+    long they take on a loaded machine; without a recovery store only the time counts.
+    (A stand-in eraser: the step's own bookkeeping.)"""
+    from privacy.erasure import ErasureLogic, ErasureReport, ErasureRequest
+
+    class Eraser:
+        key, files = b"k" * 32, []
+
+        def __init__(self, recovery):
+            self.recovery, self.passes, self.completed = recovery, [], []
+
+        def run(self, jobs, pass_no):
+            self.passes.append(pass_no)
+            return [{"removed": 0}]
+
+        def complete(self, requests):
+            self.completed += [r.request_id for r in requests]
+            return []
+
+    for recovery in (Path("/unused/recovery"), None):
+        eraser = Eraser(recovery)
+        step = ErasureLogic(eraser, (1, 1), resweep_s=0.0, resume=None)
+        request = ErasureRequest("r1", "u1", False, "test", 1)
+        step.on_batch([[ErasureReport(request, "ingest-0", [], {})]])
+        step.on_notify()  # pass 2, at once (resweep 0)
+        assert eraser.passes == [1, 2]
+        time.sleep(0.01)
+        step.on_notify()
+        if recovery is None:
+            assert eraser.completed == ["r1"]
+            continue
+        assert eraser.completed == []  # due by time, but no epoch has closed since
+        step.snapshot()
+        step.on_notify()
+        assert eraser.completed == []
+        step.snapshot()
+        step.on_notify()
+        assert eraser.completed == ["r1"] and not step.closing
