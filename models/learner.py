@@ -1,0 +1,111 @@
+"""One model's learner, and the versioned weights it publishes for scoring.
+
+A model has exactly one :class:`Learner`, whatever the number of workers: labelled examples flow
+to it, it learns them in the order it is given (the caller makes that order canonical), and it
+publishes :class:`Weights`, numbered versions that anyone can score with. Scoring never touches
+the learner, so predicting changes nothing, and a score says which version gave it.
+
+The learner is River's logistic regression behind a running standard scaler, trained by plain
+SGD. A version is a frozen copy of what scoring needs: the scaler's means and deviations, the
+coefficients and the intercept. :meth:`Weights.predict_one` does River's float operations in
+River's order, so it gives River's score (tests/test_model_learner.py checks it).
+
+>>> learner = Learner("purchase_propensity", learning_rate=0.1)
+>>> w0 = learner.publish()
+>>> (w0.version, w0.learned, w0.predict_one({"views_1h": 3.0}))
+(1, 0, 0.5)
+>>> for _ in range(50):
+...     learner.learn_one({"views_1h": 5.0}, True)
+...     learner.learn_one({"views_1h": 1.0}, False)
+>>> w1 = learner.publish()
+>>> (w1.version, w1.learned)
+(2, 100)
+>>> w1.predict_one({"views_1h": 5.0}) > 0.5 > w1.predict_one({"views_1h": 1.0})
+True
+>>> w0.predict_one({"views_1h": 3.0})  # an old version does not move
+0.5
+"""
+from __future__ import annotations
+
+import math
+
+from river import linear_model, optim, preprocessing
+
+
+class Weights:
+    """A published version of a model: scoring only, immutable, small, picklable."""
+
+    __slots__ = ("model", "version", "learned", "terms", "intercept")
+
+    def __init__(self, model: str, version: int, learned: int,
+                 terms: dict[str, tuple[float, float, float]], intercept: float):
+        self.model, self.version, self.learned = model, version, learned
+        self.terms = terms  # input -> (mean, standard deviation, coefficient)
+        self.intercept = intercept
+
+    def __getstate__(self) -> tuple:
+        return (self.model, self.version, self.learned, self.terms, self.intercept)
+
+    def __setstate__(self, state: tuple) -> None:
+        self.model, self.version, self.learned, self.terms, self.intercept = state
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Weights) and self.__getstate__() == other.__getstate__()
+
+    def __repr__(self) -> str:
+        return f"Weights({self.model!r}, version={self.version}, learned={self.learned})"
+
+    def predict_one(self, x: dict[str, float]) -> float:
+        """P(y = 1 | x): the scaled inputs' dot product with the coefficients, through a
+        sigmoid. Inputs the model never saw count 0 (River's scaler does the same)."""
+        z = 0.0
+        terms = self.terms
+        for name, value in x.items():
+            t = terms.get(name)
+            if t is not None:
+                mean, sd, w = t
+                z += w * ((value - mean) / sd)
+        z += self.intercept
+        # River's sigmoid clamps the same way (river.utils.math.sigmoid)
+        if z < -30:
+            return 0.0
+        if z > 30:
+            return 1.0
+        return 1 / (1 + math.exp(-z))
+
+
+class Learner:
+    """The single learner of one model (River: StandardScaler | LogisticRegression, SGD)."""
+
+    def __init__(self, model: str, learning_rate: float = 0.01, intercept_lr: float = 0.01,
+                 l2: float = 0.0):
+        self.model = model
+        self.params = {"learning_rate": learning_rate, "intercept_lr": intercept_lr, "l2": l2}
+        self.pipeline = preprocessing.StandardScaler() | linear_model.LogisticRegression(
+            optimizer=optim.SGD(learning_rate), intercept_lr=intercept_lr, l2=l2)
+        self.learned = 0
+        self.version = 0
+
+    def learn_one(self, x: dict[str, float], y: bool) -> None:
+        self.pipeline.learn_one(x, bool(y))
+        self.learned += 1
+
+    def predict_one(self, x: dict[str, float]) -> float:
+        """River's own score with the learner's current state (the published versions may be
+        older)."""
+        return self.pipeline.predict_proba_one(x).get(True, 0.0)
+
+    def publish(self) -> Weights:
+        """A new version: the learner's state now, frozen."""
+        scaler, regression = self.pipeline.steps.values()
+        coef = regression._weights
+        terms: dict[str, tuple[float, float, float]] = {}
+        for name, mean in scaler.means.items():
+            var = scaler.vars.get(name, 0.0)
+            # River scales an input of zero variance to 0.0: it adds nothing to the sum
+            if var:
+                w = coef.get(name, 0.0)
+                if w:
+                    terms[name] = (mean, var ** 0.5, w)
+        self.version += 1
+        return Weights(self.model, self.version, self.learned, terms, regression.intercept)
