@@ -35,19 +35,37 @@ from river import linear_model, optim, preprocessing
 class Weights:
     """A published version of a model: scoring only, immutable, small, picklable."""
 
-    __slots__ = ("model", "version", "learned", "terms", "intercept")
+    __slots__ = ("model", "version", "learned", "terms", "intercept", "last_version")
 
     def __init__(self, model: str, version: int, learned: int,
-                 terms: dict[str, tuple[float, float, float]], intercept: float):
+                 terms: dict[str, tuple[float, float, float]], intercept: float,
+                 last_version: int | None = None):
         self.model, self.version, self.learned = model, version, learned
         self.terms = terms  # input -> (mean, standard deviation, coefficient)
         self.intercept = intercept
+        # the same model is every version from `version` to this one (no label in between)
+        self.last_version = version if last_version is None else last_version
 
     def __getstate__(self) -> tuple:
-        return (self.model, self.version, self.learned, self.terms, self.intercept)
+        return (self.model, self.version, self.learned, self.terms, self.intercept,
+                self.last_version)
 
     def __setstate__(self, state: tuple) -> None:
-        self.model, self.version, self.learned, self.terms, self.intercept = state
+        (self.model, self.version, self.learned, self.terms, self.intercept,
+         self.last_version) = state
+
+    def to_json(self) -> dict:
+        """A plain document (floats round-trip exactly through JSON): for the channel that
+        takes versions to the shards. No pickle: the store it crosses is not trusted code."""
+        return {"model": self.model, "version": self.version, "learned": self.learned,
+                "terms": {k: list(v) for k, v in self.terms.items()},
+                "intercept": self.intercept, "last_version": self.last_version}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Weights":
+        return cls(doc["model"], int(doc["version"]), int(doc["learned"]),
+                   {k: (float(v[0]), float(v[1]), float(v[2])) for k, v in doc["terms"].items()},
+                   float(doc["intercept"]), int(doc["last_version"]))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Weights) and self.__getstate__() == other.__getstate__()
@@ -95,8 +113,10 @@ class Learner:
         older)."""
         return self.pipeline.predict_proba_one(x).get(True, 0.0)
 
-    def publish(self) -> Weights:
-        """A new version: the learner's state now, frozen."""
+    def publish(self, version: int | None = None, last_version: int | None = None) -> Weights:
+        """A new version: the learner's state now, frozen. Numbered in sequence unless
+        ``version`` is given (models/training.py numbers them by event-time period, and one
+        publication may stand for a run of versions with no label between them)."""
         scaler, regression = self.pipeline.steps.values()
         coef = regression._weights
         terms: dict[str, tuple[float, float, float]] = {}
@@ -107,5 +127,6 @@ class Learner:
                 w = coef.get(name, 0.0)
                 if w:
                     terms[name] = (mean, var ** 0.5, w)
-        self.version += 1
-        return Weights(self.model, self.version, self.learned, terms, regression.intercept)
+        self.version = self.version + 1 if version is None else version
+        return Weights(self.model, self.version, self.learned, terms, regression.intercept,
+                       last_version)

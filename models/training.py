@@ -1,0 +1,152 @@
+"""The learner's step: labels from every profile shard in, numbered versions of the model out.
+
+Determinism is the point. Labels reach the learner from several shards, in an order that
+depends on batches, workers and processes. So the learner learns in *periods of event time*:
+once every shard has said that all its labels before the end of a period have been sent (its
+``mark``), the period's labels are learned in one canonical order (label time, prediction time,
+user), and the learner publishes the version for that period boundary. Version ``k`` is the
+model learned from every label with a label time before ``k * period``, whatever the number of
+workers: 1 and N workers give the same versions, bit for bit.
+
+The shards score an event at time ``t`` with version ``floor((t - grace) / period)``
+(:func:`version_for`): the model as of the last period boundary at least ``grace`` before the
+event, so that live the version is published before it is needed.
+
+>>> from models.labels import Label, Prediction
+>>> def label(user, made, at, y):
+...     return Label(Prediction("m", made, at + 10, {"x": 1.0 if y else 0.0}, 0, 0.5), user, at, y)
+>>> H = 3_600_000
+>>> t = Training("m", shards=2, period_ms=H)
+>>> t.on_batch([LabelBatch(0, mark_ms=H // 2, labels=[])]).weights  # shard 1 not heard yet
+[]
+>>> [(w.version, w.learned) for w in t.on_batch([LabelBatch(1, H // 2)]).weights]  # the start
+[(0, 0)]
+>>> t.on_batch([LabelBatch(0, mark_ms=H + 5, labels=[label("a", 0, H - 9, True)])]).weights
+[]
+>>> out = t.on_batch([LabelBatch(1, mark_ms=5 * H, labels=[label("b", 10, H - 60, False)])])
+>>> [(w.version, w.last_version, w.learned) for w in out.weights]  # both shards past one hour
+[(1, 1, 2)]
+>>> [(w.version, w.last_version) for w in t.on_batch([LabelBatch(0, 5 * H)]).weights]  # no label
+[(2, 5)]
+>>> sorted({row[2] for row in out.metrics})[:3]
+['auc', 'calibration', 'label_delay_s']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.labels import Label
+from models.learner import Learner, Weights
+from models.quality import MINUTE_MS, ModelQuality
+
+
+def version_for(ts_ms: int, period_ms: int, grace_ms: int) -> int:
+    """The version a score at ``ts_ms`` uses.
+
+    >>> version_for(3_600_000 + 299_999, 3_600_000, 300_000), version_for(3_900_000, 3_600_000, 300_000)
+    (0, 1)
+    """
+    return (ts_ms - grace_ms) // period_ms
+
+
+@dataclass
+class LabelBatch:
+    """What one profile shard sends a model's learner with each batch: the labels it resolved,
+    and its mark: every label with a label time before it has now been sent."""
+
+    shard: int
+    mark_ms: int
+    labels: list[Label] = field(default_factory=list)
+
+
+@dataclass
+class TrainingOut:
+    weights: list[Weights] = field(default_factory=list)  # versions published, in order
+    metrics: list[tuple] = field(default_factory=list)  # (minute_ms, model, metric, value, labels)
+    drifts: list[tuple[int, Label]] = field(default_factory=list)  # (labels learned, the label)
+
+
+def _canonical(l: Label) -> tuple:
+    """A total order: two labels that compare equal are the same example (the order of equal
+    ones cannot change what is learned)."""
+    return (l.labelled_ms, l.made_ms, l.user, l.y, l.score, sorted(l.x.items()))
+
+
+class Training:
+    """One model's learner and its progressive quality, driven by the shards' labels.
+
+    Versions: version ``k`` is the model learned from the labels with a label time before
+    ``k * period``. A publication stands for a run of versions with no label between them
+    (``Weights.version`` .. ``Weights.last_version``), so a quiet night or a gap of days in a
+    replay costs one message, not one per period."""
+
+    def __init__(self, model: str, shards: int, period_ms: int, learner: Learner | None = None,
+                 quality: ModelQuality | None = None):
+        if period_ms <= 0 or period_ms % MINUTE_MS:
+            raise ValueError(f"a model's period is whole minutes, not {period_ms} ms")
+        self.model, self.shards, self.period_ms = model, shards, period_ms
+        self.learner = learner or Learner(model)
+        self.quality = quality or ModelQuality(model)
+        self.marks: dict[int, int] = {}
+        self.pending: list[Label] = []
+        self.covered: int | None = None  # the last version published
+        self.minute: int | None = None  # the label minute whose metrics are open
+
+    def complete_ms(self) -> int | None:
+        """Every label before this time has arrived (None until every shard has spoken)."""
+        if len(self.marks) < self.shards:
+            return None
+        return min(self.marks.values())
+
+    def on_batch(self, batches: list[LabelBatch]) -> TrainingOut:
+        out = TrainingOut()
+        for b in batches:
+            self.pending.extend(b.labels)
+            if b.mark_ms > self.marks.get(b.shard, -(2**62)):
+                self.marks[b.shard] = b.mark_ms
+        complete = self.complete_ms()
+        if complete is None:
+            return out
+        period = self.period_ms
+        target = complete // period  # every label of versions up to this one has arrived
+        if self.covered is None:
+            # The first version: the fresh (or restored) model, numbered at the period of the
+            # first label, so any version before it is the same model. Whatever the batches,
+            # every label before `complete` is here now: the numbering is deterministic.
+            first = min([target] + [l.labelled_ms // period for l in self.pending])
+            self.covered = first
+            out.weights.append(self.learner.publish(first, first))
+        while True:
+            due = [l for l in self.pending if l.labelled_ms // period < target]
+            if not due:
+                break
+            # the earliest period with labels; a label of a version already published (late)
+            # goes into the next one
+            k = max(min(l.labelled_ms // period for l in due), self.covered)
+            if k > self.covered:  # versions up to k learned nothing new: the same model
+                out.weights.append(self.learner.publish(self.covered + 1, k))
+            batch = [l for l in due if max(l.labelled_ms // period, self.covered) == k]
+            keep = set(map(id, batch))
+            self.pending = [l for l in self.pending if id(l) not in keep]
+            self._learn(sorted(batch, key=_canonical), (k + 1) * period, out)
+            self.covered = k + 1
+            out.weights.append(self.learner.publish(k + 1, k + 1))
+        if target > self.covered:
+            out.weights.append(self.learner.publish(self.covered + 1, target))
+            self.covered = target
+        return out
+
+    def _learn(self, labels: list[Label], end_ms: int, out: TrainingOut) -> None:
+        learner, quality = self.learner, self.quality
+        for l in labels:
+            minute = l.labelled_ms // MINUTE_MS * MINUTE_MS
+            if minute != self.minute:
+                if self.minute is not None:
+                    out.metrics.extend(quality.close_minute(self.minute))
+                self.minute = minute
+            learner.learn_one(l.x, l.y)
+            if quality.update(l.score, l.y, l.made_ms, l.labelled_ms):
+                out.drifts.append((learner.learned, l))
+        if self.minute is not None and self.minute + MINUTE_MS <= end_ms:
+            out.metrics.extend(quality.close_minute(self.minute))  # no label of it can come now
+            self.minute = None
