@@ -86,15 +86,16 @@ class OpenPredictions:
     def __len__(self) -> int:
         return sum(len(v) for v in self.open_by_user.values())
 
-    def open(self, user: str, model: str, made_ms: int, x: dict[str, float], version: int,
+    def open(self, user: str, model: str, made_ms: int, x: dict[str, float] | tuple, version: int,
              score: float) -> bool:
         """Open a prediction; False (nothing kept) when one of this model is open for the user.
-        The input is copied: what the profile does later cannot leak into it."""
+        The input is copied (a dict) or immutable (a tuple, in the spec's input order): what
+        the profile does later cannot leak into it."""
         mine = self.open_by_user.setdefault(user, {})
         if model in mine:
             return False
         mine[model] = Prediction(model, made_ms, made_ms + self.rules[model].horizon_ms,
-                                 dict(x), version, score)
+                                 x if type(x) is tuple else dict(x), version, score)
         return True
 
     def on_event(self, user: str, event_name: str, ts_ms: int) -> list[Label]:

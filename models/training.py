@@ -69,7 +69,8 @@ class TrainingOut:
 def _canonical(l: Label) -> tuple:
     """A total order: two labels that compare equal are the same example (the order of equal
     ones cannot change what is learned)."""
-    return (l.labelled_ms, l.made_ms, l.user, l.y, l.score, sorted(l.x.items()))
+    x = l.x if type(l.x) is tuple else sorted(l.x.items())
+    return (l.labelled_ms, l.made_ms, l.user, l.y, l.score, x)
 
 
 class Training:
@@ -81,10 +82,11 @@ class Training:
     replay costs one message, not one per period."""
 
     def __init__(self, model: str, shards: int, period_ms: int, learner: Learner | None = None,
-                 quality: ModelQuality | None = None):
+                 quality: ModelQuality | None = None, names: tuple[str, ...] | None = None):
         if period_ms <= 0 or period_ms % MINUTE_MS:
             raise ValueError(f"a model's period is whole minutes, not {period_ms} ms")
         self.model, self.shards, self.period_ms = model, shards, period_ms
+        self.names = names  # the inputs' names, when labels carry their input as a tuple
         self.learner = learner or Learner(model)
         self.quality = quality or ModelQuality(model)
         self.marks: dict[int, int] = {}
@@ -137,14 +139,14 @@ class Training:
         return out
 
     def _learn(self, labels: list[Label], end_ms: int, out: TrainingOut) -> None:
-        learner, quality = self.learner, self.quality
+        learner, quality, names = self.learner, self.quality, self.names
         for l in labels:
             minute = l.labelled_ms // MINUTE_MS * MINUTE_MS
             if minute != self.minute:
                 if self.minute is not None:
                     out.metrics.extend(quality.close_minute(self.minute))
                 self.minute = minute
-            learner.learn_one(l.x, l.y)
+            learner.learn_one(l.x if names is None else dict(zip(names, l.x)), l.y)
             if quality.update(l.score, l.y, l.made_ms, l.labelled_ms):
                 out.drifts.append((learner.learned, l))
         if self.minute is not None and self.minute + MINUTE_MS <= end_ms:
