@@ -40,6 +40,10 @@ from models.learner import Learner, Weights
 from models.quality import MINUTE_MS, ModelQuality
 
 
+RECENT_KEPT = 4
+END_MS = 2**62
+
+
 def version_for(ts_ms: int, period_ms: int, grace_ms: int) -> int:
     """The version a score at ``ts_ms`` uses.
 
@@ -93,6 +97,7 @@ class Training:
         self.pending: list[Label] = []
         self.covered: int | None = None  # the last version published
         self.minute: int | None = None  # the label minute whose metrics are open
+        self.recent: list[Weights] = []  # the last publications: sent again after a restore
 
     def complete_ms(self) -> int | None:
         """Every label before this time has arrived (None until every shard has spoken)."""
@@ -117,7 +122,7 @@ class Training:
             # every label before `complete` is here now: the numbering is deterministic.
             first = min([target] + [l.labelled_ms // period for l in self.pending])
             self.covered = first
-            out.weights.append(self.learner.publish(first, first))
+            self._publish(out, first, first)
         while True:
             due = [l for l in self.pending if l.labelled_ms // period < target]
             if not due:
@@ -126,16 +131,46 @@ class Training:
             # goes into the next one
             k = max(min(l.labelled_ms // period for l in due), self.covered)
             if k > self.covered:  # versions up to k learned nothing new: the same model
-                out.weights.append(self.learner.publish(self.covered + 1, k))
+                self._publish(out, self.covered + 1, k)
             batch = [l for l in due if max(l.labelled_ms // period, self.covered) == k]
             keep = set(map(id, batch))
             self.pending = [l for l in self.pending if id(l) not in keep]
             self._learn(sorted(batch, key=_canonical), (k + 1) * period, out)
             self.covered = k + 1
-            out.weights.append(self.learner.publish(k + 1, k + 1))
+            self._publish(out, k + 1, k + 1)
         if target > self.covered:
-            out.weights.append(self.learner.publish(self.covered + 1, target))
+            self._publish(out, self.covered + 1, target)
             self.covered = target
+        return out
+
+    def _publish(self, out: TrainingOut, first: int, last: int) -> None:
+        w = self.learner.publish(first, last)
+        out.weights.append(w)
+        self.recent.append(w)
+        if len(self.recent) > RECENT_KEPT:
+            del self.recent[0]
+
+    def republish(self) -> list[Weights]:
+        """The last publications again, after a restore: some may not have reached every shard
+        before the snapshot (they are idempotent: a shard ignores a version it has)."""
+        return list(self.recent)
+
+    def finish(self) -> TrainingOut:
+        """The input's end: every label still pending is learned (in the canonical order, as
+        one last period), and the open minute's metrics close."""
+        out = TrainingOut()
+        if self.pending:
+            last = max(l.labelled_ms for l in self.pending) // self.period_ms
+            start = last if self.covered is None else max(last, self.covered)
+            if self.covered is None:
+                self.covered = start
+            batch, self.pending = sorted(self.pending, key=_canonical), []
+            self._learn(batch, END_MS, out)
+            self.covered = start + 1
+            self._publish(out, start + 1, start + 1)
+        if self.minute is not None:
+            out.metrics.extend(self.quality.close_minute(self.minute))
+            self.minute = None
         return out
 
     def _learn(self, labels: list[Label], end_ms: int, out: TrainingOut) -> None:
