@@ -129,6 +129,23 @@ class Run:
         return all(m.get(f'surgeflow_source_offset{{partition="{p}"}}', -1) >= end - 1
                    for p, end in ends.items() if end)
 
+    def settled(self, ends: dict[int, int], quiet_s: float = 1.5) -> bool:
+        """Read through, and the flow's work counters and watermark unchanged for ``quiet_s``:
+        the last batch's operations were released and "now" moved on. A stop then ends every
+        run at the same point; right after reading through, it ends wherever the last batches
+        happened to be (one more empty batch releases what the last one handed over)."""
+        m = self.metrics() or {}
+        if not self.read_through(ends):
+            self._quiet = None
+            return False
+        work = tuple(sorted((k, v) for k, v in m.items()
+                            if k.startswith(("surgeflow_step_", "surgeflow_watermark_ms"))))
+        now = time.monotonic()
+        if getattr(self, "_quiet", None) is None or self._quiet[0] != work:
+            self._quiet = (work, now)
+            return False
+        return now - self._quiet[1] >= quiet_s
+
     def wait(self, condition, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not condition():

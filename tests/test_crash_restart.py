@@ -61,7 +61,7 @@ def test_kill_9_at_random_moments_then_restart_equals_one_clean_run(tmp_path, ka
     args = (kafka.bootstrap, stream, redis_url, webhook.url)
 
     clean = Run(write_config(tmp_path, "clean", *args))
-    clean.wait(lambda: clean.read_through(ends))
+    clean.wait(lambda: clean.settled(ends))
     assert clean.stop() < 30  # SIGTERM drains and exits 0 within a bounded time
 
     crash_config = write_config(tmp_path, "crash", *args)
@@ -73,7 +73,7 @@ def test_kill_9_at_random_moments_then_restart_equals_one_clean_run(tmp_path, ka
         assert not run.read_through(ends), "the input was consumed before kill %d" % i
         run.kill()
     last = Run(crash_config)
-    last.wait(lambda: last.read_through(ends))
+    last.wait(lambda: last.settled(ends))
     last.stop()
 
     assert differences(redis_contents(redis_url, "crash"), redis_contents(redis_url, "clean")) == {}
