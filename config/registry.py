@@ -62,11 +62,12 @@ PART_TYPES = {
     ("cart", "updated_at"): "time_ms", ("cart", "checkout_pending"): "flag",
     ("rfm", "r"): "label", ("rfm", "f"): "label", ("rfm", "m"): "label", ("rfm", "tier"): "label",
     ("touch", "first"): "text", ("touch", "last"): "text",
+    ("model", "version"): "int",  # the model version that gave the score (models/training.py)
 }
 # How many features `of` must name, per aggregation (None: any number >= 1).
 OF_ARITY = {"ratio": 2, "days_since": None, "rfm": 3, "lifecycle": 3, "activity": 2,
             "at_least": 1, "argmax": None}
-MODELS = ("purchase_propensity",)
+MODELS = ("purchase_propensity", "ctr", "churn_risk")  # declared in config/models.yaml
 DEFAULT_PARAMS = {
     "session_gap_min": 30, "interactions_highly_active": 3, "new_user_days": 7, "growth_days": 30,
     "decline_ratio": 0.5, "rfm_recency_days": 30, "rfm_frequency_orders": 2, "rfm_monetary": 1000,
@@ -249,6 +250,8 @@ def _expand(e: _Entry, windows: dict[str, int], params: dict, errors: list[str])
         errors.append(f"{where}: argmax needs one label per feature in `of`")
     if agg == "model" and e.model not in MODELS:
         errors.append(f"{where}: model must be one of {list(MODELS)}")
+    if agg == "model" and e.part not in (None, "version"):
+        errors.append(f"{where}: a model feature's `part` is 'version' or none (the score)")
     for w in e.windows:
         if w != LIFETIME and w not in windows:
             errors.append(f"{where}: unknown window {w!r} (declared: {', '.join(windows) or 'none'})")

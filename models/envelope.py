@@ -43,6 +43,15 @@ def pack(spec: ModelSpec, training: Training) -> bytes:
     }, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def model_of(blob: bytes) -> str | None:
+    """The model a snapshot is of (None when it cannot be read)."""
+    try:
+        doc = pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - unpack says why
+        return None
+    return doc.get("model") if isinstance(doc, dict) else None
+
+
 def unpack(blob: bytes, spec: ModelSpec) -> tuple[Training | None, str | None]:
     """(the restored state, None), or (None, why it was refused)."""
     try:

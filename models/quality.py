@@ -46,7 +46,7 @@ class ModelQuality:
     """Progressive quality of one model: per-minute rows and a drift signal."""
 
     def __init__(self, model: str, window: int = 5000, drift_delta: float = 0.0005,
-                 drift_min_labels: int = 1000):
+                 drift_min_labels: int = 5000):
         self.model = model
         self.auc = RollingAUC(window)
         # delta 0.0005, not River's 0.002: at 0.002 a stationary task with 1 positive in 20 had

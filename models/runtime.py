@@ -85,8 +85,12 @@ class ShardModels:
     def on_event(self, user: str, name: str, ts: int, value_of: Callable[[str], object],
                  session_start: int | None) -> bool:
         """One event of the user's, after the profile took it in (``value_of``: the profile's
-        feature values now). Resolves what it is the target of, then scores where it is a
-        prediction point. True when a score changed."""
+        feature values now). First what was due before it resolves by its horizon (as its
+        timer would: else whether the timer fired before this event depended on the batches),
+        then what it is the target of; then it scores where it is a prediction point. True when
+        a score changed."""
+        for label in self.book.expire(user, ts):
+            self.outbox[label.model].append(label)
         for label in self.book.on_event(user, name, ts):
             self.outbox[label.model].append(label)
         scored = False
@@ -132,7 +136,7 @@ class ShardModels:
         shard's mark."""
         out = []
         for model, labels in self.outbox.items():
-            out.append((model, LabelBatch(self.shard, mark_ms, labels)))
+            out.append((model, LabelBatch(self.shard, mark_ms, labels, model)))
             self.outbox[model] = []
         return out
 

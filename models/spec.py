@@ -28,7 +28,8 @@ models.spec.ModelSpecError: invalid models file:
   m: horizon '2w' is not a duration like 30m, 24h or 30d
   m: input 'nope' is not a feature of the registry
   m: input 'lifecycle' is a label feature, not a number
-  m: score_field 'views_1h' is a feature of the registry that is not a model score
+  m: the registry must declare 'views_1h' as the model's score (aggregation: model, model: m)
+  m: the registry must declare 'views_1h_version' as the model's version (aggregation: model, model: m, part: version)
 """
 from __future__ import annotations
 
@@ -183,10 +184,13 @@ def load_models(path: str | Path | None = None, doc: dict | None = None,
                 errors.append(f"{m.name}: input {i.name!r} is not a feature of the registry")
             elif f is not None and f.type not in NUMERIC:
                 errors.append(f"{m.name}: input {i.name!r} is a {f.type} feature, not a number")
-        f = registry.by_name.get(m.score_field)
-        if f is not None and f.aggregation != "model":
-            errors.append(f"{m.name}: score_field {m.score_field!r} is a feature of the registry "
-                          "that is not a model score")
+        for name, part in ((m.score_field, None), (f"{m.score_field}_version", "version")):
+            f = registry.by_name.get(name)
+            if f is None or f.aggregation != "model" or f.model != m.name or f.part != part:
+                what = "score" if part is None else "version"
+                errors.append(f"{m.name}: the registry must declare {name!r} as the model's {what} "
+                              f"(aggregation: model, model: {m.name}"
+                              + (", part: version)" if part else ")"))
         if m.score_field in fields:
             errors.append(f"{m.name}: score_field {m.score_field!r} is also {fields[m.score_field]}'s")
         fields[m.score_field] = m.name

@@ -33,8 +33,10 @@ event, so that live the version is published before it is needed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from alerts.lifecycle import Lifecycle, Verdict
 from models.labels import Label
 from models.learner import Learner, Weights
 from models.quality import MINUTE_MS, ModelQuality
@@ -61,6 +63,7 @@ class LabelBatch:
     shard: int
     mark_ms: int
     labels: list[Label] = field(default_factory=list)
+    model: str = ""  # the learner it goes to (the step's key)
 
 
 @dataclass
@@ -68,6 +71,9 @@ class TrainingOut:
     weights: list[Weights] = field(default_factory=list)  # versions published, in order
     metrics: list[tuple] = field(default_factory=list)  # (minute_ms, model, metric, value, labels)
     drifts: list[tuple[int, Label]] = field(default_factory=list)  # (labels learned, the label)
+    end: bool = False  # every shard sent its final mark: the versions channel may end
+    alerts: list[dict] = field(default_factory=list)  # model_drift: firing, then resolved
+    model: str = ""
 
 
 def _canonical(l: Label) -> tuple:
@@ -98,6 +104,13 @@ class Training:
         self.covered: int | None = None  # the last version published
         self.minute: int | None = None  # the label minute whose metrics are open
         self.recent: list[Weights] = []  # the last publications: sent again after a restore
+        # a drift of the loss (ADWIN) fires an alert for its label minute; 30 minutes without
+        # one resolve it
+        self.drift = Lifecycle("model_drift", severity="II", area="models", window="1m",
+                               response="the model's loss moved up: check its inputs and the "
+                                        "events behind its target; the model adapts on its own",
+                               resolve_ms=30 * MINUTE_MS)
+        self.drift_in_minute = False
 
     def complete_ms(self) -> int | None:
         """Every label before this time has arrived (None until every shard has spoken)."""
@@ -169,7 +182,7 @@ class Training:
             self.covered = start + 1
             self._publish(out, start + 1, start + 1)
         if self.minute is not None:
-            out.metrics.extend(self.quality.close_minute(self.minute))
+            self._close_minute(out)
             self.minute = None
         return out
 
@@ -179,11 +192,26 @@ class Training:
             minute = l.labelled_ms // MINUTE_MS * MINUTE_MS
             if minute != self.minute:
                 if self.minute is not None:
-                    out.metrics.extend(quality.close_minute(self.minute))
+                    self._close_minute(out)
                 self.minute = minute
             learner.learn_one(l.x if names is None else dict(zip(names, l.x)), l.y)
             if quality.update(l.score, l.y, l.made_ms, l.labelled_ms):
                 out.drifts.append((learner.learned, l))
+                self.drift_in_minute = True
         if self.minute is not None and self.minute + MINUTE_MS <= end_ms:
-            out.metrics.extend(quality.close_minute(self.minute))  # no label of it can come now
+            self._close_minute(out)  # no label of it can come now
             self.minute = None
+
+    def _close_minute(self, out: TrainingOut) -> None:
+        minute = self.minute
+        rows = self.quality.close_minute(minute)
+        out.metrics.extend(rows)
+        loss = next((r[3] for r in rows if r[2] == "log_loss"), math.nan)
+        n = next((r[4] for r in rows if r[2] == "labels"), 0)
+        baseline = self.quality.detector.estimation
+        verdict = Verdict(loss, baseline, math.nan, math.nan, math.nan, self.drift_in_minute,
+                          n=float(n), detail=f"model {self.model}: log loss {loss:.4f} in the "
+                          f"minute, ADWIN's mean {baseline:.4f} over {self.quality.labels} labels")
+        for alert in self.drift.step(f"model={self.model}", minute + MINUTE_MS, minute, verdict):
+            out.alerts.append(alert.to_dict())
+        self.drift_in_minute = False

@@ -2,7 +2,7 @@
 needs, whenever the versions arrive; when each model scores; what moves with a profile."""
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from models.learner import Learner
 from models.runtime import DAY_MS, ShardModels
@@ -109,13 +109,15 @@ def test_when_each_model_scores():
     assert m.on_event("u", "push_sent", 30, values, session_start=10)  # ctr: every send
     assert m.on_event("u", "push_sent", 40, values, session_start=10)
     assert m.on_event("u", "page_view", DAY_MS + 5, values, session_start=DAY_MS + 5)
-    assert len(m.book) == 3  # one open per model
     opened = {model: p.made_ms for model, p in m.book.open_by_user["u"].items()}
-    # ctr's second send found the first open; churn's first was resolved by the view at 20
-    # (activity: a negative) and the next day's first event opened another
-    assert opened == {"purchase_propensity": 10, "churn_risk": DAY_MS + 5, "ctr": 30}
+    # ctr's second send found the first open, whose 30 minutes had passed by the next day's
+    # event: resolved first (a negative, at its due time), as its timer would have; churn's first
+    # was resolved by the view at 20 (activity) and the next day's first event opened another
+    assert opened == {"purchase_propensity": 10, "churn_risk": DAY_MS + 5}
     churn = [l for l in m.outbox["churn_risk"]]
     assert [(l.made_ms, l.labelled_ms, l.y) for l in churn] == [(10, 20, False)]
+    ctr = [l for l in m.outbox["ctr"]]
+    assert [(l.made_ms, l.labelled_ms, l.y) for l in ctr] == [(30, 30 + 30 * 60_000, False)]
 
 
 def test_labels_go_out_with_every_shards_mark_and_the_input_frozen_as_a_tuple():
@@ -152,3 +154,32 @@ def test_a_profile_moves_with_its_predictions_and_scores_and_a_drop_forgets_them
     m.on_event("user", "page_view", 32 * DAY_MS, {}.get, session_start=32 * DAY_MS)
     m.drop("user")
     assert m.scores("user") == {} and len(m.book) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(events_st, st.lists(st.integers(0, 9 * H), max_size=10))
+@example([("a", "push_sent", 0), ("a", "push_sent", 2 * H)], [H])  # a timer between two sends
+def test_labels_and_scores_do_not_depend_on_when_the_timers_fire(events, timer_times):
+    """A timer fires when the watermark passes a horizon, which depends on the batches: an event
+    after the horizon resolves the prediction first, so the same labels and scores come out
+    whether the timer fired before it or not."""
+    def run(timers):
+        m = ShardModels(SPECS, shard=0, period_ms=H, grace_ms=0)
+        for w in versions(1):
+            m.receive(w)
+            w.last_version = 100
+        scores, pending = [], sorted(timers)
+        for user, name, ts in events:
+            while pending and pending[0] <= ts:  # the watermark moved on before this event
+                now = pending.pop(0)
+                for u in ("a", "b"):
+                    m.expire(u, now)
+            m.on_event(user, name, ts, {"views_1h": ts % 5}.get, session_start=ts // (2 * H))
+            scores.append(m.scores(user))
+        for u in ("a", "b"):
+            m.expire(u, 10**15)
+        labels = sorted((b.model, l.user, l.made_ms, l.labelled_ms, l.y)
+                        for _, b in m.send(0) for l in b.labels)
+        return scores, labels
+
+    assert run(timer_times) == run([])
