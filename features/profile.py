@@ -196,6 +196,8 @@ class FeaturePlan:
         # the model's inputs as (name, slot, money in cents), in the order of model_x_of
         self.model_inputs = [(f.name, self.slot_of[f.name], f.aggregation == "sum")
                              for f in registry.features if f.sparse]
+        # scores and versions the models write, not computed by the plan
+        self.model_fields = frozenset(f.name for f in registry.features if f.aggregation == "model")
 
     def new_profile(self) -> Profile:
         return Profile(MinuteBuckets(plan=self._slots), len(self.times))

@@ -461,6 +461,10 @@ class ProfileStore:
         """Values of every profile touched since the last flush, as absolute values."""
         plan, model = self.plan, self.model
         score_bit, inputs = plan.bit["p_purchase_24h"], plan.model_inputs
+        # model fields this store does not write (the other models' scores, the versions): one
+        # written before a restart (unknown to the snapshot) is removed, as delta does for the
+        # fields it computes
+        unset = [(plan.bit[f], f) for f in sorted(plan.model_fields) if f != "p_purchase_24h"]
         for name in sorted(self.dirty):
             p = self.users.get(name)
             if p is None:
@@ -473,7 +477,12 @@ class ProfileStore:
             except Exception as exc:  # noqa: BLE001 - one profile's bug must not stop the flow
                 out.dead.append(step_failure("profile_write", exc, b"", name.encode(), p.as_of))
                 continue
-            p.written |= score_bit
+            written = p.written | score_bit
+            for bit, field_name in unset:
+                if written & bit:
+                    removed.append(field_name)
+                    written ^= bit
+            p.written = written
             out.features.append(Write(name, values, tuple(removed), p.active, p.arrival_ms,
                                       self.anonymous))
             p.active = False
