@@ -164,19 +164,26 @@ class Registry:
                 "features": [f.to_dict() for f in self.features]}
 
 
-def load_registry(path: str | Path | None = None, doc: dict | None = None) -> Registry:
-    """Read, expand and validate a registry (default: ``config/features.yaml``)."""
+def parse_document(schema: type[BaseModel], path: str | Path | None, default: Path,
+                   doc: dict | None, error: type[Exception], what: str):
+    """A YAML document (``doc``, else the file at ``path``, else ``default``) validated by
+    ``schema``; an unreadable file or every schema problem raises one ``error`` naming them."""
     if doc is None:
-        file = Path(path) if path is not None else REGISTRY_FILE
+        file = Path(path) if path is not None else default
         try:
             doc = yaml.safe_load(file.read_text())
         except (OSError, yaml.YAMLError) as exc:
-            raise RegistryError(f"cannot read feature registry {file}: {exc}") from None
+            raise error(f"cannot read {what} {file}: {exc}") from None
     try:
-        parsed = _Doc.model_validate(doc)
+        return schema.model_validate(doc)
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise RegistryError("invalid feature registry:\n" + "\n".join(lines)) from None
+        raise error(f"invalid {what}:\n" + "\n".join(lines)) from None
+
+
+def load_registry(path: str | Path | None = None, doc: dict | None = None) -> Registry:
+    """Read, expand and validate a registry (default: ``config/features.yaml``)."""
+    parsed = parse_document(_Doc, path, REGISTRY_FILE, doc, RegistryError, "feature registry")
     errors: list[str] = []
     params = {**DEFAULT_PARAMS, **parsed.params}
     for name, minutes in parsed.windows.items():

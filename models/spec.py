@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from config.registry import Registry, load_registry
+from config.registry import Registry, load_registry, parse_document
 from models.labels import LabelRule
 
 MODELS_FILE = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
@@ -155,17 +154,7 @@ def duration_ms(text: str) -> int | None:
 def load_models(path: str | Path | None = None, doc: dict | None = None,
                 registry: Registry | None = None) -> dict[str, ModelSpec]:
     """Read and validate the models (default: ``config/models.yaml``) against the registry."""
-    if doc is None:
-        file = Path(path) if path is not None else MODELS_FILE
-        try:
-            doc = yaml.safe_load(file.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ModelSpecError(f"cannot read models file {file}: {exc}") from None
-    try:
-        parsed = _Doc.model_validate(doc)
-    except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ModelSpecError("invalid models file:\n" + "\n".join(lines)) from None
+    parsed = parse_document(_Doc, path, MODELS_FILE, doc, ModelSpecError, "models file")
     registry = registry or load_registry()
     errors: list[str] = []
     specs: dict[str, ModelSpec] = {}

@@ -42,10 +42,14 @@ def oracle(history, model: str):
     return out
 
 
-def run(history):
+def run(history, snapshot_at: int | None = None):
+    """The book fed the history in order (pickled and restored before action ``snapshot_at``),
+    then every horizon passed."""
     book = OpenPredictions(RULES)
     labels = []
-    for t, what in history:
+    for i, (t, what) in enumerate(history):
+        if i == snapshot_at:
+            book = pickle.loads(pickle.dumps(book))
         labels += book.expire("u", t)
         if what == "predict":
             for model in RULES:
@@ -74,18 +78,7 @@ def test_a_snapshot_at_any_point_resolves_the_same(history, cut):
     """Open predictions pickle (the shard's state): stopping anywhere and going on from the
     restored book gives the same labels."""
     whole, _ = run(history)
-    book = OpenPredictions(RULES)
-    labels = []
-    for i, (t, what) in enumerate(history):
-        if i == cut:
-            book = pickle.loads(pickle.dumps(book))
-        labels += book.expire("u", t)
-        if what == "predict":
-            for model in RULES:
-                book.open("u", model, t, {"t": float(t)}, version=1, score=0.5)
-        else:
-            labels += book.on_event("u", what, t)
-    labels += book.expire("u", 10**9)
+    labels, _ = run(history, snapshot_at=cut)
     key = lambda l: (l.model, l.made_ms, l.labelled_ms, l.y)  # noqa: E731
     assert sorted(map(key, labels)) == sorted(map(key, whole))
 
