@@ -29,7 +29,8 @@ from flows import gc_pacing
 from features.profile import FeaturePlan
 from flows.entity_alerts import EntityLogic, SignalRouter
 from flows.pipeline import DEAD, DecodeAndRoute, MinuteLogic, shard_config
-from flows.shard import Chunk, IngestLogic, ProfileLogic
+from flows.model_learning import ModelLoop
+from flows.shard import Chunk, IngestLogic, ProfileLogic, VersionFor
 from alerts.rules import load_rules
 
 
@@ -92,6 +93,10 @@ class Steps:
             catalogue.entity_rules, int(settings.flow.allowed_lateness_s * 1000), None, False,
             max_entity_keys=settings.limits.max_entity_keys))
         self.minutes = MinuteLogic(settings.flow.shards, None)
+        # the learners, and the versions they published for the profile shards' next batch
+        self.cfg = cfg
+        self.loop = ModelLoop(cfg) if cfg.models else None
+        self.versions: list = []
         self.digest = hashlib.sha256() if digest else None
         self.cpu: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
@@ -122,12 +127,25 @@ class Steps:
         for o in results:
             for key, h in o.handovers:
                 handovers[key].append(h)
-        for key, hs in handovers.items():
-            outs, _ = self._timed("profile_shards", self.profile[key].on_batch, hs)
-            results += outs
+        results += self._profiles(handovers)
         for key, chunks in entity_in.items():
             self._timed("entity_rules", self.entities[key].on_batch, chunks)
         self._collect(results)
+
+    def _profiles(self, handovers: dict) -> list:
+        """The profile shards' batch (with the versions published since the last one), then
+        the learners on their labels."""
+        if self.versions:
+            for j in range(self.cfg.profile_shards):
+                handovers[f"profiles-{j:04d}"] += [VersionFor(j, w) for w in self.versions]
+            self.versions = []
+        results = []
+        for key, hs in handovers.items():
+            outs, _ = self._timed("profile_shards", self.profile[key].on_batch, hs)
+            results += outs
+        if self.loop is not None:
+            self.versions = self._timed("model_learners", self.loop.feed, results)
+        return results
 
     def run(self, msgs: list) -> None:
         for i in range(0, len(msgs), self.batch_size):
@@ -143,10 +161,14 @@ class Steps:
         for o in results:
             for key, h in o.handovers:
                 handovers[key].append(h)
-        for key, hs in handovers.items():
-            results += self._timed("profile_shards", self.profile[key].on_batch, hs)[0]
+        results += self._profiles(handovers)
+        while self.versions:  # the shards may hold events for a version: until none comes
+            results += self._profiles(defaultdict(list))
         for logic in self.profile.values():
             results += self._timed("profile_shards", logic.on_eof)[0]
+        if self.loop is not None:
+            self.loop.feed(results)
+            self._timed("model_learners", self.loop.finish)
         self._collect(results)
 
     def _collect(self, results: list) -> None:

@@ -335,8 +335,21 @@ class FeatureSettings(Strict):
 
 
 class ModelSettings(Strict):
-    horizon_h: float = Field(24.0, gt=0)
-    learning_rate: float = Field(0.05, gt=0)
+    # The online models (config/models.yaml: when they score, what they predict, their inputs
+    # and learners). None: the shipped file; enabled: false runs no model at all.
+    file: Path | None = None
+    enabled: bool = True
+    # Version k of a model is learned from the labels before k periods of event time; an event
+    # at t scores with the version of t - grace (published by then, live).
+    period_min: int = Field(60, ge=1)
+    grace_min: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _grace(self) -> "ModelSettings":
+        if self.grace_min >= self.period_min:
+            raise ValueError(f"model.grace_min ({self.grace_min}) must be shorter than "
+                             f"model.period_min ({self.period_min})")
+        return self
 
 
 class WebhookSettings(Strict):

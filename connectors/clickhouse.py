@@ -246,6 +246,13 @@ def audit_rows(batch):
                a["action_id"], a["step"], a["channel"], a["message"], a["decision"], a["reason"])
 
 
+def model_metric_rows(batch):
+    """models/quality.py rows: (minute ms, model, metric, value, labels); one learner per model,
+    so the shard column is 0 (it counted the per-shard models of earlier versions)."""
+    for minute_ms, model, metric, value, labels in batch:
+        yield (_utc(minute_ms), model, 0, metric, value, labels)
+
+
 @dataclass(frozen=True)
 class Table:
     columns: list[str]
@@ -268,6 +275,8 @@ TABLES = {
                       "properties"], rows=action_rows),
     "trigger_audit": Table(["time", "rule", "rule_version", "mode", "user_id", "action_id", "step",
                             "channel", "message", "decision", "reason"], rows=audit_rows),
+    "model_metrics": Table(["ts", "model", "shard", "metric", "value", "examples"],
+                           rows=model_metric_rows),
 }
 DEDUPE = {"deduplicate_blocks_in_dependent_materialized_views": 1}
 BACKOFF_MAX_S = 30.0

@@ -75,10 +75,33 @@ def clear(client: redis.Redis, prefix: str) -> None:
     client.delete(stream_key(prefix))
 
 
+def _failed(part, exc: Exception) -> float:
+    """A failed read or write of the channel: the delay before the next try. One log line when
+    Redis goes down and one when it is back, shared with the feature sinks (STATS.outage)."""
+    if part.down_since is None:
+        part.down_since = time.monotonic()
+    detail = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if STATS.outage("redis", detail, member=str(id(part))):
+        log.warning("Redis unavailable for the models' versions channel (%s); retrying with "
+                    "backoff", detail)
+    return part.backoff.next()
+
+
+def _recovered(part) -> None:
+    part.backoff.reset()
+    if part.down_since is None:
+        return
+    if STATS.outage("redis", None, member=str(id(part))):
+        log.warning("Redis is back after %.1f s (the models' versions channel)",
+                    time.monotonic() - part.down_since)
+    part.down_since = None
+
+
 class _SinkPartition(StatelessSinkPartition):
     def __init__(self, client: redis.Redis, prefix: str, max_backoff_s: float):
         self.client, self.key = client, stream_key(prefix)
         self.backoff = Backoff(0.05, max_backoff_s)
+        self.down_since: float | None = None
 
     def write_batch(self, items: list) -> None:
         while True:  # an outage waits: a lost version would hold the shards for ever
@@ -87,13 +110,11 @@ class _SinkPartition(StatelessSinkPartition):
                 for item in items:
                     pipe.xadd(self.key, {"v": encode(item)}, maxlen=MAX_ENTRIES, approximate=True)
                 pipe.execute()
-                self.backoff.reset()
+                _recovered(self)
                 STATS.add("model_versions_published", len(items))
                 return
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-                delay = self.backoff.next()
-                log.warning("versions channel: Redis unavailable (%s); again in %.1f s", exc, delay)
-                time.sleep(delay)
+                time.sleep(_failed(self, exc))
 
     def close(self) -> None:
         self.client.close()
@@ -119,17 +140,16 @@ class _SourcePartition(StatelessSourcePartition):
         self.last_id = b"0"
         self.awake: float | None = None
         self.backoff = Backoff(0.05, 5.0)
+        self.down_since: float | None = None
 
     def next_batch(self) -> list:
         if self.client is None or not self.waiting_for or STOP.is_set():
             raise StopIteration()
         try:
             got = self.client.xread({self.key: self.last_id}, count=READ_COUNT)
-            self.backoff.reset()
+            _recovered(self)
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-            delay = self.backoff.next()
-            log.warning("versions channel: Redis unavailable (%s); again in %.1f s", exc, delay)
-            self.awake = time.time() + delay
+            self.awake = time.time() + _failed(self, exc)
             return []
         out = []
         for _, entries in got:

@@ -4,7 +4,8 @@ A profile's activity is a sorted array of (minute, metric) buckets holding integ
 or amounts in cents), plus one running total per (metric, window) slot. Totals move
 incrementally: when "now" advances, the buckets leaving each window (a bisect range) are
 subtracted. The window ``w`` as of minute M holds the minutes in ``(M - w, M]``. Buckets older
-than the longest window are dropped; lifetime slots keep their sums.
+than the longest window (plus a day, for the point-in-time values of :meth:`MinuteBuckets.total_at`)
+are dropped; lifetime slots keep their sums.
 
 >>> b = MinuteBuckets(slots=[(0, 60), (0, None)])          # metric 0: 1h and lifetime
 >>> b.add(minute=0, metric=0, value=1); b.add(minute=59, metric=0, value=1)
@@ -12,8 +13,10 @@ than the longest window are dropped; lifetime slots keep their sums.
 [2, 2]
 >>> b.next_expiry()                                       # minute 0 leaves the 1h window at 60
 60
->>> b.advance(60); list(b.totals), len(b)
-([1, 2], 1)
+>>> b.advance(60); list(b.totals), len(b)                # (minute 0 is kept for a day more)
+([1, 2], 2)
+>>> b.advance(60 + 1440); len(b)                         # then it goes
+1
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ from bisect import bisect_left, bisect_right
 METRIC_BITS = 8
 MAX_METRICS = 1 << METRIC_BITS
 NEVER = -(2**62)
+# Buckets are kept this long past the longest window, so that a window's total as of a minute up
+# to a day before "now" is still exact (the models score as of an event's minute, a little later).
+KEEP_PAST_LONGEST_MIN = 1440
 
 
 class MinuteBuckets:
@@ -101,8 +107,9 @@ class MinuteBuckets:
                             totals[s] += vals[i]
                             dirty |= 1 << s
             self.dirty = dirty
-        if keys and keys[0] >> METRIC_BITS <= minute - plan.longest:
-            cut = bisect_right(keys, ((minute - plan.longest) << METRIC_BITS) | (MAX_METRICS - 1))
+        horizon = minute - plan.longest - KEEP_PAST_LONGEST_MIN
+        if keys and keys[0] >> METRIC_BITS <= horizon:
+            cut = bisect_right(keys, (horizon << METRIC_BITS) | (MAX_METRICS - 1))
             del keys[:cut]
             del vals[:cut]
 
@@ -129,6 +136,34 @@ class MinuteBuckets:
             self.totals[s] += v  # (_rebuild marks every slot dirty)
         self.now = max(self.now, other.now)
         self._rebuild()
+
+    def _sum(self, metric: int, after: int, upto: int) -> int:
+        """The metric's buckets in the minutes ``(after, upto]``."""
+        keys = self.keys
+        lo = bisect_right(keys, (after << METRIC_BITS) | (MAX_METRICS - 1))
+        hi = bisect_right(keys, (upto << METRIC_BITS) | (MAX_METRICS - 1))
+        vals = self.vals
+        return sum(vals[i] for i in range(lo, hi) if keys[i] & (MAX_METRICS - 1) == metric)
+
+    def total_at(self, slot: int, minute: int) -> int:
+        """A slot's total as of an earlier ``minute`` (point in time: nothing after it counts),
+        whatever came in since. Exact while ``minute`` is at most a day before "now".
+
+        >>> b = MinuteBuckets(slots=[(0, 60), (0, None)])
+        >>> for m in (0, 30, 70, 71): b.add(minute=m, metric=0, value=1)
+        >>> b.advance(71); b.total_at(0, 59), b.total_at(1, 59), b.total_at(0, 70), list(b.totals)
+        (2, 2, 2, [3, 4])
+        """
+        metric, window = self._plan.slots[slot]
+        now = self.now
+        if window is None:  # lifetime: what came after the minute leaves
+            last = self.keys[-1] >> METRIC_BITS if self.keys else minute
+            return self.totals[slot] - self._sum(metric, minute, max(now, last))
+        if now == NEVER or now < minute or minute <= now - window:
+            return self._sum(metric, minute - window, minute)
+        # (now - w, now] -> (minute - w, minute]: the minutes after it leave, older ones enter
+        return (self.totals[slot] - self._sum(metric, minute, now)
+                + self._sum(metric, minute - window, now - window))
 
     def next_expiry(self) -> int | None:
         """The first minute after "now" at which a bucket leaves a window."""

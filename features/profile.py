@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import heapq
 from array import array
+from bisect import bisect_right
 from typing import Callable
 
 from config.registry import Registry
-from features.buckets import MinuteBuckets
+from features.buckets import MAX_METRICS, METRIC_BITS, MinuteBuckets
 from surgeflow.stats import STATS
 from triggers.rules import idempotency_key
 
@@ -130,7 +131,7 @@ class Profile:
         self.written = 0  # bit mask of the fields stored in Redis
         self.active = False  # an event since the last write: refresh the key's TTL
         self.last_event = 0  # latest event time (state eviction)
-        self.pending_examples = None  # the model's unlabelled examples, while the profile moves
+        self.pending_examples = None  # the models' state of the user (open predictions, scores), while the profile moves
         self.changed = 0  # inputs other than the window totals moved since the last write (IN_*)
         self.sent_as_of: int | None = None  # as_of of the last write; None: write in full next
         # Contact facts for trigger actions, from the latest event (in event time) carrying
@@ -193,10 +194,12 @@ class FeaturePlan:
         self.computes = [(f, _COMPUTE[f.aggregation](self, f)) for f in registry.features]
         self._compute_of = {f.name: c for f, c in self.computes}
         self._init_inputs(registry, time_index)
-        # the model's inputs as (name, slot, money in cents), in the order of model_x_of
-        self.model_inputs = [(f.name, self.slot_of[f.name], f.aggregation == "sum")
-                             for f in registry.features if f.sparse]
-        # scores and versions the models write, not computed by the plan
+        # features with a value as of an earlier time (values_at)
+        self.point_in_time = frozenset(f.name for f in registry.features
+                                       if point_in_time_error(registry, f.name) is None)
+        # last_time features -> the count metric of the same events (their point-in-time value)
+        self.time_metric = [metrics.get((events, exclude, None)) for _, events, exclude, _ in self.times]
+        # scores and versions the profile shards' models write (models/runtime.py), not computed
         self.model_fields = frozenset(f.name for f in registry.features if f.aggregation == "model")
 
     def new_profile(self) -> Profile:
@@ -337,6 +340,14 @@ class FeaturePlan:
         """(start, last, views) of the latest session, in event time."""
         sess = p.sess
         return (sess[-3], sess[-2], sess[-1]) if sess else None
+
+    def values_at(self, user: str, p: Profile, at_ms: int) -> Callable[[str], object]:
+        """The profile's values *as of the start of the minute of* ``at_ms`` (point in time),
+        whatever came in since: nothing at or after that minute counts. For the features
+        :func:`point_in_time_error` accepts (windows, lifetime sums, their ratios, first times,
+        last times to the minute and within the longest window, days since); the models read their inputs so, which makes a score
+        independent of when the events of the same minutes arrived."""
+        return _Num(_Ctx(user, _PointInTime(self, p, at_ms // MINUTE_MS), self)).__getitem__
 
     def prune_sessions(self, p: Profile, watermark: int) -> None:
         """Forget sessions ended more than the longest window before "now" (keep the latest).
@@ -532,14 +543,77 @@ class FeaturePlan:
                     break
         return best
 
-    def model_x_of(self, p: Profile, session_pages: int) -> dict[str, float]:
-        """The model's inputs straight from the running totals (what score_totals reads)."""
-        totals = p.buckets.totals
-        x = {name: (totals[slot] / 100 if money_ else float(totals[slot]))
-             for name, slot, money_ in self.model_inputs}
-        x["session_pages"] = float(session_pages)
-        return x
 
+POINT_IN_TIME = ("count", "sum", "ratio", "first_time", "last_time", "days_since", "at_least")
+
+
+def point_in_time_error(registry: Registry, name: str) -> str | None:
+    """Why a feature has no point-in-time value (:meth:`FeaturePlan.values_at`), or None."""
+    f = registry.by_name[name]
+    if f.aggregation not in POINT_IN_TIME:
+        return f"{name} is a {f.aggregation} feature: it has no value as of an earlier time"
+    if f.aggregation == "last_time" and not any(
+            g.aggregation == "count" and g.events == f.events and g.exclude == f.exclude
+            for g in registry.features):
+        return f"{name}: a last_time needs a count of the same events for its earlier values"
+    for of in f.of or ():
+        if of in registry.by_name and (error := point_in_time_error(registry, of)):
+            return error
+    return None
+
+
+class _PointInTime:
+    """A profile as it stood at the start of ``minute`` (what :func:`_COMPUTE` reads of one)."""
+
+    __slots__ = ("buckets", "times", "as_of")
+
+    def __init__(self, plan: FeaturePlan, p: Profile, minute: int):
+        self.buckets = _TotalsAt(p.buckets, minute - 1)
+        self.as_of = minute * MINUTE_MS
+        times = []
+        for i, (_, _, _, first) in enumerate(plan.times):
+            t = p.times[i]
+            if t is None or first:
+                times.append(t if t is not None and t < self.as_of else None)
+                continue
+            # the latest such event before the minute and within the longest window, to the
+            # minute (the same whatever came since: the count's buckets hold it when the time
+            # itself moved on; older buckets may be gone)
+            b = p.buckets
+            oldest = minute - 1 - b._plan.longest  # minutes after this one
+            if t < self.as_of:
+                times.append(t // MINUTE_MS * MINUTE_MS if t // MINUTE_MS > oldest else None)
+                continue
+            metric, found = plan.time_metric[i], None
+            if metric is not None:
+                keys = b.keys
+                for k in range(bisect_right(keys, ((minute - 1) << METRIC_BITS) | (MAX_METRICS - 1)) - 1, -1, -1):
+                    if keys[k] >> METRIC_BITS <= oldest:
+                        break
+                    if keys[k] & (MAX_METRICS - 1) == metric and b.vals[k]:
+                        found = (keys[k] >> METRIC_BITS) * MINUTE_MS
+                        break
+            times.append(found)
+        self.times = times
+
+
+class _TotalsAt:
+    """``totals[slot]`` as of an earlier minute (MinuteBuckets.total_at), computed when read."""
+
+    __slots__ = ("totals",)
+
+    def __init__(self, buckets: MinuteBuckets, minute: int):
+        self.totals = _SlotsAt(buckets, minute)
+
+
+class _SlotsAt:
+    __slots__ = ("b", "minute")
+
+    def __init__(self, buckets: MinuteBuckets, minute: int):
+        self.b, self.minute = buckets, minute
+
+    def __getitem__(self, slot: int) -> int:
+        return self.b.total_at(slot, self.minute)
 
 
 class _Num(dict):

@@ -92,6 +92,7 @@ class Event:
     latlon: tuple[float, float] | None = None  # context.geo.lat / lon (geo trigger rules)
     origin: str = ""  # context.source, stamped by the collector: may this event link identities?
     linked: bool = False  # an anonymous event resolved to its user through an identity link
+    linked_at: int = 0  # (linked) the time of the login that linked its device
     device_consent: bool | None = None  # (linked) its device's profiling consent when linked
 
     def __reduce__(self):

@@ -56,7 +56,10 @@ from features.profile import FeaturePlan
 from flows.cluster import pinned_key
 from flows.entity_alerts import EntityChunk, EntityLogic, SignalRouter
 from flows.minutes import BlockGrouper, CompleteMinute, MinuteBlock, MinuteCloser
-from flows.shard import Chunk, IngestLogic, ProfileLogic, ShardConfig, ShardOut
+from flows.shard import Chunk, IngestLogic, ProfileLogic, ShardConfig, ShardOut, VersionFor
+from connectors.model_versions import End
+from flows.model_learning import LearnerLogic
+from models.spec import load_models
 from privacy.erasure import PROCESS_LEDGER, Eraser, ErasureLogic, names_erased, reset_process_ledger, request_of
 from surgeflow.stats import STATS
 
@@ -71,8 +74,9 @@ def shard_config(settings: Settings, erased: dict[str, int] | None = None) -> Sh
     key = os.environ.get(pv.pii_key_env)
     return ShardConfig(
         lateness_ms=int(settings.flow.allowed_lateness_s * 1000),
-        horizon_ms=int(settings.model.horizon_h * 3_600_000),
-        learning_rate=settings.model.learning_rate,
+        models=model_specs(settings),
+        model_period_ms=settings.model.period_min * 60_000,
+        model_grace_ms=settings.model.grace_min * 60_000,
         trigger_rules=str(settings.trigger.rules) if settings.trigger.rules is not None else None,
         trigger_reload_s=settings.trigger.reload_s,
         state_ttl_ms=int(settings.redis.ttl_days * 86_400_000),
@@ -94,6 +98,14 @@ def shard_config(settings: Settings, erased: dict[str, int] | None = None) -> Sh
         max_links=settings.limits.max_identity_links,
         max_minute_rows=settings.limits.max_minute_rows,
     )
+
+
+def model_specs(settings: Settings) -> tuple:
+    """The models this run scores and learns (none when ``model.enabled`` is false)."""
+    if not settings.model.enabled:
+        return ()
+    registry = load_registry(settings.features.registry)
+    return tuple(load_models(settings.model.file, registry=registry).values())
 
 
 def _ms(seconds: float | None) -> int | None:
@@ -309,12 +321,15 @@ class Outputs:
     audit: Sink | None = None  # trigger decisions (ClickHouse trigger_audit)
     alerts: list[tuple[str, Sink]] = field(default_factory=list)
     dead_letters: list[tuple[str, Sink]] = field(default_factory=list)
+    model_versions: Sink | None = None  # the versions channel (connectors/model_versions.py)
+    model_metrics: Sink | None = None  # ClickHouse model_metrics
 
 
 def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions: int,
                flow_id: str = "surgeflow", registry: Registry | None = None,
                snapshots: bool = False, erasure_source: Source | None = None,
-               eraser: Eraser | None = None, erased: dict[str, int] | None = None) -> Dataflow:
+               eraser: Eraser | None = None, erased: dict[str, int] | None = None,
+               versions_source: Source | None = None) -> Dataflow:
     shards = settings.flow.shards
     max_future = settings.flow.max_clock_skew_s
     lim = settings.limits
@@ -356,10 +371,31 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
                                  lambda resume: IngestLogic(cfg, plan, resume))
     ingested = op.map("ingest_results", ingested, lambda kv: kv[1])
     handovers = op.flat_map("handovers", ingested, lambda o: o.handovers)
+    specs = {spec.name: spec for spec in cfg.models}
+    if specs:  # the learners' versions come back to every profile shard (the loop via Redis)
+        if versions_source is None or outputs.model_versions is None:
+            raise ValueError("the online models need the versions channel (source and sink)")
+        versions = op.input("model_versions_in", flow, versions_source)
+        to_profiles = op.flat_map("versions_to_profile_shards", versions, lambda w: [
+            (f"profiles-{j:04d}", VersionFor(j, w)) for j in range(cfg.profile_shards)])
+        handovers = op.merge("profile_shard_input", handovers, to_profiles)
     profiled = op.stateful_batch("profile_shards", handovers,
                                  lambda resume: ProfileLogic(cfg, plan, resume))
     profiled = op.map("profile_results", profiled, lambda kv: kv[1])
     results = op.merge("shard_results", ingested, profiled)
+    model_alerts = None
+    if specs:  # one learner per model: labels in, versions, metrics and drift alerts out
+        labels = op.flat_map("model_labels", profiled, lambda o: o.labels)
+        learned = op.stateful_batch("model_learners", labels, lambda resume: LearnerLogic(
+            specs, cfg.profile_shards, cfg.model_period_ms, resume, snapshots))
+        learned = op.map("learned", learned, lambda kv: kv[1])
+        published = op.flat_map("model_versions", learned, lambda o: o.weights + (
+            [End(o.model)] if o.end else []))
+        _output("model_versions_to_redis", published, outputs.model_versions)
+        if outputs.model_metrics is not None:
+            metrics = op.filter_map("model_metrics", learned, lambda o: o.metrics or None)
+            _output("model_metrics_to_clickhouse", metrics, outputs.model_metrics)
+        model_alerts = op.filter_map("model_alerts", learned, lambda o: o.alerts or None)
 
     if eraser is not None:
         reports = op.filter_map("erasure_reports", results, lambda o: o.erasures or None)
@@ -401,6 +437,8 @@ def build_flow(settings: Settings, source: Source, outputs: Outputs, partitions:
                                       lambda resume: AlertLogic(catalogue, tz, resume, snapshots,
                                                                 settings.limits.max_series))
     alerts = op.map("minute_alerts", minute_alerts, lambda kv: kv[1])
+    if model_alerts is not None:
+        alerts = op.merge("minute_and_model_alerts", alerts, model_alerts)
     if router is not None:
         lateness = int(settings.flow.allowed_lateness_s * 1000)
         entity_out = op.stateful_batch(

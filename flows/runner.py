@@ -18,6 +18,8 @@ from connectors import clickhouse, kafka
 from connectors.files import JsonLinesSink, JsonLinesSource
 from connectors.stoppable import Stoppable
 from config.registry import load_registry
+from connectors.model_versions import ModelVersionsSink, ModelVersionsSource
+from connectors.model_versions import clear as clear_versions
 from connectors.redis_features import RedisFeatureSink, write_registry
 from connectors.synthetic import Anomaly, SyntheticSpec
 from connectors.synthetic_source import SyntheticSource
@@ -34,7 +36,7 @@ from privacy.secrets import clickhouse_dsn, kafka_client_config
 from flows import cluster, gc_pacing
 from flows.cluster import OwnerSink, Place, set_place
 from flows.events import DeadLetter
-from flows.pipeline import Outputs, build_flow
+from flows.pipeline import Outputs, build_flow, model_specs
 from surgeflow.stats import STATS
 
 flow_log = logging.getLogger("surgeflow.flow")
@@ -88,7 +90,7 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
     write_ahead = settings.flow.recovery_dir is not None
     reject_dir = ch.spool_dir.resolve()
     # clickhouse.max_buffer_bytes bounds every queue together: each table gets an equal share
-    share = ch.max_buffer_bytes // (5 if ch.raw_events else 4)
+    share = ch.max_buffer_bytes // ((5 if ch.raw_events else 4) + settings.model.enabled)
 
     # In a cluster, what one process owns (embedded chDB, the output files) is written by
     # process 0 only (flows/cluster.py); a ClickHouse server takes every worker's share.
@@ -115,6 +117,10 @@ def make_outputs(settings: Settings, redis_url: str) -> Outputs:
         audit=table("trigger_audit") if settings.trigger.rules is not None else None,
         alerts=[("clickhouse", table("alerts"))],
     )
+    if settings.model.enabled:
+        out.model_versions = ModelVersionsSink(redis_url, r.key_prefix, r.socket_timeout_s,
+                                               r.retry_max_backoff_s)
+        out.model_metrics = table("model_metrics")
     for hook, outputs, spool in ((settings.alerts.webhook, out.alerts, "webhook"),
                                  (settings.trigger.webhook, out.actions, "webhook-actions")):
         if hook.url is not None:
@@ -185,7 +191,22 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
         source, partitions = make_source(settings)
     if isinstance(source, FixedPartitionedSource) and not isinstance(source, Stoppable):
         source = Stoppable(source)  # (its end also ends the erasure inbox)
+    resuming = settings.flow.recovery_dir is not None and any(
+        settings.flow.recovery_dir.glob("part-*.sqlite3"))
     recovery = recovery_config(settings.flow.recovery_dir)
+    versions = None
+    if settings.model.enabled:
+        names = frozenset(spec.name for spec in model_specs(settings))
+        versions = ModelVersionsSource(redis_url, settings.redis.key_prefix, names,
+                                       settings.redis.socket_timeout_s)
+        if process_id == 0 and not resuming:
+            # a fresh run must not read an earlier run's versions; the cluster starts only
+            # once process 0 has joined, so no process reads before this
+            client = redis.Redis.from_url(redis_url)
+            try:
+                clear_versions(client, settings.redis.key_prefix)
+            finally:
+                client.close()
     pv = settings.privacy
     warn_if_no_key(flow_log, name=pv.pii_key_env)
     # files on this machine are swept by one process
@@ -195,7 +216,8 @@ def run(settings: Settings, redis_url: str, workers: int | None = None, source=N
                       registry=registry, snapshots=recovery is not None,
                       erasure_source=erasure_source(settings) if isinstance(source, Stoppable) else None,
                       eraser=make_eraser(settings, redis_url),
-                      erased=load_erased(redis_url, settings.redis.key_prefix))
+                      erased=load_erased(redis_url, settings.redis.key_prefix),
+                      versions_source=versions)
     epoch = timedelta(seconds=settings.flow.epoch_interval_s)
     started = time.monotonic()
     STATS.set("ready", 1)  # /readyz: the flow runs (and no sink reports an outage)

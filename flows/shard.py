@@ -39,7 +39,8 @@ from flows.minutes import MinutePart
 from flows.stream_clock import END_OF_TIME, StreamClock
 from surgeflow.shutdown import stopping
 from surgeflow.stats import STATS
-from models.propensity import PurchasePropensity
+from models.learner import Weights
+from models.runtime import ShardModels
 from privacy.consent import ConsentBook
 from privacy.erasure import PROCESS_LEDGER, ErasedLedger, ErasureReport, ErasureRequest
 from triggers import guards as trigger_guards
@@ -113,11 +114,21 @@ class Write:
     anonymous: bool = False  # an anonymous visitor's hash (its own namespace), else a user's
 
 
+@dataclass(frozen=True, slots=True)
+class VersionFor:
+    """A model version on its way to one profile shard (the versions channel's broadcast)."""
+
+    shard: int
+    weights: Weights
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     lateness_ms: int = 60_000
-    horizon_ms: int = 24 * 3_600_000
-    learning_rate: float = 0.05
+    # The online models (models.spec.ModelSpec), scored in the profile shards; none: no model.
+    models: tuple = ()
+    model_period_ms: int = 3_600_000  # version k: the labels before k periods
+    model_grace_ms: int = 300_000  # an event at t scores with the version of (t - grace)
     trigger_rules: str | None = None  # the trigger rule file (None: no trigger rules)
     trigger_reload_s: float = 5.0  # how often the rule file is checked for changes (wall)
     state_ttl_ms: int = 90 * 86_400_000  # a profile silent this long is forgotten (Redis TTL)
@@ -160,6 +171,7 @@ class ShardOut:
     raw: list[tuple] = field(default_factory=list)  # events_raw rows
     handovers: list[tuple[str, Handover]] = field(default_factory=list)
     handover_to: dict[int, Handover] = field(default_factory=dict)  # profile shard -> its one
+    labels: list = field(default_factory=list)  # (model, LabelBatch): to the model learners
     events: int = 0
     duplicates: int = 0
     consent_denied: int = 0
@@ -168,7 +180,7 @@ class ShardOut:
         return bool(self.features or self.aliases or self.actions or self.audit or self.minutes
                     or self.dead or self.erasures
                     or self.raw or self.handovers or self.events or self.duplicates
-                    or self.consent_denied)
+                    or self.consent_denied or self.labels)
 
 
 class TriggerContext:
@@ -192,10 +204,9 @@ class TriggerContext:
         p, plan = self.p, self.store.plan
         if p is None:
             return None
-        if name == "p_purchase_24h":
-            s = plan.session(p)
-            return self.store.model.score_totals(plan.model_inputs, p.buckets.totals,
-                                                 s[2] if s else 0)
+        if name in plan.model_fields:  # the last score the profile shard's models gave
+            models = self.store.models
+            return models.score(self.user, name) if models is not None else None
         if self._num is None:
             from features.profile import _Ctx, _Num
             self._num = _Num(_Ctx(self.user, p, plan))
@@ -228,8 +239,41 @@ class TriggerContext:
         return value is True if policy == "opt_in" else value is not False
 
 
+class PlayedContext(TriggerContext):
+    """A trigger rule that reads a model score is decided when the models play its event: the
+    score is the one just played, the features with a point-in-time value are as of the
+    event's minute (the others, the session, consent and time zone are the profile's now)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, store: "ProfileStore", user: str, p: Profile | None, at: int):
+        super().__init__(store, user, p)
+        self.at = at
+
+    def session_start(self, ts: int) -> int | None:
+        """The start of the session holding ``ts`` (later events may have begun another)."""
+        sess = self.p.sess if self.p is not None else ()
+        for k in range(len(sess) - 3, -1, -3):
+            if sess[k] <= ts <= sess[k + 1]:
+                return sess[k]
+        return None
+
+    def session_span(self) -> tuple[int, int] | None:
+        start = self.session_start(self.at)
+        return None if start is None else (start, self.at)
+
+    def feature(self, name: str):
+        plan = self.store.plan
+        if self.p is None or name in plan.model_fields or name not in plan.point_in_time:
+            return super().feature(name)
+        if self._num is None:
+            self._num = plan.values_at(self.user, self.p, self.at)
+        return self._num(name)
+
+
 class ProfileStore:
-    """Profiles of one shard, their event-time timers, the trigger rules and the model."""
+    """Profiles of one shard, their event-time timers, the trigger rules and (in the profile
+    shards) the online models' side: scores, open predictions, labels."""
 
     def __init__(self, plan: FeaturePlan, config: ShardConfig):
         self.plan = plan
@@ -240,7 +284,7 @@ class ProfileStore:
         self.watermark = -END_OF_TIME
         self.unknown_fields = 0  # after a restart: fields a new profile's hash may already hold
         self.triggers = TriggerEngine() if config.trigger_rules else None
-        self.model = PurchasePropensity(config.horizon_ms, config.learning_rate)
+        self.models: ShardModels | None = None  # set by ProfileShard (visitors get no score)
         # At most `cap` profiles (anonymous visitors); beyond, the least recently active in
         # event time is forgotten as if its time to live had passed.
         self.cap: int | None = None
@@ -250,8 +294,9 @@ class ProfileStore:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update({"cap": None, "recency": None, "triggers": None, "anonymous": False,
-                              "consent": None, **state})
+                              "consent": None, "models": None, **state})
         self.__dict__.pop("rule", None)  # the one hard-coded rule before the trigger engine
+        self.__dict__.pop("model", None)  # the per-shard propensity model before models/
 
     def refresh_rules(self, wall_ms: int = 0) -> None:
         """The current trigger rule file (re-read when it changed: hot reload)."""
@@ -260,6 +305,8 @@ class ProfileStore:
                 self.triggers = TriggerEngine()
             self.triggers.use(rule_file(self.config.trigger_rules, self.config.trigger_reload_s).get())
             self.triggers.wall_ms = wall_ms
+            # rules reading a model score react when the models play the event (not for visitors)
+            self.triggers.deferred = self.plan.model_fields if self.models is not None else frozenset()
         else:
             self.triggers = None
 
@@ -299,6 +346,9 @@ class ProfileStore:
         if engine is not None:  # what was due before this event fires first, without it
             ctx = TriggerContext(self, e.user, p)
             engine.elapse(e.user, e.ts_ms, ctx, out)
+        if e.linked and e.ts_ms < e.linked_at and self.models is not None:
+            # the visitor's, before its login: not in what the models see before the login
+            self.models.visiting(e.user, e.linked_at, p, self.plan)
         self.plan.apply(p, e)
         self.dirty.add(e.user)
         if self.recency is not None:
@@ -310,12 +360,13 @@ class ProfileStore:
                 if victim in self.users:
                     self._drop(victim, out)
                     STATS.add_labeled("evictions", "anonymous_profile")
-        if e.name in self.plan.view_events:
-            s = self.plan.session(p)
-            if s is not None and s[0] <= e.ts_ms <= s[1] and s[2] == 1:
-                self.model.remember(e.user, e.ts_ms, self.plan.model_x_of(p, s[2]))
-        elif e.name == "order_completed":
-            self.model.on_order(e.user, e.ts_ms)
+        models = self.models
+        if models is not None:  # played (scores, labels) once the watermark has passed it
+            if not e.linked:  # (see ShardModels.note)
+                keep = engine is not None and engine.defers(e.name)  # for a score's rules
+                models.note(e.user, e.name, e.ts_ms, e if keep else None)
+            if e.user in models.before:
+                models.applied(e, self.plan)
         if engine is not None:
             ctx._num = None  # the features now include this event
             withdrawn = False
@@ -336,14 +387,19 @@ class ProfileStore:
         if engine is not None and ts:
             engine.elapse(user, ts, TriggerContext(self, user, self.users.get(user)), out)
 
-    def absorb(self, user: str, other: Profile, consent: tuple[int, bool] | None = None) -> None:
-        """A visitor's profile merges into the user's. The user's own consent statement wins
-        over the visitor's; a user who refused profiling does not receive the visitor's data."""
+    def absorb(self, user: str, other: Profile, consent: tuple[int, bool] | None = None,
+               ts: int = 0) -> None:
+        """A visitor's profile merges into the user's (at a login at ``ts``). The user's own
+        consent statement wins over the visitor's; a user who refused profiling does not receive
+        the visitor's data."""
         if self.consent is not None:
             self.consent.adopt(user, consent)
             if not self.consent.allows(user):
                 return
         p = self.users.get(user)
+        if self.models is not None:  # the models see the visitor's data from the login on
+            self.models.merged(user, ts, other, self.plan)
+            self.models.merging(user, ts, p, self.plan)
         if p is None:
             self.users[user] = other
             other.next_due = None
@@ -351,7 +407,8 @@ class ProfileStore:
             other.sent_as_of = None  # and so did what it last wrote: write in full
         else:
             self.plan.merge(p, other)
-        self.model.adopt(user, other.pending_examples)
+        if self.models is not None:
+            self.models.adopt(user, other.pending_examples)
         other.pending_examples = None
         engine = self._engine()
         if engine is not None:
@@ -366,7 +423,7 @@ class ProfileStore:
         if self.recency is not None:
             self.recency.discard(user)
         if p is not None:
-            p.pending_examples = self.model.pending.pop(user, None)
+            p.pending_examples = self.models.take(user) if self.models is not None else None
             if self.triggers is not None:
                 p.moving_triggers = self.triggers.take(user)
         return p
@@ -383,7 +440,8 @@ class ProfileStore:
         trigger state with its history, consent, timer entries); its hash is deleted. Returns
         the number of profiles removed (0 or 1)."""
         found = self.users.pop(user, None) is not None
-        self.model.pending.pop(user, None)
+        if self.models is not None:
+            self.models.drop(user)
         if self.triggers is not None:
             self.triggers.erase(user)
         if self.consent is not None:
@@ -400,7 +458,8 @@ class ProfileStore:
     def _drop(self, user: str, out: ShardOut, keep_sent: bool = False) -> None:
         """The profile's state and its stored hash go (consent withdrawn, time to live, cap)."""
         self.users.pop(user, None)
-        self.model.pending.pop(user, None)
+        if self.models is not None:
+            self.models.drop(user)
         if self.triggers is not None and not keep_sent:  # (kept: what was sent, for the caps)
             self.triggers.drop(user)
         self.dirty.discard(user)
@@ -425,7 +484,6 @@ class ProfileStore:
                 continue
             try:
                 self.plan.advance(p, due)
-                self.model.expire(name, due)
             except Exception as exc:  # noqa: BLE001 - one profile's bug must not stop the flow
                 out.dead.append(step_failure("profile_timers", exc, b"", name.encode(), due))
             self.dirty.add(name)
@@ -436,6 +494,23 @@ class ProfileStore:
             engine.advance(watermark, lambda user: TriggerContext(self, user, users.get(user)), out)
         if self.consent is not None:
             self.consent.expire(watermark)
+
+    def play_models(self, watermark: int, out: ShardOut) -> None:
+        """The models play the events the watermark has passed (models/runtime.py); the trigger
+        rules that read a score react to them then."""
+        models = self.models
+        if models is not None:
+            engine = self._engine()
+            played = None
+            if engine is not None and engine.deferred:
+                def played(user: str, e: Event) -> None:
+                    p = self.users.get(user)
+                    engine.on_event(user, e, PlayedContext(self, user, p, e.ts_ms), out,
+                                    e.arrival_ms, played=True)
+            scored = models.advance(watermark, self.plan, self.users, played)
+            if scored:
+                self.dirty |= scored
+                STATS.add("model_scored_users", len(scored))
 
     def finish(self, clock: int, out: ShardOut) -> None:
         """End of a bounded input: every profile as of the end (a replay ends "now" there)."""
@@ -459,12 +534,8 @@ class ProfileStore:
     # -- output ----------------------------------------------------------------------------
     def flush(self, out: ShardOut) -> None:
         """Values of every profile touched since the last flush, as absolute values."""
-        plan, model = self.plan, self.model
-        score_bit, inputs = plan.bit["p_purchase_24h"], plan.model_inputs
-        # model fields this store does not write (the other models' scores, the versions): one
-        # written before a restart (unknown to the snapshot) is removed, as delta does for the
-        # fields it computes
-        unset = [(plan.bit[f], f) for f in sorted(plan.model_fields) if f != "p_purchase_24h"]
+        plan, models = self.plan, self.models
+        model_bits = [(plan.bit[f], f) for f in sorted(plan.model_fields)]
         for name in sorted(self.dirty):
             p = self.users.get(name)
             if p is None:
@@ -472,17 +543,21 @@ class ProfileStore:
             try:
                 plan.prune_sessions(p, self.watermark)
                 values, removed = plan.delta(name, p)  # only the fields that changed, mostly
-                s = plan.session(p)
-                values["p_purchase_24h"] = f"{model.score_totals(inputs, p.buckets.totals, s[2] if s else 0):.6f}"
+                # the models' scores (every write: a few fields); one the profile no longer has
+                # but may have written (after a restart: unknown) is removed
+                scores = models.scores(name) if models is not None else {}
+                written = p.written
+                for bit, field_name in model_bits:
+                    if field_name in scores:
+                        values[field_name] = scores[field_name]
+                        written |= bit
+                    elif written & bit:
+                        removed.append(field_name)
+                        written ^= bit
+                p.written = written
             except Exception as exc:  # noqa: BLE001 - one profile's bug must not stop the flow
                 out.dead.append(step_failure("profile_write", exc, b"", name.encode(), p.as_of))
                 continue
-            written = p.written | score_bit
-            for bit, field_name in unset:
-                if written & bit:
-                    removed.append(field_name)
-                    written ^= bit
-            p.written = written
             out.features.append(Write(name, values, tuple(removed), p.active, p.arrival_ms,
                                       self.anonymous))
             p.active = False
@@ -493,8 +568,7 @@ class ProfileStore:
     def _schedule(self, name: str, p: Profile) -> None:
         due = p.last_event + self.config.state_ttl_ms
         expiry = p.buckets.next_expiry()
-        for t in (expiry * MINUTE_MS if expiry is not None else None, self.plan.day_due(p),
-                  self.model.next_due(name)):
+        for t in (expiry * MINUTE_MS if expiry is not None else None, self.plan.day_due(p)):
             if t is not None and t < due:
                 due = t
         if due != p.next_due:
@@ -540,6 +614,7 @@ class IngestShard:
         self.__dict__.pop("sent_clock", None)  # before handovers carried the read positions
         self.__dict__.setdefault("progress", {})
         self.__dict__.setdefault("link_users", {})
+        self.__dict__.setdefault("linked_at", {})
         if self.__dict__.get("erased") is None:
             self.erased = ErasedLedger(self.config.subject_key, dict(self.config.erased))
         self.store.anonymous = True
@@ -551,6 +626,7 @@ class IngestShard:
         self.store.anonymous = True
         self.store.limit(config.max_anonymous)
         self.links: dict[str, str] = {}  # anonymous id -> user id (the latest linked)
+        self.linked_at: dict[str, int] = {}  # anonymous id -> time of the login that linked it
         # anonymous id -> every user linked to it (a shared device), when more than one may be
         self.link_users: dict[str, tuple[str, ...]] = {}
         self.erased = ErasedLedger(config.subject_key, dict(config.erased))
@@ -636,6 +712,7 @@ class IngestShard:
             self.link_age.touch(e.user, ts)
             if self.store.consent is not None:
                 e.device_consent = self.store.consent.allows(e.user)
+            e.linked_at = self.linked_at.get(e.user, 0)
             e.user = self.links[e.user]
             e.identified = e.linked = True
         if not e.identified:  # an anonymous visitor: its consent and profile are kept here
@@ -667,16 +744,19 @@ class IngestShard:
                     return
                 self.link_users[anon] = users + (user,)
             self.links[anon] = user  # its anonymous events now belong to the latest user
+            self.linked_at[anon] = ts
             self.link_age.touch(anon, ts)
             out.aliases.append((anon, user))
             return
         self.links[anon] = user
+        self.linked_at[anon] = ts
         if config.max_users_per_anonymous > 1:
             self.link_users[anon] = (user,)
         self.link_age.touch(anon, ts)
         if len(self.links) > config.max_links:  # the least recently used link goes
             oldest = self.link_age.pop_oldest()
             del self.links[oldest]
+            self.linked_at.pop(oldest, None)
             self.link_users.pop(oldest, None)
             STATS.add_labeled("evictions", "identity_link")
         out.aliases.append((anon, user))
@@ -718,6 +798,7 @@ class IngestShard:
         request = ErasureRequest(rid, e.anon, True, "erasure follow-up", at, "in-stream")
         profiles = self.store.erase(e.anon, out)
         self.links.pop(e.anon, None)
+        self.linked_at.pop(e.anon, None)
         self.link_users.pop(e.anon, None)
         self.link_age.purge(e.anon)
         out.aliases.append((e.anon, None))
@@ -738,6 +819,7 @@ class IngestShard:
         counts = {"anonymous_profiles": 0, "identity_links": 0, "minute_user_entries": 0}
         for anon in anons:
             counts["anonymous_profiles"] += self.store.erase(anon, out)
+            self.linked_at.pop(anon, None)
             if self.links.pop(anon, None) is not None:
                 counts["identity_links"] += 1
             self.link_users.pop(anon, None)
@@ -912,6 +994,7 @@ class IngestShard:
             # a link unused for the state's time to live goes, as the visitor's profile would
             while (anon := self.link_age.pop_older_than(self.watermark - self.config.state_ttl_ms)):
                 del self.links[anon]
+                self.linked_at.pop(anon, None)
 
     def finish(self, out: ShardOut) -> None:
         """End of a bounded input: no event can be late any more, so now = the clock."""
@@ -935,13 +1018,16 @@ class ProfileShard:
         self.shard = shard
         self.config = config
         self.store = ProfileStore(plan, config)
+        self.store.models = _models_of(shard, config)
         self.erased = ErasedLedger(config.subject_key, dict(config.erased))
         self.clocks: dict[int, int | None] = {}  # ingest shard -> its clock
         self.progress: dict[int, dict[int, int]] = {}  # ingest shard -> partition -> offset read
         self.pending: list[tuple] = []  # (partition, offset, ts, op) not yet released
+        self.final_from: set[int] = set()  # ingest shards whose input has ended
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"progress": {}, "pending": [], "erased": None, **state})
+        self.__dict__.update({"progress": {}, "pending": [], "erased": None, "final_from": set(),
+                              **state})
         if self.erased is None:
             self.erased = ErasedLedger(self.config.subject_key, dict(self.config.erased))
 
@@ -955,19 +1041,26 @@ class ProfileShard:
         out.erasures.append(ErasureReport(request, f"profile-{self.shard}", [], {
             "user_profiles": profiles, "pending_operations": before - len(self.pending)}))
 
-    def receive(self, h: Handover, out: ShardOut) -> None:
-        """Take one handover; :meth:`release` applies what can be."""
+    def receive(self, h: Handover | VersionFor, out: ShardOut) -> None:
+        """Take one handover, or a model version; :meth:`release` applies what can be."""
+        if type(h) is VersionFor:
+            if self.store.models is not None:
+                self.store.models.receive(h.weights)
+            return
         if h.ops:
             self.pending += h.ops
         self.clocks[h.source] = h.clock
         self.progress[h.source] = h.progress
+        if h.final:
+            self.final_from.add(h.source)
 
     def release(self, out: ShardOut, everything: bool = False) -> None:
         """Apply, in source order, every pending operation that every ingest shard has read
         past, then move "now" on (never past a pending operation's event time)."""
         store = self.store
         if self.pending:
-            if everything:
+            # every ingest shard's input has ended: nothing earlier can come, all is ready
+            if everything or len(self.final_from) >= self.config.ingest_shards:
                 ready, self.pending = self.pending, []
             else:
                 frontier = self._frontier()
@@ -984,6 +1077,28 @@ class ProfileShard:
             if self.pending:
                 watermark = min(watermark, min(item[2] for item in self.pending))
             store.advance(watermark, out)
+        self._play_models(out)
+
+    def _ended(self) -> bool:
+        """Every ingest shard's input has ended and nothing waits here."""
+        return len(self.final_from) >= self.config.ingest_shards and not self.pending
+
+    def _play_models(self, out: ShardOut) -> None:
+        """The models play what the watermark has passed (at the end of a bounded input,
+        everything up to its last event), then send their labels with this shard's mark: every
+        label before it has been sent (an operation still to come is not older than the
+        watermark). Once the input has ended and every event is played, the end of time."""
+        models = self.store.models
+        if models is None:
+            return
+        ended = self._ended()
+        if ended:  # nothing can come: "now" is the last event (later horizons stay open)
+            clocks = [c for c in self.clocks.values() if c is not None]
+            self.store.play_models(max(clocks + [models.latest, self.store.watermark]) + 1, out)
+        else:
+            self.store.play_models(self.store.watermark, out)
+        mark = END_OF_TIME if ended and models.idle() else models.mark(self.store.watermark)
+        out.labels.extend(models.send(mark))
 
     def _frontier(self) -> dict[int, int]:
         """Per source partition, the offset every ingest shard has read past."""
@@ -1011,7 +1126,7 @@ class ProfileShard:
                     # what was due before the login fires first, without the visitor's data (as
                     # before an event); else where the watermark stood decided it (batches)
                     store.elapse(op[1], ts, out)
-                    store.absorb(op[1], op[2], op[3] if len(op) > 3 else None)
+                    store.absorb(op[1], op[2], op[3] if len(op) > 3 else None, ts)
             elif op[0] == "erase":
                 self._erase(op[1], op[2], out)
             else:  # "forget": a snapshot from before consent moved to the profile shards
@@ -1031,11 +1146,22 @@ class ProfileShard:
 
     def resumed(self) -> None:
         self.store.resumed()
+        if self.store.models is None and self.config.models:  # a snapshot from before models/
+            self.store.models = _models_of(self.shard, self.config)
 
     def finish(self, out: ShardOut) -> None:
         self.release(out, everything=True)
         clock = self.clock()
         self.store.finish(clock if clock is not None else self.store.watermark, out)
+        self._play_models(out)
+        self.store.flush(out)
+
+
+def _models_of(shard: int, config: ShardConfig) -> ShardModels | None:
+    if not config.models:
+        return None
+    return ShardModels({spec.name: spec for spec in config.models}, shard,
+                       config.model_period_ms, config.model_grace_ms)
 
 
 def _concerns(op, user: str) -> bool:
@@ -1125,7 +1251,7 @@ class IngestLogic(_Logic):
 
 
 class ProfileLogic(_Logic):
-    def on_batch(self, handovers: list[Handover]):
+    def on_batch(self, handovers: list[Handover | VersionFor]):
         if self.state is None:
             self._created(ProfileShard(handovers[0].shard, self.config, self.plan))
         self.state.store.refresh_rules(int(time.time() * 1000))
@@ -1133,7 +1259,8 @@ class ProfileLogic(_Logic):
         for h in handovers:
             self.state.receive(h, out)
         self.state.release(out)
-        STATS.add_labeled("step_in", "profile_shards", sum(len(h.ops) for h in handovers))
+        STATS.add_labeled("step_in", "profile_shards",
+                          sum(len(h.ops) for h in handovers if type(h) is Handover))
         STATS.add_labeled("step_out", "profile_shards", len(out.features))
         STATS.set_labeled("state_profiles", str(self.state.shard), len(self.state.store.users))
         if self.state.store.triggers is not None:

@@ -43,11 +43,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from config.registry import Registry, load_registry, parse_document
+from features.profile import point_in_time_error
 from models.labels import LabelRule
 
 MODELS_FILE = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
 NUMERIC = ("int", "money", "ratio", "flag", "score")
-PROFILE_EXTRAS = ("session_pages",)  # inputs read from the session, not from a window
 UNITS_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
@@ -169,10 +169,12 @@ def load_models(path: str | Path | None = None, doc: dict | None = None,
             if i.name in seen:
                 errors.append(f"{m.name}: input {i.name!r} twice")
             seen.add(i.name)
-            if f is None and i.name not in PROFILE_EXTRAS:
+            if f is None:
                 errors.append(f"{m.name}: input {i.name!r} is not a feature of the registry")
-            elif f is not None and f.type not in NUMERIC:
+            elif f.type not in NUMERIC:
                 errors.append(f"{m.name}: input {i.name!r} is a {f.type} feature, not a number")
+            elif (why := point_in_time_error(registry, i.name)) is not None:
+                errors.append(f"{m.name}: input {why}")
         for name, part in ((m.score_field, None), (f"{m.score_field}_version", "version")):
             f = registry.by_name.get(name)
             if f is None or f.aggregation != "model" or f.model != m.name or f.part != part:

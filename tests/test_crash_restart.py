@@ -6,8 +6,8 @@ ClickHouse) runs once without interruption, and once killed with SIGKILL at thre
 (the flow snapshots every 0.5 s and its sinks flush continuously, so kills land in snapshots and
 in flushes) and restarted each time. Both end with SIGTERM once every partition was read. Then:
 
-- Redis: every key and field equal (the wall-clock `updated_at` and the online model's score
-  excepted, see tests/test_recovery.py);
+- Redis: every key and field equal, the online models' scores included (the wall-clock
+  `updated_at` excepted);
 - ClickHouse: every table equal row for row (aggregate states finalised);
 - Kafka actions, alerts and dead letters, and the webhook's alerts: the same set of idempotency
   keys with the same bodies. These sinks are at-least-once: a key may arrive twice after a

@@ -4,13 +4,11 @@ MinuteBuckets skips searches it can prove empty (nothing leaves a window whose r
 than the oldest bucket, nothing enters when no bucket is ahead of "now") and adds to the current
 minute without testing windows; FeaturePlan.apply extends the latest session without searching;
 FeaturePlan.delta reads window totals inline and puts in ``num`` only those a derived feature
-reads; PurchasePropensity.score_totals precomputes the term of a zero total and memoises scores
-by the totals' contents. Here the plain versions (the code before those paths) run side by side
-with the real ones on the same input: same totals, dirty bits, buckets, sessions, written fields
-(in the same order), scores, bit for bit."""
+reads. Here the plain versions (the code before those paths) run side by side with the real
+ones on the same input: same totals, dirty bits, buckets, sessions, written fields (in the same
+order), bit for bit."""
 from __future__ import annotations
 
-import copy
 import pickle
 from array import array
 from bisect import bisect_left, bisect_right
@@ -18,12 +16,11 @@ from bisect import bisect_left, bisect_right
 from hypothesis import given, settings, strategies as st
 
 from config.registry import load_registry
-from features.buckets import MAX_METRICS, METRIC_BITS, NEVER, MinuteBuckets
+from features.buckets import KEEP_PAST_LONGEST_MIN, MAX_METRICS, METRIC_BITS, NEVER, MinuteBuckets
 from features.profile import (CART_ADD, CART_REMOVE, CHECKOUT, DAY_MS, FULL_EVERY_MS, IN_CART,
                               IN_SESSION, IN_TIME0, IN_TOUCH, MINUTE_MS, ORDER, FeaturePlan,
                               Profile, _Ctx, _Num, cents, join_session)
 from flows.events import Event
-from models.propensity import PurchasePropensity
 
 PLAN = FeaturePlan(load_registry(), max_cart_items=3)
 T0 = 1_795_392_000_000  # 2026-11-23T00:00Z
@@ -77,7 +74,7 @@ class PlainBuckets(MinuteBuckets):
                         totals[s] += vals[i]
                         dirty |= 1 << s
             self.dirty = dirty
-        cut = bisect_right(keys, ((minute - plan.longest) << METRIC_BITS) | (MAX_METRICS - 1))
+        cut = bisect_right(keys, ((minute - plan.longest - KEEP_PAST_LONGEST_MIN) << METRIC_BITS) | (MAX_METRICS - 1))
         if cut:
             del keys[:cut]
             del vals[:cut]
@@ -289,38 +286,3 @@ def test_plan_equals_the_plain_plan(steps, resumed):
     plain_out, plain_removed = plain_delta(PLAN, "u1", plain)
     assert (list(fast_out.items()), fast_removed) == (list(plain_out.items()), plain_removed)
     same_profiles(fast, plain)
-
-
-# -- the model: memoised scores of array totals equal River's prediction -------------------------
-INPUTS = PLAN.model_inputs
-N = len(PLAN._slots.slots)
-totals = st.lists(st.just(0) | st.integers(0, 10**7),  # mostly 0, as in profiles
-                  min_size=N, max_size=N).map(lambda t: array("q", t))
-
-
-def x_of(t, pages) -> dict[str, float]:
-    x = {name: (t[slot] / 100 if money else float(t[slot])) for name, slot, money in INPUTS}
-    x["session_pages"] = float(pages)
-    return x
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(totals, st.integers(0, 40), st.booleans()), max_size=20),
-       st.lists(st.tuples(totals, st.integers(0, 40)), min_size=1, max_size=4))
-def test_memoised_scores_equal_predict_one(examples, probes):
-    model = PurchasePropensity(horizon_ms=1, learning_rate=0.05)
-
-    def check(m):
-        for _ in range(2):  # the second time from the memo
-            for t, pages in probes:
-                assert m.score_totals(INPUTS, t, pages) == m.predict_one(x_of(t, pages))
-                assert m.score_totals(INPUTS, copy.copy(t), pages) == m.predict_one(x_of(t, pages))
-
-    check(model)
-    for i, (t, pages, bought) in enumerate(examples):
-        model.remember(f"u{i}", 0, x_of(t, pages))
-        (model.on_order if bought else model.expire)(f"u{i}", 1)
-        check(model)  # after every update: a memo kept across learning would show
-    restored = pickle.loads(pickle.dumps(model))
-    assert restored._compiled is None and restored.learned == model.learned
-    check(restored)

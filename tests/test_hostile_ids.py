@@ -260,7 +260,7 @@ def test_hostile_ids_end_to_end(runs):
     # The control run is what it should be: the three victims, the login alias, no dead letter.
     assert ctl_dead == []
     assert ctl_keys == {"user": VICTIM_USERS, "anon": VICTIM_ANON, "alias": set(VICTIM_ALIASES),
-                        "other": {registry_key(CTL)}}
+                        "other": {registry_key(CTL), f"{CTL}:model_versions"}}
 
     # 1. Every victim's hash (and alias) is exactly the control run's, field by field.
     for v in sorted(VICTIMS):
@@ -275,7 +275,7 @@ def test_hostile_ids_end_to_end(runs):
     # 2. Every key under the prefix is in the layout, for a valid id, and is exactly the set the
     #    identity rules give: the victims' keys plus the accepted hostile ids' own keys.
     users, anons, links = expected_owners()
-    assert hst_keys["other"] == {registry_key(HST)}
+    assert hst_keys["other"] == {registry_key(HST), f"{HST}:model_versions"}  # the models' stream
     assert hst_keys["user"] == VICTIM_USERS | users
     assert hst_keys["anon"] == VICTIM_ANON | anons
     assert hst_keys["alias"] == set(VICTIM_ALIASES) | set(links)

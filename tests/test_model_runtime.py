@@ -1,17 +1,25 @@
-"""A profile shard's side of the models (models/runtime.py): scores by the version an event's time
-needs, whenever the versions arrive; when each model scores; what moves with a profile."""
+"""A profile shard's side of the models (models/runtime.py): events noted in any order and played
+in event time once the watermark passed them; scores by the version an event's time needs,
+whenever the versions arrive; when each model scores; logins; what moves with a profile."""
 from __future__ import annotations
+
+import random
 
 from hypothesis import example, given, settings, strategies as st
 
+from config.registry import load_registry
+from features.profile import FeaturePlan
+from flows.events import Event
 from models.learner import Learner
 from models.runtime import DAY_MS, ShardModels
 from models.spec import load_models
 from models.training import version_for
 
 H = 3_600_000
-GRACE = 5 * 60_000
+MIN = 60_000
+GRACE = 5 * MIN
 SPECS = load_models()
+PLAN = FeaturePlan(load_registry())
 
 
 def versions(n: int) -> list:
@@ -25,161 +33,246 @@ def versions(n: int) -> list:
     return out
 
 
-def replay(events, arrivals):
-    """Feed events in order, holding one that cannot be scored yet (as the profile shard does).
-    A version arrives at the earliest at the index it is paired with, and never while the
-    shard still holds an event before its period boundary: the learner publishes version k
-    only once every shard's mark passed k periods, and a shard's mark stops at what it holds."""
-    m = ShardModels(SPECS, shard=0, period_ms=H, grace_ms=GRACE)
-    held, scores = [], []
-    queues: dict[str, list] = {}  # one channel per model
-    for i, w in arrivals:
-        queues.setdefault(w.model, []).append((i, w))
-
-    def deliverable(index: int):
-        for queue in queues.values():
-            if queue and queue[0][0] <= index and not any(
-                    ts < queue[0][1].version * H for _, _, ts in held):
-                return queue
-        return None
-
-    def work(index: int) -> None:
-        while True:
-            while held and m.can_score(held[0][2]):
-                u, n, t = held.pop(0)
-                m.on_event(u, n, t, {"views_1h": t % 7}.get, session_start=t // (2 * H))
-                scores.append((u, n, t, m.scores(u)))
-            queue = deliverable(index)
-            if queue is None:
-                return
-            m.receive(queue.pop(0)[1])
-
-    for i, event in enumerate(events):
-        work(i)
-        held.append(event)
-    work(len(events))
-    assert not held, "a held event could never be scored"
-    return scores, m
+def forever(m: ShardModels) -> None:
+    """Every version from 0 on is the fresh model."""
+    for w in versions(1):
+        w.last_version = 10**6
+        m.receive(w)
 
 
-events_st = st.lists(st.tuples(st.sampled_from(["a", "b"]),
-                               st.sampled_from(["page_view", "push_sent", "order_completed",
-                                                "push_opened"]),
-                               st.integers(0, 9 * H)), min_size=1, max_size=25).map(
-    lambda es: sorted(es, key=lambda e: e[2]))
+class Shard:
+    """The store's side, by hand: profiles that take the events in, and the models noting them."""
+
+    def __init__(self, grace_ms: int = GRACE):
+        self.m = ShardModels(SPECS, shard=0, period_ms=H, grace_ms=grace_ms)
+        self.users: dict = {}
+        self.n = 0
+
+    def apply(self, user: str, name: str, ts: int) -> None:
+        self.n += 1
+        e = Event(event_id=f"e{self.n}", type="track", name=name, user=user, ts_ms=ts,
+                  channel="web", campaign="", revenue=0.0, cost=0.0, ip="")
+        p = self.users.setdefault(user, PLAN.new_profile())
+        PLAN.apply(p, e)
+        self.m.note(user, name, ts)
+        if user in self.m.before:
+            self.m.applied(e, PLAN)
+
+    def merge(self, user: str, visitor: list, ts: int) -> None:
+        """A visitor with these events logs in as ``user`` at ``ts``."""
+        other = PLAN.new_profile()
+        for i, (name, t) in enumerate(visitor):
+            PLAN.apply(other, Event(event_id=f"v{i}", type="track", name=name, user="v", ts_ms=t,
+                                    channel="web", campaign="", revenue=0.0, cost=0.0, ip=""))
+        p = self.users.get(user)
+        self.m.merged(user, ts, other, PLAN)
+        self.m.merging(user, ts, p, PLAN)
+        if p is None:
+            self.users[user] = other
+        else:
+            PLAN.merge(p, other)
+
+    def advance(self, watermark: int) -> None:
+        self.m.advance(watermark, PLAN, self.users)
+
+    def labels(self) -> list:
+        return sorted((b.model, l.user, l.made_ms, l.labelled_ms, l.y, l.version, l.x)
+                      for _, b in self.m.send(0) for l in b.labels)
+
+    def scores(self) -> dict:
+        return {u: self.m.scores(u) for u in sorted(self.users)}
 
 
-@settings(max_examples=120, deadline=None)
-@given(events_st, st.data())
-def test_scores_are_the_same_whenever_the_versions_arrive(events, data):
-    all_versions = versions(12)
+NAMES = ["page_view", "push_sent", "order_completed", "push_opened", "ad_impression", "ad_click"]
+events_st = st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(NAMES),
+                               st.integers(0, 9 * H)), min_size=1, max_size=30)
 
-    def earliest(w) -> int:
-        # The learner publishes version k once every shard's mark passed k periods: this shard
-        # has then taken in every event before that time
-        return next((i for i, e in enumerate(events) if e[2] >= w.version * H), len(events))
 
-    early, _ = replay(events, sorted(((earliest(w), w) for w in all_versions),
-                                     key=lambda a: a[0]))
-    arrivals = [(data.draw(st.integers(earliest(w), len(events))), w) for w in all_versions]
-    by_model: dict[str, int] = {}
-    ordered = []
-    for i, w in sorted(arrivals, key=lambda a: (a[1].model, a[1].version)):
-        i = max(i, by_model.get(w.model, 0))  # a model's versions arrive in order
-        by_model[w.model] = i
-        ordered.append((i, w))
-    ordered.sort(key=lambda a: a[0])  # stable: each model's versions stay in order
-    late, _ = replay(events, ordered)
-    assert late == early
-    for user, name, ts, fields in early:
-        if name == "push_sent":
-            # the version the event's time needs (before the first: the first, a fresh model)
-            assert fields["p_click_30m_version"] == str(max(version_for(ts, H, GRACE), 0))
+def run(events, seed: int, lateness: int, version_delays: list[int] | None):
+    """Events arrive in a shuffled order within ``lateness`` of the stream's clock (the
+    watermark never passes one still to come); the watermark moves at random points; each
+    version arrives once the shard's mark allows it, plus a delay in steps. Returns every
+    score as played, the labels and the final scores."""
+    rnd = random.Random(seed)
+    events = sorted(events, key=lambda e: e[2])
+    # arrival order: a shuffle that keeps each event within `lateness` of the clock
+    order = sorted(range(len(events)), key=lambda i: events[i][2] + rnd.randrange(lateness + 1))
+    s = Shard()
+    if version_delays is None:
+        forever(s.m)
+    pending = sorted(versions(12), key=lambda w: (w.version, w.model)) if version_delays else []
+    waits = {id(w): d for w, d in zip(pending, version_delays or [])}
+    clock = 0
+    played = []
+
+    def step():
+        for user in sorted(s.m.advance(s.m.watermark, PLAN, s.users)):
+            played.append((user, s.m.watermark, s.m.scores(user)))
+        mark = s.m.mark(s.m.watermark)  # what the shard sends the learner after playing
+        late = set()  # each model's channel is in order: a delayed version delays the next ones
+        for w in list(pending):  # the learner publishes version k once every mark passed k periods
+            if w.version * H <= mark:
+                if waits[id(w)] > 0 or w.model in late:
+                    waits[id(w)] = max(0, waits[id(w)] - 1)
+                    late.add(w.model)
+                    continue
+                s.m.receive(w)
+                pending.remove(w)
+
+    for i in order:
+        user, name, ts = events[i]
+        s.apply(user, name, ts)
+        clock = max(clock, ts)
+        if rnd.random() < 0.4:
+            s.m.watermark = max(s.m.watermark, clock - lateness)
+            step()
+    s.m.watermark = clock + 1  # the end: every event played
+    for _ in range(200):
+        step()
+        if not s.m.blocked and s.m.idle():
+            break
+    assert s.m.idle(), "an event could never be played"
+    return [(u, sc) for u, _, sc in played if sc], s.labels(), s.scores()
+
+
+@settings(max_examples=150, deadline=None)
+@given(events_st, st.integers(0, 10**6), st.integers(0, 10**6), st.sampled_from([0, MIN, 20 * MIN]),
+       st.lists(st.integers(0, 3), min_size=36, max_size=36))
+@example([("a", "push_sent", 0), ("a", "push_sent", 2 * H)], 1, 2, MIN, [0] * 36)
+def test_scores_and_labels_do_not_depend_on_arrival_order_watermark_steps_or_version_timing(
+        events, seed1, seed2, lateness, delays):
+    one = run(events, seed1, lateness, delays)
+    other = run(events, seed2, lateness, [0] * 36)
+    assert one[1:] == other[1:]  # labels (with their frozen inputs and versions), final scores
+
+
+def test_the_version_is_the_one_the_event_time_needs():
+    s = Shard(grace_ms=GRACE)
+    for w in versions(5):
+        s.m.receive(w)
+    s.apply("a", "push_sent", 3 * H + 4 * MIN)  # within the grace: still version 2
+    s.apply("b", "push_sent", 3 * H + 6 * MIN)
+    s.advance(4 * H)
+    assert s.m.scores("a")["p_click_30m_version"] == str(version_for(3 * H + 4 * MIN, H, GRACE)) == "2"
+    assert s.m.scores("b")["p_click_30m_version"] == "3"
+
+
+def test_nothing_plays_before_the_watermark_passes_it_and_inputs_are_as_of_the_minute():
+    s = Shard()
+    forever(s.m)
+    s.apply("u", "ad_click", 5 * MIN)
+    s.apply("u", "push_sent", 10 * MIN + 30_000)
+    s.apply("u", "ad_click", 10 * MIN + 1_000)  # same minute as the send: not in its input
+    s.advance(10 * MIN + 30_000)
+    assert "p_click_30m" not in s.m.scores("u")  # the watermark is not past the send yet
+    s.advance(10 * MIN + 30_001)
+    assert "p_click_30m" in s.m.scores("u")
+    s.advance(2 * H)  # 30 min later, no open: a negative, labelled at its due time
+    (label,) = [l for l in s.labels() if l[0] == "ctr"]
+    x = dict(zip(SPECS["ctr"].input_names, label[6]))
+    assert x["ad_clicks_7d"] == 1.0 and x["event=push_sent"] == 1.0
+    assert (label[2], label[3], label[4]) == (10 * MIN + 30_000, 40 * MIN + 30_000, False)
 
 
 def test_when_each_model_scores():
-    m = ShardModels(SPECS, shard=0, period_ms=H, grace_ms=0)
-    for w in versions(1):
-        m.receive(w)
-        w.last_version = 100
-    values = {"views_1h": 2}.get
-    assert m.on_event("u", "page_view", 10, values, session_start=10)  # propensity + churn
-    assert set(m.last["u"]) == {"purchase_propensity", "churn_risk"}
-    assert not m.on_event("u", "page_view", 20, values, session_start=10)  # same session and day
-    assert m.on_event("u", "push_sent", 30, values, session_start=10)  # ctr: every send
-    assert m.on_event("u", "push_sent", 40, values, session_start=10)
-    assert m.on_event("u", "page_view", DAY_MS + 5, values, session_start=DAY_MS + 5)
-    opened = {model: p.made_ms for model, p in m.book.open_by_user["u"].items()}
-    # ctr's second send found the first open, whose 30 minutes had passed by the next day's
-    # event: resolved first (a negative, at its due time), as its timer would have; churn's first
-    # was resolved by the view at 20 (activity) and the next day's first event opened another
+    s = Shard()
+    forever(s.m)
+    for name, ts in (("page_view", 10), ("page_view", 20), ("push_sent", 30), ("push_sent", 40),
+                     ("page_view", 31 * MIN), ("page_view", DAY_MS + 5)):
+        s.apply("u", name, ts)
+    s.advance(31 * MIN)
+    # propensity once per session (the view at 10), churn once per day (at 10, ended by the view
+    # at 20: activity), ctr per send (the second found the first open; 30 min later, a negative)
+    assert {m: p.made_ms for m, p in s.m.book.open_by_user["u"].items()} == {
+        "purchase_propensity": 10}
+    assert [(l[0], l[2]) for l in s.m.book.open_by_user and s.labels()] == [
+        ("churn_risk", 10), ("ctr", 30)]
+    assert s.m.last["u"]["ctr"][0] == s.m.last["u"]["purchase_propensity"][0] == 0.5
+    s.advance(DAY_MS + 6)
+    # a new session at 31 min (more than 30 min after the send at 40 ms) re-scores propensity,
+    # but its prediction of 10 is still open: not a second one. Churn: the view at 20 ended the
+    # first (activity), the next day's first event opened another.
+    opened = {m: p.made_ms for m, p in s.m.book.open_by_user["u"].items()}
     assert opened == {"purchase_propensity": 10, "churn_risk": DAY_MS + 5}
-    churn = [l for l in m.outbox["churn_risk"]]
-    assert [(l.made_ms, l.labelled_ms, l.y) for l in churn] == [(10, 20, False)]
-    ctr = [l for l in m.outbox["ctr"]]
-    assert [(l.made_ms, l.labelled_ms, l.y) for l in ctr] == [(30, 30 + 30 * 60_000, False)]
+    assert s.m.once["u"]["purchase_propensity"] == DAY_MS + 5
+    assert s.labels() == []
 
 
-def test_labels_go_out_with_every_shards_mark_and_the_input_frozen_as_a_tuple():
-    m = ShardModels(SPECS, shard=3, period_ms=H, grace_ms=0)
-    for w in versions(1):
-        m.receive(w)
-    m.on_event("u", "push_sent", 0, {"ad_clicks_7d": 4}.get, session_start=0)
-    m.on_event("u", "push_opened", 60_000, {"ad_clicks_7d": 99}.get, session_start=0)
-    batches = dict(m.send(mark_ms=61_000))
+def test_labels_go_out_with_the_mark_and_a_user_waiting_for_a_version_holds_it():
+    s = Shard()
+    s.apply("u", "push_sent", 2 * H)
+    s.apply("u", "push_opened", 2 * H + MIN)
+    s.advance(3 * H)
+    assert s.m.blocked == {"u"} and s.m.mark(3 * H) == 2 * H  # waits for version 1
+    for w in versions(2):
+        s.m.receive(w)
+    s.advance(3 * H)
+    assert not s.m.blocked and s.m.mark(3 * H) == 3 * H and s.m.idle()
+    batches = dict(s.m.send(mark_ms=3 * H))
     assert set(batches) == set(SPECS)  # every model hears from the shard, labels or not
     (label,) = batches["ctr"].labels
-    assert (label.y, label.labelled_ms, batches["ctr"].mark_ms, batches["ctr"].shard) == (True, 60_000, 61_000, 3)
-    x = dict(zip(SPECS["ctr"].input_names, label.x))
-    assert x["ad_clicks_7d"] == 4.0 and x["event=push_sent"] == 1.0
-    # the send was also the day's first event: churn scored, and the open ended it (activity)
-    assert [(l.made_ms, l.y) for l in batches["churn_risk"].labels] == [(0, False)]
-    assert batches["purchase_propensity"].labels == []
-    assert all(not b.labels for _, b in m.send(mark_ms=62_000))  # sent once
+    assert (label.y, label.labelled_ms, label.version) == (True, 2 * H + MIN, 1)
+    assert isinstance(label.x, tuple)
+    assert all(not b.labels for _, b in s.m.send(mark_ms=3 * H))  # sent once
 
 
-def test_a_profile_moves_with_its_predictions_and_scores_and_a_drop_forgets_them():
+def test_a_visitor_merged_at_a_login_counts_from_the_login_on_whenever_the_merge_came():
+    visitor = [("page_view", 60 * MIN + i * MIN) for i in range(5)]
+
+    def scenario(merge_first: bool):
+        s = Shard()
+        forever(s.m)
+        s.apply("u", "page_view", 0)
+        if merge_first:
+            s.merge("u", visitor, ts=100 * MIN)
+        s.apply("u", "push_sent", 90 * MIN)  # before the login: the visitor's views do not count
+        if not merge_first:
+            s.merge("u", visitor, ts=100 * MIN)
+        s.apply("u", "push_sent", 140 * MIN)  # after it: they do
+        s.advance(200 * MIN)
+        return s.labels()
+
+    a, b = scenario(True), scenario(False)
+    assert a == b
+    views = {l[2]: dict(zip(SPECS["ctr"].input_names, l[6]))["views_24h"]
+             for l in a if l[0] == "ctr"}
+    assert views == {90 * MIN: 1.0, 140 * MIN: 6.0}
+
+
+def test_a_profile_moves_with_its_state_and_a_drop_forgets_it():
+    s = Shard()
+    forever(s.m)
+    s.apply("visitor", "page_view", 10)
+    s.apply("visitor", "page_view", 20)
+    s.advance(15)
+    moved = s.m.take("visitor")
+    assert s.m.scores("visitor") == {} and not s.m.noted
+    s.m.adopt("user", moved)
+    s.users["user"] = s.users.pop("visitor")
+    assert s.m.score("user", "p_purchase_24h") == 0.5
+    s.advance(10 + 31 * DAY_MS)  # the view at 20 plays, then both horizons pass
+    got = {l[0]: l[4] for l in s.labels()}
+    # no order within 24 h; the view at 20 was activity within the 30 days of the churn score
+    assert got == {"purchase_propensity": False, "churn_risk": False}
+    s.apply("user", "page_view", 32 * DAY_MS)
+    s.m.drop("user")
+    assert s.m.scores("user") == {} and len(s.m.book) == 0 and not s.m.noted
+
+
+def test_events_noted_with_their_event_are_handed_back_in_event_time_once_played():
     m = ShardModels(SPECS, shard=0, period_ms=H, grace_ms=0)
-    for w in versions(1):
-        m.receive(w)
-    m.on_event("visitor", "page_view", 10, {}.get, session_start=10)
-    moved = m.take("visitor")
-    assert m.scores("visitor") == {} and m.next_due("visitor") is None
-    m.adopt("user", moved)
-    assert m.score("user", "p_purchase_24h") == 0.5
-    assert m.next_due("user") == 10 + SPECS["purchase_propensity"].horizon_ms + 1  # the nearer
-    m.expire("user", 10 + 31 * DAY_MS)
-    labels = {b.labels[0].model: b.labels[0].y for _, b in m.send(0) if b.labels}
-    assert labels == {"purchase_propensity": False, "churn_risk": True}  # no order; silent
-    m.on_event("user", "page_view", 32 * DAY_MS, {}.get, session_start=32 * DAY_MS)
-    m.drop("user")
-    assert m.scores("user") == {} and len(m.book) == 0
+    forever(m)
+    users = {"u": PLAN.new_profile()}
+    events = {ts: Event(event_id=f"e{ts}", type="track", name="page_view", user="u", ts_ms=ts,
+                        channel="web", campaign="", revenue=0.0, cost=0.0, ip="")
+              for ts in (30, 10, 20)}
+    for ts, e in events.items():  # noted out of order, one without its event
+        m.note("u", e.name, ts, e if ts != 20 else None)
+    got = []
 
-
-@settings(max_examples=300, deadline=None)
-@given(events_st, st.lists(st.integers(0, 9 * H), max_size=10))
-@example([("a", "push_sent", 0), ("a", "push_sent", 2 * H)], [H])  # a timer between two sends
-def test_labels_and_scores_do_not_depend_on_when_the_timers_fire(events, timer_times):
-    """A timer fires when the watermark passes a horizon, which depends on the batches: an event
-    after the horizon resolves the prediction first, so the same labels and scores come out
-    whether the timer fired before it or not."""
-    def run(timers):
-        m = ShardModels(SPECS, shard=0, period_ms=H, grace_ms=0)
-        for w in versions(1):
-            m.receive(w)
-            w.last_version = 100
-        scores, pending = [], sorted(timers)
-        for user, name, ts in events:
-            while pending and pending[0] <= ts:  # the watermark moved on before this event
-                now = pending.pop(0)
-                for u in ("a", "b"):
-                    m.expire(u, now)
-            m.on_event(user, name, ts, {"views_1h": ts % 5}.get, session_start=ts // (2 * H))
-            scores.append(m.scores(user))
-        for u in ("a", "b"):
-            m.expire(u, 10**15)
-        labels = sorted((b.model, l.user, l.made_ms, l.labelled_ms, l.y)
-                        for _, b in m.send(0) for l in b.labels)
-        return scores, labels
-
-    assert run(timer_times) == run([])
+    def played(user, e):
+        got.append((user, e.ts_ms, m.score(user, "p_purchase_24h")))
+    m.advance(25, PLAN, users, played)
+    assert got == [("u", 10, 0.5)]  # the score is already there for a rule to read
+    m.advance(31, PLAN, users, played)
+    assert [t for _, t, _ in got] == [10, 30]

@@ -109,15 +109,20 @@ class CompiledBook:
                 self._index[name] = rules
         return rules
 
-    def reacting(self, name: str) -> list[tuple[Rule, bool]]:
+    def reacting(self, name: str, deferred: frozenset[str] = frozenset(),
+                 played: bool = False) -> list[tuple[Rule, bool]]:
         """:meth:`interested`, each rule with whether ``name`` is one of its ``exit_on`` events.
         An exit test reads the event's name only, so it is decided once per name here instead
-        of on every event (a "silent N days" drip exits on every event)."""
-        pairs = self._reacting.get(name)
+        of on every event (a "silent N days" drip exits on every event). Rules reading one of
+        the ``deferred`` features (model scores) react when the event is played, the others
+        when it is applied."""
+        key = (name, played)
+        pairs = self._reacting.get(key)
         if pairs is None:
-            pairs = [(r, r.exit is not None and r.exit.takes(name)) for r in self.interested(name)]
+            pairs = [(r, r.exit is not None and r.exit.takes(name)) for r in self.interested(name)
+                     if bool(r.features & deferred) == played]
             if len(self._reacting) < 10_000:
-                self._reacting[name] = pairs
+                self._reacting[key] = pairs
         return pairs
 
 
@@ -133,6 +138,7 @@ class TriggerEngine:
         self.book: CompiledBook | None = None
         self.wall_ms = 0  # wall time of the current batch: latency figures only
         self.retired = False  # some match runs on a rule version no longer in the file
+        self.deferred: frozenset[str] = frozenset()  # model scores: their rules react when played
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -140,7 +146,7 @@ class TriggerEngine:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update({"deferred": frozenset(), **state})
 
     # -- the rule file -----------------------------------------------------------------------
     def use(self, book: CompiledBook) -> None:
@@ -163,20 +169,29 @@ class TriggerEngine:
                     s.rule = cur
 
     # -- events --------------------------------------------------------------------------------
-    def on_event(self, user: str, e, ctx, out, arrival_ms: int = 0) -> None:
+    def defers(self, name: str) -> bool:
+        """Does a rule reading a model score react to this event (once the models play it)?"""
+        return bool(self.deferred) and bool(self.book.reacting(name, self.deferred, True))
+
+    def on_event(self, user: str, e, ctx, out, arrival_ms: int = 0, played: bool = False) -> None:
+        """An event of the user's, as it is applied; or (``played``) as the online models play
+        it, in event time once the watermark has passed it, for the rules that read a model
+        score: the score is then the same whatever the order of arrival (models/runtime.py)."""
         ts = e.ts_ms
-        rules = self.book.reacting(e.name)
+        rules = self.book.reacting(e.name, self.deferred, played)
         st = self.users.get(user)
         if st is None:
             if not rules:
                 return  # no rule reads this event and the user has no state: nothing to do
             st = self.users[user] = UserTriggers()
+        elif played:
+            pass  # (what was due before it fired when it was applied)
         elif st.heap_due is not None and st.heap_due <= ts:
             # The user's own later event shows these timers elapsed (event time) before it:
             # they fire first, whether or not the watermark has passed them yet, so a stop
             # event after the deadline never cancels what was due before it.
             self._due(user, st, ts, ctx, out)
-        if self.retired and st.matches:
+        if self.retired and st.matches and not played:
             retired = {id(m.rule): m.rule for m in st.matches.values()
                        if getattr(m.rule, "retired", False)}
             if retired:
@@ -189,7 +204,7 @@ class TriggerEngine:
             fired = rule.on_event(st, e, ctx)
             if fired:
                 fires += fired
-        if st.sends and e.name not in NOT_DONE_BY_USER:
+        if st.sends and e.name not in NOT_DONE_BY_USER and not played:
             self._opened(st, user, e, out)
         if fires:
             self._decide(st, user, fires, ts, ctx, out, getattr(e, "campaign", ""),

@@ -248,6 +248,9 @@ class Rule:
         for em in self._matches():
             names |= set(em.events)
         self.interest = None if ANY in names else frozenset(names)
+        # the profile features its tests read (a model score's rule is decided when the models
+        # play the event: see TriggerEngine.on_event)
+        self.features = frozenset(_features_in(spec.model_dump(mode="json")))
 
     def __getstate__(self):
         return self.spec  # a snapshot keeps the definition; the rule is compiled again on load
@@ -627,3 +630,17 @@ KINDS: dict[str, type[Rule]] = {c.kind: c for c in (CountRule, SequenceRule, Abs
 
 def compile_rule(spec) -> Rule:
     return KINDS[spec.kind](spec)
+
+
+def _features_in(doc) -> set[str]:
+    """Every ``feature`` a rule's tests name, wherever they sit in its definition."""
+    found: set[str] = set()
+    if isinstance(doc, dict):
+        if isinstance(doc.get("feature"), str):
+            found.add(doc["feature"])
+        for value in doc.values():
+            found |= _features_in(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            found |= _features_in(value)
+    return found

@@ -26,6 +26,9 @@ from config.registry import load_registry
 from features.profile import FeaturePlan
 from flows.events import DeadLetter, decode
 from flows.shard import ProfileStore, ShardConfig, ShardOut
+from models.learner import Learner
+from models.runtime import ShardModels
+from models.spec import load_models
 from triggers.engine import CompiledBook
 from triggers.spec import RULES_FILE, load_trigger_rules
 
@@ -42,6 +45,17 @@ class Replayed:
     end_ms: int | None = None
 
 
+def fresh_models() -> ShardModels:
+    """The declared models, untrained, for every event time: a rule that reads a score sees
+    what a fresh model gives (0.5). The simulation has no learner; the flow's scores come from
+    the versions its learners publish (models/training.py)."""
+    specs = load_models()
+    models = ShardModels(specs, shard=0, period_ms=3_600_000, grace_ms=0)
+    for name in specs:
+        models.receive(Learner(name).publish(0, 2**62 // 3_600_000))
+    return models
+
+
 class Simulation:
     """The replay step by step: ``feed`` raw records, ``run_to`` a time, ``result``. Its
     ``store`` pickles (tests take snapshots of it, as the flow's recovery does)."""
@@ -52,6 +66,8 @@ class Simulation:
                                                          raw_events=False))
         self.book = CompiledBook(load_trigger_rules(rules))  # read now: a test edits the file
         self.store.triggers.use(self.book)
+        self.store.models = fresh_models()
+        self.store.triggers.deferred = self.plan.model_fields  # as ProfileStore.refresh_rules
         self.out = ShardOut(0)
         self.result = Replayed(actions=self.out.actions, audit=self.out.audit)
         self.seen: set[str] = set()
@@ -104,6 +120,7 @@ class Simulation:
         result.first_ms = e.ts_ms if result.first_ms is None else min(result.first_ms, e.ts_ms)
         self.now = e.ts_ms if now is None else max(now, e.ts_ms)
         store.advance(self.now, out)
+        store.play_models(self.now + 1, out)  # the file's order is the stream's: nothing is late
         self._flush()
 
     def _flush(self) -> None:
@@ -116,6 +133,7 @@ class Simulation:
         """Let the clock run to ``ts_ms`` with no events: the timers due by then fire."""
         self.now = ts_ms if self.now is None else max(self.now, ts_ms)
         self.store.advance(self.now, self.out)
+        self.store.play_models(self.now + 1, self.out)
         self._flush()
         self.result.end_ms = self.now
 
