@@ -105,6 +105,21 @@ def split_total(rows: list[dict]) -> tuple[dict | None, list[dict]]:
     return total, parts
 
 
+def models_section(rows: list[dict]) -> list[dict]:
+    """Per model, its latest AUC, log loss, calibration and label delay (from the latest label
+    minute that had each) and the labels over the window."""
+    out: dict[str, dict] = {}
+    for r in rows:  # ordered by model, then minute
+        m = out.setdefault(r["model"], {"model": r["model"], "labels": 0})
+        m["labels"] += r["labels"] or 0
+        m["updated"] = r["t"]
+        for name in ("auc", "log_loss", "calibration", "label_delay_s"):
+            if r[name] is not None:
+                m[name] = r[name]
+    return [{"auc": None, "log_loss": None, "calibration": None, "label_delay_s": None, **m,
+             "updated": iso(m["updated"])} for m in out.values()]
+
+
 class _Timer:
     """Runs KPI queries under the client's lock and keeps how long each took."""
 
@@ -159,6 +174,8 @@ def overview(client, lock: threading.Lock, db: str, minutes: int = 60, hours: in
             campaigns={"rows": campaign_rows, "total": total},
             totals={"events": uv[0]["events"] if uv else 0, "users": uv[0]["uv"] if uv else 0,
                     "revenue": total["revenue"] if total else 0, "orders": total["orders"] if total else 0})
+    body["models"] = models_section(q.run("model_quality", start=start_hours, end=end)) \
+        if as_of is not None else []
     body["alerts"] = q.run("recent_alerts", limit=RECENT)
     body["actions"] = q.run("recent_actions", limit=RECENT)
     body["query_ms"] = round((time.perf_counter() - started) * 1000, 2)

@@ -97,6 +97,14 @@ def ch(chdb_client, chdb_dsn):
     return client, lock
 
 
+MODEL_COLUMNS = ["ts", "model", "shard", "metric", "value", "examples"]
+MODEL_ROWS = [(SEEDED[7], "ctr", 0, "auc", 0.64, 80), (SEEDED[7], "ctr", 0, "labels", 6.0, 80),
+              (SEEDED[7], "ctr", 0, "calibration", 0.01, 80),
+              (SEEDED[9], "ctr", 0, "auc", 0.66, 84), (SEEDED[9], "ctr", 0, "log_loss", 0.25, 84),
+              (SEEDED[9], "ctr", 0, "labels", 4.0, 84),
+              (SEEDED[0] - dt.timedelta(days=2), "churn_risk", 0, "labels", 9.0, 9)]  # too old
+
+
 @pytest.fixture
 def empty_db(ch, ch_database):
     client, lock = ch
@@ -113,6 +121,7 @@ def seeded_db(ch, empty_db):
         insert(ch, db, "events_minute_in", minute_rows(i), MINUTE_COLUMNS)
     insert(ch, db, "alerts", ALERTS, ALERT_COLUMNS)
     insert(ch, db, "actions", ACTIONS, ACTION_COLUMNS)
+    insert(ch, db, "model_metrics", MODEL_ROWS, MODEL_COLUMNS)
     return db
 
 
@@ -211,8 +220,12 @@ def test_overview_json_on_seeded_minutes(api):
 
     assert [a["action_id"] for a in body["actions"]] == ["act-3", "act-2", "act-1"]
     assert body["actions"][0]["event_time"] == "2024-05-01T10:08:12Z"
+    # the latest value of each metric, the labels of the last 24 hours
+    assert body["models"] == [{"model": "ctr", "auc": 0.66, "log_loss": 0.25, "calibration": 0.01,
+                               "label_delay_s": None, "labels": 10, "updated": iso(SEEDED[9])}]
     assert body["query_ms"] > 0 and set(body["query_ms_by_kpi"]) == {
-        "latest_minute", "traffic", "funnel", "campaign_kpis", "uv", "recent_alerts", "recent_actions"}
+        "latest_minute", "traffic", "funnel", "campaign_kpis", "uv", "recent_alerts", "recent_actions",
+        "model_quality"}
 
     status, narrow = get_json(api, "/api/overview", minutes=5, hours=1)
     assert status == 200 and narrow["traffic"]["minutes"] == [iso(t) for t in SEEDED[-5:]]
@@ -233,7 +246,7 @@ def test_overview_json_on_an_empty_database(chdb_dsn, empty_db):
     assert body["funnel"] == {"overall": None, "campaigns": []}
     assert body["campaigns"] == {"rows": [], "total": None}
     assert body["totals"] == {"events": None, "users": None, "revenue": None, "orders": None}
-    assert body["alerts"] == [] and body["actions"] == []
+    assert body["alerts"] == [] and body["actions"] == [] and body["models"] == []
     assert health == (200, {"status": "ok", "clickhouse": "ok", "as_of": None})
 
 
@@ -402,6 +415,9 @@ def check_page(driver, page_url: str, server, ch, db: str) -> None:
     assert "firing" not in (_attr(driver, resolved, "class") or "")
     assert _text(driver, f'{resolved} td[data-col="z"]') == "–"  # NaN on the wire is null
     assert _attrs(driver, "#action-table tbody tr", "data-action") == ["act-3", "act-2", "act-1"]
+    # the models: each one's latest AUC, log loss, calibration, its labels of the last 24 hours
+    cells = [c.text for c in _all(driver, '#model-table tr[data-model="ctr"] td')]
+    assert cells == ["ctr", "0.660", "0.250", "0.010", "10", "–", "05/01, 10:09"]
     assert "as of 05/01, 10:09 UTC" in _text(driver, "#stamp")
 
     _assert_no_horizontal_scroll(driver)

@@ -386,6 +386,12 @@ ACTIONS = [
 ]
 
 
+MODEL_COLUMNS = ["ts", "model", "shard", "metric", "value", "examples"]
+MODEL_ROWS = [(T0, "ctr", 0, "auc", 0.6, 10), (T0, "ctr", 0, "log_loss", 0.4, 10),
+              (T0 + MIN, "ctr", 0, "auc", 0.7, 12), (T0 + MIN, "ctr", 0, "labels", 2.0, 12),
+              (T0, "churn_risk", 0, "log_loss", 0.5, 3), (T0 - DAY, "ctr", 0, "auc", 0.1, 1)]
+
+
 class Warehouse:
     """The migrated, seeded test database, and a client whose default database it is."""
 
@@ -419,6 +425,8 @@ def warehouse(request, chdb_client, chdb_dsn, ch_database, dashboard):
         chdb_client.insert(f"{db}.alerts", ALERTS, column_names=ALERT_COLUMNS)
         chdb_client.insert(f"{db}.actions", ACTIONS[:1], column_names=ACTION_COLUMNS)
     chdb_client.insert(f"{db}.actions", ACTIONS[1:], column_names=ACTION_COLUMNS)
+    for _ in range(2):  # a replayed label minute: FINAL reads it once
+        chdb_client.insert(f"{db}.model_metrics", MODEL_ROWS, column_names=MODEL_COLUMNS)
     # The data source's default database: a second handle on the session's chDB directory.
     client = clickhouse_connect.get_client(dsn=chdb_dsn, database=db)
     try:
@@ -638,3 +646,22 @@ def test_a_broken_query_fails_validation(warehouse):
         warehouse.run(sql.replace("sum(events)", "sum(event_count)"))
     with pytest.raises(ValueError, match="unknown macro"):
         warehouse.run(sql.replace("$__timeFilter(ts)", "$__timeFiltre(ts)"))
+
+
+def test_online_models_auc_and_log_loss_per_model(warehouse):
+    def quality(interval_s):
+        rows = warehouse.panel(("timeseries",), r"FROM model_metrics FINAL",
+                               req=warehouse.request(interval_s))
+        return {(epoch(r["time"]), r["model"]): (r["auc"], r["log_loss"]) for r in rows}
+    t0 = int(T0.timestamp())
+    nan = quality(60)[(t0, "churn_risk")][0]
+    assert nan != nan  # no AUC that minute: a gap, not a zero
+    minutes = quality(60)
+    assert minutes[(t0, "ctr")] == (0.6, 0.4)
+    auc, log_loss = minutes[(t0 + 60, "ctr")]
+    assert auc == 0.7 and log_loss != log_loss
+    assert {k for k in minutes if k[1] == "ctr"} == {(t0, "ctr"), (t0 + 60, "ctr")}  # not the day before
+    # an hour per bucket: the mean of the minutes that had the metric
+    hour = quality(3600)
+    bucket = t0 // 3600 * 3600
+    assert hour[(bucket, "ctr")][0] == pytest.approx(0.65) and hour[(bucket, "ctr")][1] == 0.4

@@ -160,9 +160,25 @@ def test_recent_alerts_actions_and_latest_minute(chdb_client, db):
     assert latest["t"] == at(9, 10) and latest["rows"] == 14  # seeded twice, stored once
 
 
+def test_model_quality_per_model_and_minute(chdb_client, db):
+    rows = [(at(2, 10, 0), "ctr", 0, "auc", 0.61, 40), (at(2, 10, 0), "ctr", 0, "log_loss", 0.3, 40),
+            (at(2, 10, 0), "ctr", 0, "labels", 12.0, 40), (at(2, 10, 1), "ctr", 0, "labels", 3.0, 43),
+            (at(2, 10, 1), "ctr", 0, "calibration", -0.02, 43),
+            (at(2, 10, 0), "churn_risk", 0, "labels", 5.0, 5), (at(2, 12), "ctr", 0, "auc", 0.9, 50)]
+    for _ in range(2):  # written twice (a replay): read once
+        chdb_client.insert(f"{db}.model_metrics", rows,
+                           column_names=["ts", "model", "shard", "metric", "value", "examples"])
+    got = run(chdb_client, db, "model_quality", start=at(2, 10), end=at(2, 11))
+    assert [(r["model"], r["t"], r["auc"], r["log_loss"], r["calibration"], r["labels"])
+            for r in got] == [
+        ("churn_risk", at(2, 10, 0), None, None, None, 5),
+        ("ctr", at(2, 10, 0), 0.61, 0.3, None, 12),
+        ("ctr", at(2, 10, 1), None, None, -0.02, 3)]  # 12:00 is outside the range
+
+
 def test_every_query_is_covered_and_parameters_are_checked():
     tested = {"campaign_kpis", "traffic", "uv", "funnel", "active_users", "retention", "push",
-              "recent_alerts", "recent_actions", "latest_minute"}
+              "recent_alerts", "recent_actions", "latest_minute", "model_quality"}
     assert set(kpi.QUERIES) == tested
     with pytest.raises(kpi.KpiError, match="granularity"):
         kpi.run(None, "traffic", "db", start=0, end=60, granularity="fortnight")

@@ -75,6 +75,16 @@
       noAlerts: "暂无告警",
       actions: "最近触达动作",
       actionsSub: "触发规则",
+      models: "在线模型",
+      modelsSub: "滚动 ROC AUC、对数损失、校准（按标签分钟）",
+      col_model: "模型",
+      col_auc: "AUC",
+      col_log_loss: "对数损失",
+      col_calibration: "校准",
+      col_labels: "标签",
+      col_label_delay: "延迟 秒",
+      col_updated: "更新",
+      noModels: "暂无标签",
       col_time: "时间",
       col_user: "用户",
       noActions: "暂无动作",
@@ -154,6 +164,16 @@
       noAlerts: "no alerts",
       actions: "Recent actions",
       actionsSub: "trigger rules",
+      models: "Online models",
+      modelsSub: "rolling ROC AUC, log loss, calibration (label minutes)",
+      col_model: "Model",
+      col_auc: "AUC",
+      col_log_loss: "Log loss",
+      col_calibration: "Calib.",
+      col_labels: "Labels",
+      col_label_delay: "Delay s",
+      col_updated: "Updated",
+      noModels: "no labels yet",
       col_time: "Time",
       col_user: "User",
       noActions: "no actions",
@@ -615,6 +635,21 @@
     $("#alert-table").replaceChildren(table(columns, rows, null, "noAlerts"));
   }
 
+  function renderModels(d) {
+    const models = d.models || [];
+    $("#models-sub").textContent = t("modelsSub");
+    const columns = [["model", "text"], ["auc", "num"], ["log_loss", "num"], ["calibration", "num"],
+      ["labels", "num"], ["label_delay", "num"], ["updated", "text"]];
+    const num = (v, digits) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits));
+    const rows = models.map((m) => ({
+      attrs: { "data-model": m.model },
+      cells: [cell(m.model), cell(num(m.auc, 3), m.auc), cell(num(m.log_loss, 3), m.log_loss),
+        cell(num(m.calibration, 3), m.calibration), cell(String(m.labels), m.labels),
+        cell(num(m.label_delay_s, 0), m.label_delay_s), cell(fmtTime(m.updated, true))],
+    }));
+    $("#model-table").replaceChildren(table(columns, rows, null, "noModels"));
+  }
+
   function renderActions(d) {
     const actions = d.actions || [];
     $("#actions-sub").textContent = t("actionsSub");
@@ -637,6 +672,7 @@
     renderFunnel(d);
     renderCampaigns(d);
     renderAlerts(d);
+    renderModels(d);
     renderActions(d);
   }
 
