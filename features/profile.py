@@ -349,6 +349,50 @@ class FeaturePlan:
         independent of when the events of the same minutes arrived."""
         return _Num(_Ctx(user, _PointInTime(self, p, at_ms // MINUTE_MS), self)).__getitem__
 
+    def inputs_at(self, names: tuple[str, ...]) -> Callable[[str, Profile, int], list]:
+        """A reader of these features' point-in-time values (:meth:`values_at`), compiled once
+        for a model's inputs: counts, sums and ratios of counts straight from the slots, the
+        rest through the generic path."""
+        floor = self.registry.params["min_denominator"]
+        by_name = self.registry.by_name
+        time_index = {t[0]: i for i, t in enumerate(self.times)}
+        steps: list[tuple] = []
+        for name in names:
+            f = by_name[name]
+            if f.aggregation in ("count", "sum"):
+                steps.append((0, self.slot_of[name], f.aggregation == "sum"))
+            elif f.aggregation == "ratio" and all(by_name[o].aggregation == "count" for o in f.of):
+                steps.append((1, self.slot_of[f.of[0]], self.slot_of[f.of[1]], floor))
+            elif f.aggregation == "days_since" and all(o in time_index for o in f.of):
+                steps.append((3, tuple(time_index[o] for o in f.of)))
+            else:
+                steps.append((2, name))
+
+        def read(user: str, p: Profile, at_ms: int) -> list:
+            view = _PointInTime(self, p, at_ms // MINUTE_MS)
+            totals, num, out = view.buckets.totals, None, []
+            for step in steps:
+                if step[0] == 0:
+                    v = totals[step[1]]
+                    out.append(v / 100 if step[2] else v)
+                elif step[0] == 1:
+                    den = totals[step[2]]
+                    out.append(totals[step[1]] / den if den and den > 0 and den >= step[3] else None)
+                elif step[0] == 3:  # days since the first of its anchors that is set
+                    times, days = view.times, None
+                    for i in step[1]:
+                        anchor = times[i]
+                        if anchor is not None:
+                            days = (view.as_of - anchor) // DAY_MS
+                            break
+                    out.append(days)
+                else:
+                    if num is None:
+                        num = _Num(_Ctx(user, view, self))
+                    out.append(num[step[1]])
+            return out
+        return read
+
     def prune_sessions(self, p: Profile, watermark: int) -> None:
         """Forget sessions ended more than the longest window before "now" (keep the latest).
 
@@ -570,31 +614,39 @@ class _PointInTime:
     def __init__(self, plan: FeaturePlan, p: Profile, minute: int):
         self.buckets = _TotalsAt(p.buckets, minute - 1)
         self.as_of = minute * MINUTE_MS
-        times = []
-        for i, (_, _, _, first) in enumerate(plan.times):
-            t = p.times[i]
-            if t is None or first:
-                times.append(t if t is not None and t < self.as_of else None)
-                continue
-            # the latest such event before the minute and within the longest window, to the
-            # minute (the same whatever came since: the count's buckets hold it when the time
-            # itself moved on; older buckets may be gone)
-            b = p.buckets
-            oldest = minute - 1 - b._plan.longest  # minutes after this one
-            if t < self.as_of:
-                times.append(t // MINUTE_MS * MINUTE_MS if t // MINUTE_MS > oldest else None)
-                continue
-            metric, found = plan.time_metric[i], None
-            if metric is not None:
-                keys = b.keys
-                for k in range(bisect_right(keys, ((minute - 1) << METRIC_BITS) | (MAX_METRICS - 1)) - 1, -1, -1):
-                    if keys[k] >> METRIC_BITS <= oldest:
-                        break
-                    if keys[k] & (MAX_METRICS - 1) == metric and b.vals[k]:
-                        found = (keys[k] >> METRIC_BITS) * MINUTE_MS
-                        break
-            times.append(found)
-        self.times = times
+        self.times = _TimesAt(plan, p, minute)
+
+
+class _TimesAt:
+    """``times[i]`` as of the start of ``minute``, computed when read. A first time is exact; a
+    last time is the latest such event before the minute and within the longest window, to the
+    minute: the same whatever came since (the count's buckets hold it when the time itself moved
+    on; older buckets may be gone)."""
+
+    __slots__ = ("plan", "p", "minute")
+
+    def __init__(self, plan: FeaturePlan, p: Profile, minute: int):
+        self.plan, self.p, self.minute = plan, p, minute
+
+    def __getitem__(self, i: int) -> int | None:
+        p, minute = self.p, self.minute
+        t, as_of = p.times[i], minute * MINUTE_MS
+        if t is None or self.plan.times[i][3]:
+            return t if t is not None and t < as_of else None
+        b = p.buckets
+        oldest = minute - 1 - b._plan.longest  # minutes after this one
+        if t < as_of:
+            return t // MINUTE_MS * MINUTE_MS if t // MINUTE_MS > oldest else None
+        metric = self.plan.time_metric[i]
+        if metric is None:
+            return None
+        keys, vals = b.keys, b.vals
+        for k in range(bisect_right(keys, ((minute - 1) << METRIC_BITS) | (MAX_METRICS - 1)) - 1, -1, -1):
+            if keys[k] >> METRIC_BITS <= oldest:
+                break
+            if keys[k] & (MAX_METRICS - 1) == metric and vals[k]:
+                return (keys[k] >> METRIC_BITS) * MINUTE_MS
+        return None
 
 
 class _TotalsAt:
@@ -607,13 +659,45 @@ class _TotalsAt:
 
 
 class _SlotsAt:
-    __slots__ = ("b", "minute")
+    """Each slot's total as of ``minute`` = its running total (as of the buckets' "now") minus
+    the buckets after ``minute``, plus those that were still in its window then: both short
+    ranges (a score comes about a minute after its event), summed once per metric and window."""
+
+    __slots__ = ("b", "minute", "after", "entering")
 
     def __init__(self, buckets: MinuteBuckets, minute: int):
         self.b, self.minute = buckets, minute
+        self.after: dict[int, int] | None = None
+        self.entering: dict[int, dict[int, int]] = {}
 
     def __getitem__(self, slot: int) -> int:
-        return self.b.total_at(slot, self.minute)
+        b, minute = self.b, self.minute
+        metric, window = b._plan.slots[slot]
+        now = b.now
+        keys = b.keys
+        last = keys[-1] >> METRIC_BITS if keys else now
+        if window is not None and (now < minute or minute <= now - window or last > now):
+            return b.total_at(slot, minute)  # (not the usual case)
+        if self.after is None:
+            self.after = _sums(b, minute, max(now, last))
+        if window is None:
+            return b.totals[slot] - self.after.get(metric, 0)
+        entering = self.entering.get(window)
+        if entering is None:
+            entering = self.entering[window] = _sums(b, minute - window, now - window)
+        return b.totals[slot] - self.after.get(metric, 0) + entering.get(metric, 0)
+
+
+def _sums(b: MinuteBuckets, after: int, upto: int) -> dict[int, int]:
+    """Per metric, the buckets in the minutes ``(after, upto]``."""
+    keys, vals = b.keys, b.vals
+    lo = bisect_right(keys, (after << METRIC_BITS) | (MAX_METRICS - 1))
+    hi = bisect_right(keys, (upto << METRIC_BITS) | (MAX_METRICS - 1))
+    out: dict[int, int] = {}
+    for i in range(lo, hi):
+        metric = keys[i] & (MAX_METRICS - 1)
+        out[metric] = out.get(metric, 0) + vals[i]
+    return out
 
 
 class _Num(dict):
