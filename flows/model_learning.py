@@ -29,7 +29,8 @@ def new_training(spec: ModelSpec, shards: int, period_ms: int) -> Training:
     learner = Learner(spec.name, learning_rate=spec.learning_rate,
                       intercept_lr=spec.intercept_lr, l2=spec.l2)
     return Training(spec.name, shards, period_ms, learner=learner,
-                    quality=ModelQuality(spec.name), names=spec.input_names)
+                    quality=ModelQuality(spec.name), names=spec.input_names,
+                    horizon_ms=spec.horizon_ms if spec.learn_at == "close" else 0)
 
 
 class LearnerLogic(StatefulBatchLogic):

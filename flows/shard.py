@@ -441,7 +441,7 @@ class ProfileStore:
         the number of profiles removed (0 or 1)."""
         found = self.users.pop(user, None) is not None
         if self.models is not None:
-            self.models.drop(user)
+            self.models.erase(user)
         if self.triggers is not None:
             self.triggers.erase(user)
         if self.consent is not None:
@@ -504,7 +504,8 @@ class ProfileStore:
             played = None
             if engine is not None and engine.deferred:
                 def played(user: str, e: Event) -> None:
-                    p = self.users.get(user)
+                    # the profile as the models saw it (before a later login's merge)
+                    p = models.profile_at(user, e.ts_ms, self.users.get(user))
                     engine.on_event(user, e, PlayedContext(self, user, p, e.ts_ms), out,
                                     e.arrival_ms, played=True)
             scored = models.advance(watermark, self.plan, self.users, played)
@@ -1161,7 +1162,8 @@ def _models_of(shard: int, config: ShardConfig) -> ShardModels | None:
     if not config.models:
         return None
     return ShardModels({spec.name: spec for spec in config.models}, shard,
-                       config.model_period_ms, config.model_grace_ms)
+                       config.model_period_ms, config.model_grace_ms,
+                       subject_key=config.subject_key)
 
 
 def _concerns(op, user: str) -> bool:

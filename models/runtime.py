@@ -49,6 +49,7 @@ from models.labels import Label, OpenPredictions
 from models.learner import Weights
 from models.spec import ModelSpec
 from models.training import LabelBatch, version_for
+from privacy.subjects import subject_hash
 
 DAY_MS = 86_400_000
 SESSION_GAP_MS = 30 * 60_000  # a new session after this long without an event (as the features')
@@ -59,7 +60,8 @@ _ORDER = operator.itemgetter(0, 1, 2)  # a noted event's place: (time, name, eve
 
 class ShardModels:
     def __init__(self, specs: dict[str, ModelSpec], shard: int, period_ms: int, grace_ms: int,
-                 session_gap_ms: int = SESSION_GAP_MS):
+                 session_gap_ms: int = SESSION_GAP_MS, subject_key: bytes | None = None):
+        self.subject_key = subject_key  # the labels' user: a subject hash (privacy/subjects.py)
         self.specs = specs
         self.shard, self.period_ms, self.grace_ms = shard, period_ms, grace_ms
         self.session_gap_ms = session_gap_ms
@@ -187,7 +189,7 @@ class ShardModels:
                 for label in book.on_event(user, name, ts):
                     outbox[label.model].append(label)
                 if todo:
-                    self._score(user, name, ts, todo, self._view(user, ts, p, plan))
+                    self._score(user, name, ts, todo, self._inputs(user, ts, p, plan, todo))
                     scored = True
                 previous = self.seen.get(user)
                 if previous is None or ts - previous > self.session_gap_ms:
@@ -246,7 +248,7 @@ class ShardModels:
                     else self.session[user]
             elif spec.once_per == "day":
                 once[model] = ts // DAY_MS
-            x = spec.vector(_Values(values), name)
+            x = spec.vector_of(values[model], name)
             score = w.predict_one(x)
             # the version the time needs (one publication may stand for several); before the
             # first publication, the first (the same fresh model)
@@ -255,15 +257,29 @@ class ShardModels:
             # the input kept as a tuple in the spec's order: a fraction of a dict's memory
             self.book.open(user, model, ts, tuple(x.values()), version, score)
 
-    def _view(self, user: str, ts: int, p, plan):
-        """The profile an event at ``ts`` is scored from: as before the first later login."""
+    def profile_at(self, user: str, ts: int, p):
+        """The profile an event at ``ts`` is seen with: as it was before the first later login
+        merged a visitor's into it (if any), else ``p``."""
         for login, kept in self.before.get(user, ()):
             if ts < login:
-                p = kept
-                break
+                return kept
+        return p
+
+    def _inputs(self, user: str, ts: int, p, plan, todo: list) -> dict[str, list]:
+        """Each scoring model's inputs, point in time (:meth:`profile_at`)."""
+        p = self.profile_at(user, ts, p)
         if p is None:
             p = plan.new_profile()
-        return plan.values_at(user, p, ts)
+        readers = self.__dict__.get("_readers")
+        if readers is None or readers[0] is not plan:
+            readers = self._readers = (plan, {m: plan.inputs_at(tuple(n for n, _, _ in s.inputs))
+                                              for m, s in self.specs.items()})
+        return {model: readers[1][model](user, p, ts) for model, _ in todo}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_readers", None)  # compiled for a plan: made again after a restore
+        return state
 
     def _wake(self, user: str, when: int) -> None:
         self.due[user] = when
@@ -282,9 +298,13 @@ class ShardModels:
     def send(self, mark_ms: int) -> list[tuple[str, LabelBatch]]:
         """One batch per model: the labels resolved since the last call, and the mark (every
         label before it has been sent). Sent even when empty: the learner waits for every
-        shard's mark."""
+        shard's mark. A label leaves with its user's subject hash, not the id: the learner
+        keeps labels until their horizon closes, and an erasure does not reach it."""
         out = []
+        key = self.subject_key
         for model, labels in self.outbox.items():
+            for label in labels:
+                label.user = subject_hash(label.user, key)
             out.append((model, LabelBatch(self.shard, mark_ms, labels, model)))
             self.outbox[model] = []
         return out
@@ -340,6 +360,13 @@ class ShardModels:
         if due is not None and due < self.due.get(user, NEVER) and user not in self.blocked:
             self._wake(user, due)
 
+    def erase(self, user: str) -> None:
+        """Erasure: as :meth:`drop`, and the user's timer entries go too."""
+        self.drop(user)
+        if any(name == user for _, name in self.timers):
+            self.timers = [t for t in self.timers if t[1] != user]
+            heapq.heapify(self.timers)
+
     def drop(self, user: str) -> None:
         """The profile is gone (time to live, consent, erasure): its predictions go unlearned,
         and its events not yet played are not."""
@@ -348,16 +375,3 @@ class ShardModels:
                       self.due):
             table.pop(user, None)
         self.blocked.discard(user)
-
-
-class _Values:
-    """The profile's values as the spec's ``vector`` reads them (``.get``)."""
-
-    __slots__ = ("value_of",)
-
-    def __init__(self, value_of):
-        self.value_of = value_of
-
-    def get(self, name: str) -> float | None:
-        v = self.value_of(name)
-        return None if v is None or isinstance(v, str) else float(v)

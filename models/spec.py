@@ -9,7 +9,9 @@ always has the same keys, whatever the profile holds.
 >>> (m.score_field, m.horizon_ms, m.once_per, m.label_rule.positive)
 ('p_purchase_24h', 86400000, 'session', 'target')
 >>> x = m.vector({"views_1h": 3, "days_since_last_order": None}, "page_view")
->>> (x["views_1h"], x["days_since_last_order"], x["days_since_last_order_missing"], x["orders_30d"])
+>>> import math  # (counts and days enter as log(1 + value))
+>>> (round(math.expm1(x["views_1h"]), 9), round(math.expm1(x["days_since_last_order"]), 9),
+...  x["days_since_last_order_missing"], x["orders_30d"])
 (3.0, 365.0, 1.0, 0.0)
 >>> list(x) == list(m.input_names)  # always the same keys, in the declared order
 True
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +63,7 @@ class _Input(BaseModel):
     name: str
     default: float = 0.0
     missing: bool = False
+    log: bool = False  # the input is log(1 + value): counts and amounts have long tails
 
 
 class _Learner(BaseModel):
@@ -81,6 +85,9 @@ class _Model(BaseModel):
     horizon: str
     inputs: list[_Input] = Field(min_length=1)
     by_event: bool = False
+    # close: a label is learned when its prediction's horizon closes (no delayed-feedback bias;
+    # the learner keeps it until then); label: when it resolves
+    learn_at: Literal["close", "label"] = "close"
     learner: _Learner = _Learner()
 
 
@@ -104,6 +111,8 @@ class ModelSpec:
     learning_rate: float
     intercept_lr: float
     l2: float
+    log: frozenset[str] = frozenset()  # inputs taken as log(1 + value)
+    learn_at: str = "close"  # "close": at the horizon's close; "label": when it resolves
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -120,10 +129,26 @@ class ModelSpec:
         """Changes exactly when the meaning of the vector changes (inputs, defaults,
         indicators, event inputs), not with the learner's parameters."""
         doc = {"inputs": [list(i) for i in self.inputs], "by_event": list(self.by_event)}
+        if self.log:
+            doc["log"] = sorted(self.log)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def predicts_on(self, event_name: str) -> bool:
         return event_name in self.predict_on or "*" in self.predict_on
+
+    def vector_of(self, values: list, event_name: str) -> dict[str, float]:
+        """:meth:`vector` from the inputs' values in the spec's order (None: no value)."""
+        x: dict[str, float] = {}
+        log = self.log
+        for (name, default, missing), v in zip(self.inputs, values):
+            value = default if v is None or isinstance(v, str) else float(v)
+            x[name] = math.log1p(value) if name in log and value > 0 else (
+                0.0 if name in log else value)
+            if missing:
+                x[f"{name}_missing"] = 1.0 if v is None or isinstance(v, str) else 0.0
+        for e in self.by_event:
+            x[f"event={e}"] = 1.0 if e == event_name else 0.0
+        return x
 
     def vector(self, values, event_name: str) -> dict[str, float]:
         """The fixed input vector from the profile's values as of the scoring time (``values``:
@@ -131,11 +156,12 @@ class ModelSpec:
         x: dict[str, float] = {}
         for name, default, missing in self.inputs:
             v = values.get(name)
+            value = default if v is None else float(v)
+            if name in self.log:
+                value = math.log1p(value) if value > 0 else 0.0
+            x[name] = value
             if missing:
-                x[name] = default if v is None else float(v)
                 x[f"{name}_missing"] = 1.0 if v is None else 0.0
-            else:
-                x[name] = default if v is None else float(v)
         for e in self.by_event:
             x[f"event={e}"] = 1.0 if e == event_name else 0.0
         return x
@@ -198,7 +224,8 @@ def load_models(path: str | Path | None = None, doc: dict | None = None,
             inputs=tuple((i.name, i.default, i.missing) for i in m.inputs),
             by_event=tuple(m.predict_on) if m.by_event else (),
             learning_rate=m.learner.learning_rate, intercept_lr=m.learner.intercept_lr,
-            l2=m.learner.l2)
+            l2=m.learner.l2, log=frozenset(i.name for i in m.inputs if i.log),
+            learn_at=m.learn_at)
     if errors:
         raise ModelSpecError("invalid models file:\n" + "\n".join(f"  {e}" for e in errors))
     return specs

@@ -3,10 +3,11 @@ input vector, the schema hash, and the refusals."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import yaml
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from models.spec import MODELS_FILE, ModelSpecError, load_models
 
@@ -46,18 +47,25 @@ values = st.dictionaries(inputs, st.one_of(st.none(), st.integers(0, 10**6),
                                            st.floats(0, 1e6, allow_nan=False)))
 
 
+@settings(deadline=None)
 @given(values, st.sampled_from(["page_view", "order_completed"]))
 def test_the_vector_always_has_the_declared_keys_defaults_and_indicators(vals, event):
     spec = load_models()["purchase_propensity"]
+    logged = {i["name"] for m in SHIPPED["models"] if m["name"] == "purchase_propensity"
+              for i in m["inputs"] if i.get("log")}
+    assert logged  # the shipped file takes logs of the counts
     x = spec.vector(vals, event)
     assert tuple(x) == spec.input_names
     for name, default, missing in spec.inputs:
         given_value = vals.get(name)
-        assert x[name] == (default if given_value is None else float(given_value))
+        value = default if given_value is None else float(given_value)
+        assert x[name] == (math.log1p(value) if name in logged else value)
         if missing:
             assert x[f"{name}_missing"] == (1.0 if given_value is None else 0.0)
     assert "unrelated" not in x
     assert spec.vector(vals, event) == x  # nothing kept between calls
+    # the scoring path's form: the values in the inputs' order
+    assert spec.vector_of([vals.get(name) for name, _, _ in spec.inputs], event) == x
 
 
 def _doc_with(**changes):

@@ -54,8 +54,9 @@ def schedule(data, labels_by_shard: dict[int, list[Label]]) -> list[LabelBatch]:
     return out
 
 
-def run(batches: list[LabelBatch], in_groups_of: int, restart_at: int | None = None):
-    t = Training("m", SHARDS, P)
+def run(batches: list[LabelBatch], in_groups_of: int, restart_at: int | None = None,
+        horizon: int = 0):
+    t = Training("m", SHARDS, P, horizon_ms=horizon)
     weights, metrics = [], []
     for i in range(0, len(batches), in_groups_of):
         if restart_at is not None and i >= restart_at:
@@ -74,20 +75,26 @@ def test_versions_are_the_same_whatever_the_batches_and_equal_the_canonical_mode
         labels_by_shard.setdefault(shard, []).append(make_label(user, max(0, at - lag), at, y, v))
     a = schedule(data, labels_by_shard)
     b = schedule(data, labels_by_shard)
-    wa, ma = run(a, data.draw(st.integers(1, 4)))
-    wb, mb = run(b, data.draw(st.integers(1, 4)), restart_at=data.draw(st.integers(0, len(b))))
+    # learned at the label time, or when the prediction's horizon closes (never before its label)
+    horizon = data.draw(st.sampled_from([0, 2 * P]))
+    wa, ma = run(a, data.draw(st.integers(1, 4)), horizon=horizon)
+    wb, mb = run(b, data.draw(st.integers(1, 4)), restart_at=data.draw(st.integers(0, len(b))),
+                 horizon=horizon)
 
-    # the oracle: every label in one total order (label time, prediction time, user, ...), a model per
-    # boundary, written without models/training.py
+    def learned_at(l: Label) -> int:
+        return max(l.made_ms + horizon, l.labelled_ms)
+
+    # the oracle: every label in one total order (learning time, label time, prediction time,
+    # user, ...), a model per boundary, written without models/training.py
     everything = sorted((l for ls in labels_by_shard.values() for l in ls),
-                        key=lambda l: (l.labelled_ms, l.made_ms, l.user, l.y, l.score,
-                                       sorted(l.x.items())))
-    first = min([l.labelled_ms // P for l in everything], default=END // P)
+                        key=lambda l: (learned_at(l), l.labelled_ms, l.made_ms, l.user, l.y,
+                                       l.score, sorted(l.x.items())))
+    first = min([learned_at(l) // P for l in everything], default=END // P)
 
     def oracle(version: int):
         learner = Learner("m")
         for l in everything:
-            if l.labelled_ms < version * P:
+            if learned_at(l) < version * P:
                 learner.learn_one(l.x, l.y)
         return learner.publish(version)
 
