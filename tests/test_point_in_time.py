@@ -19,6 +19,7 @@ NAMES = ["page_view", "product_viewed", "order_completed", "push_sent", "push_op
          "ad_click", "signup", "email_sent", "email_opened", "add_to_cart"]
 PLAN = FeaturePlan(load_registry())
 INPUTS = sorted({name for spec in load_models().values() for name, _, _ in spec.inputs})
+READ = PLAN.inputs_at(tuple(INPUTS))
 
 
 def event(name: str, ts: int, n: int) -> Event:
@@ -59,6 +60,8 @@ def test_later_events_and_order_do_not_move_a_point_in_time_value(items, at, par
     earlier = profile(before, 1, seed + 1) if before else PLAN.new_profile()
     a, b = PLAN.values_at("u1", full, at), PLAN.values_at("u1", earlier, at)
     assert {n: a(n) for n in INPUTS} == {n: b(n) for n in INPUTS}
+    # the models' compiled reader gives the same values
+    assert READ("u1", full, at) == [a(n) for n in INPUTS]
 
 
 def test_point_in_time_values_against_a_reading_of_the_events():
