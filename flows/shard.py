@@ -213,8 +213,16 @@ class TriggerContext:
         return plan.feature_value(self.user, p, name, self._num)
 
     def session_start(self, ts: int) -> int | None:
-        s = self.store.plan.session(self.p) if self.p is not None else None
-        return s[0] if s is not None and s[0] <= ts <= s[1] else None
+        """The start of the session holding ``ts``: not always the latest (a send released
+        later, by a timer or a rate-limit slot, reads it after the user went on)."""
+        sess = self.p.sess if self.p is not None else ()
+        n = len(sess)
+        if n and sess[n - 3] <= ts <= sess[n - 2]:
+            return sess[n - 3]  # the latest, the usual case
+        for k in range(n - 6, -1, -3):
+            if sess[k] <= ts <= sess[k + 1]:
+                return sess[k]
+        return None
 
     def session_span(self) -> tuple[int, int] | None:
         """(start, last event) of the user's latest session."""
@@ -249,14 +257,6 @@ class PlayedContext(TriggerContext):
     def __init__(self, store: "ProfileStore", user: str, p: Profile | None, at: int):
         super().__init__(store, user, p)
         self.at = at
-
-    def session_start(self, ts: int) -> int | None:
-        """The start of the session holding ``ts`` (later events may have begun another)."""
-        sess = self.p.sess if self.p is not None else ()
-        for k in range(len(sess) - 3, -1, -3):
-            if sess[k] <= ts <= sess[k + 1]:
-                return sess[k]
-        return None
 
     def session_span(self) -> tuple[int, int] | None:
         start = self.session_start(self.at)

@@ -233,12 +233,15 @@ class PlainEngine(TriggerEngine):
         if s.deferred:
             s.channel = s.planned
         if s.deferred and not s.slotted:
-            if self.book.interval_ms.get(s.channel):  # a slot once the watermark passed it
-                s.slotted, s.due = None, now
-                st.sends.append(s)
-                self.waiting.add(user)
-                return
             s.slotted = True
+            interval = self.book.interval_ms.get(s.channel)
+            if interval:  # releases spread under the channel's rate limit
+                slot = max(float(now), self.slots.get(s.channel, -1e18) + interval)
+                self.slots[s.channel] = slot
+                if int(slot) > now:
+                    s.due = int(slot)
+                    st.sends.append(s)
+                    return
         tz = ctx.zone()
         q = guards.quiet_hours
         if q is not None and s.channel in q.channels:

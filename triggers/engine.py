@@ -139,7 +139,6 @@ class TriggerEngine:
         self.wall_ms = 0  # wall time of the current batch: latency figures only
         self.retired = False  # some match runs on a rule version no longer in the file
         self.deferred: frozenset[str] = frozenset()  # model scores: their rules react when played
-        self.waiting: set[str] = set()  # users with a release waiting for its rate-limit slot
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -147,7 +146,7 @@ class TriggerEngine:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update({"deferred": frozenset(), "waiting": set(), **state})
+        self.__dict__.update({"deferred": frozenset(), **state})
 
     # -- the rule file -----------------------------------------------------------------------
     def use(self, book: CompiledBook) -> None:
@@ -309,48 +308,15 @@ class TriggerEngine:
         if watermark <= self.watermark:
             return
         self.watermark = watermark
-        while True:
-            timers = self.timers
-            while timers and timers[0][0] <= watermark:
-                due, user = heapq.heappop(timers)
-                st = self.users.get(user)
-                if st is None or st.heap_due != due:
-                    continue  # superseded by an earlier reschedule, or the user is gone
-                st.heap_due = None
-                self._due(user, st, due, ctx_of(user), out)
-                self._settle(user, st, due)
-                timers = self.timers
-            if not self._hand_out_slots(watermark):
-                break
-
-    def _hand_out_slots(self, watermark: int) -> bool:
-        """Rate-limit slots for the releases the watermark has passed, in (release time, action
-        id) order: every release of those times is known by now, so the same whatever the
-        batches. True when some were handed out (their slot may be due already)."""
-        todo = []
-        for user in sorted(self.waiting):
+        timers = self.timers
+        while timers and timers[0][0] <= watermark:
+            due, user = heapq.heappop(timers)
             st = self.users.get(user)
-            if st is None:
-                self.waiting.discard(user)
-                continue
-            todo += [(s.due, s.action_id, user, s) for s in st.sends
-                     if s.slotted is None and s.due <= watermark]
-        if not todo:
-            return False
-        todo.sort(key=lambda t: (t[0], t[1]))
-        for due, _, user, s in todo:
-            interval = self.book.interval_ms.get(s.channel) if self.book is not None else None
-            slot = float(due)
-            if interval:
-                slot = max(slot, self.slots.get(s.channel, -1e18) + interval)
-                self.slots[s.channel] = slot
-            s.slotted, s.due = True, int(slot)
-        for user in {t[2] for t in todo}:
-            st = self.users[user]
-            if not any(s.slotted is None for s in st.sends):
-                self.waiting.discard(user)
-            self._settle(user, st, watermark)
-        return True
+            if st is None or st.heap_due != due:
+                continue  # superseded by an earlier reschedule, or the user is gone
+            st.heap_due = None
+            self._due(user, st, due, ctx_of(user), out)
+            self._settle(user, st, due)
 
     def _due(self, user: str, st: UserTriggers, now: int, ctx, out) -> None:
         """Everything of the user due at or before ``now``, earliest first, each at its own
@@ -437,16 +403,15 @@ class TriggerEngine:
         if s.deferred:
             s.channel = s.planned
         if s.deferred and not s.slotted:
-            if self.book.interval_ms.get(s.channel):
-                # Releases spread under the channel's rate limit. The slots are handed out once
-                # the watermark has passed the release time, in action-id order among all the
-                # releases of that time (:meth:`_hand_out_slots`): handed out here, the order
-                # in which users' own events and the watermark reached them decided who waits.
-                s.slotted, s.due = None, now
-                st.sends.append(s)
-                self.waiting.add(user)
-                return
             s.slotted = True
+            interval = self.book.interval_ms.get(s.channel)
+            if interval:  # releases spread under the channel's rate limit
+                slot = max(float(now), self.slots.get(s.channel, -1e18) + interval)
+                self.slots[s.channel] = slot
+                if int(slot) > now:
+                    s.due = int(slot)
+                    st.sends.append(s)
+                    return
         tz = None  # the user's time zone: read only when a guard needs it
         q = guards.quiet_hours
         if q is not None and s.channel in q.channels:
@@ -556,7 +521,7 @@ def _first_due(st: UserTriggers) -> int:
         if m.due is not None and m.due < due:
             due = m.due
     for s in st.sends:
-        if s.due < due and s.slotted is not None:  # (one waiting for its slot: advance)
+        if s.due < due:
             due = s.due
     return due
 
