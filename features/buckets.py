@@ -137,13 +137,19 @@ class MinuteBuckets:
         self.now = max(self.now, other.now)
         self._rebuild()
 
-    def _sum(self, metric: int, after: int, upto: int) -> int:
-        """The metric's buckets in the minutes ``(after, upto]``."""
-        keys = self.keys
+    def sums(self, after: int, upto: int) -> dict[int, int]:
+        """Per metric, its buckets in the minutes ``(after, upto]``."""
+        keys, vals = self.keys, self.vals
         lo = bisect_right(keys, (after << METRIC_BITS) | (MAX_METRICS - 1))
         hi = bisect_right(keys, (upto << METRIC_BITS) | (MAX_METRICS - 1))
-        vals = self.vals
-        return sum(vals[i] for i in range(lo, hi) if keys[i] & (MAX_METRICS - 1) == metric)
+        out: dict[int, int] = {}
+        for i in range(lo, hi):
+            metric = keys[i] & (MAX_METRICS - 1)
+            out[metric] = out.get(metric, 0) + vals[i]
+        return out
+
+    def _sum(self, metric: int, after: int, upto: int) -> int:
+        return self.sums(after, upto).get(metric, 0)
 
     def total_at(self, slot: int, minute: int) -> int:
         """A slot's total as of an earlier ``minute`` (point in time: nothing after it counts),

@@ -679,25 +679,14 @@ class _SlotsAt:
         if window is not None and (now < minute or minute <= now - window or last > now):
             return b.total_at(slot, minute)  # (not the usual case)
         if self.after is None:
-            self.after = _sums(b, minute, max(now, last))
+            self.after = b.sums(minute, max(now, last))
         if window is None:
             return b.totals[slot] - self.after.get(metric, 0)
         entering = self.entering.get(window)
         if entering is None:
-            entering = self.entering[window] = _sums(b, minute - window, now - window)
+            entering = self.entering[window] = b.sums(minute - window, now - window)
         return b.totals[slot] - self.after.get(metric, 0) + entering.get(metric, 0)
 
-
-def _sums(b: MinuteBuckets, after: int, upto: int) -> dict[int, int]:
-    """Per metric, the buckets in the minutes ``(after, upto]``."""
-    keys, vals = b.keys, b.vals
-    lo = bisect_right(keys, (after << METRIC_BITS) | (MAX_METRICS - 1))
-    hi = bisect_right(keys, (upto << METRIC_BITS) | (MAX_METRICS - 1))
-    out: dict[int, int] = {}
-    for i in range(lo, hi):
-        metric = keys[i] & (MAX_METRICS - 1)
-        out[metric] = out.get(metric, 0) + vals[i]
-    return out
 
 
 class _Num(dict):
