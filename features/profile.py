@@ -368,9 +368,37 @@ class FeaturePlan:
             else:
                 steps.append((2, name))
 
+        slot_of = self._slots.slots  # slot -> (metric, window)
+        used = sorted({s for step in steps if step[0] < 2
+                       for s in (step[1:3] if step[0] == 1 else step[1:2])})
+        windows = sorted({slot_of[s][1] for s in used if slot_of[s][1] is not None})
+        shortest = windows[0] if windows else 1 << 62
+        adjust = [(s, *slot_of[s]) for s in used]
+
+        def totals_at(b: MinuteBuckets, minute: int):
+            """The used slots' totals as of ``minute``, as _SlotsAt gives them, all at once: the
+            running total, minus the buckets after the minute, plus, per window, those that were
+            still in it. None when that is not the usual case (_SlotsAt then)."""
+            now, keys = b.now, b.keys
+            if not keys or now < minute or now - minute >= shortest \
+                    or keys[-1] >> METRIC_BITS > now:
+                return None
+            if now == minute:
+                return b.totals
+            after = b.sums(minute, now)
+            entering = {w: b.sums(minute - w, now - w) for w in windows}
+            totals = b.totals
+            return {slot: totals[slot] - after.get(metric, 0)
+                    + (entering[window].get(metric, 0) if window is not None else 0)
+                    for slot, metric, window in adjust}
+
         def read(user: str, p: Profile, at_ms: int) -> list:
-            view = _PointInTime(self, p, at_ms // MINUTE_MS)
-            totals, num, out = view.buckets.totals, None, []
+            minute = at_ms // MINUTE_MS
+            totals = totals_at(p.buckets, minute - 1)
+            if totals is None:
+                totals = _SlotsAt(p.buckets, minute - 1)
+            times = num = None
+            out = []
             for step in steps:
                 if step[0] == 0:
                     v = totals[step[1]]
@@ -379,16 +407,18 @@ class FeaturePlan:
                     den = totals[step[2]]
                     out.append(totals[step[1]] / den if den and den > 0 and den >= step[3] else None)
                 elif step[0] == 3:  # days since the first of its anchors that is set
-                    times, days = view.times, None
+                    if times is None:
+                        times = _TimesAt(self, p, minute)
+                    days = None
                     for i in step[1]:
                         anchor = times[i]
                         if anchor is not None:
-                            days = (view.as_of - anchor) // DAY_MS
+                            days = (minute * MINUTE_MS - anchor) // DAY_MS
                             break
                     out.append(days)
                 else:
                     if num is None:
-                        num = _Num(_Ctx(user, view, self))
+                        num = _Num(_Ctx(user, _PointInTime(self, p, minute), self))
                     out.append(num[step[1]])
             return out
         return read

@@ -35,7 +35,7 @@ from river import linear_model, optim, preprocessing
 class Weights:
     """A published version of a model: scoring only, immutable, small, picklable."""
 
-    __slots__ = ("model", "version", "learned", "terms", "intercept", "last_version")
+    __slots__ = ("model", "version", "learned", "terms", "intercept", "last_version", "_rows")
 
     def __init__(self, model: str, version: int, learned: int,
                  terms: dict[str, tuple[float, float, float]], intercept: float,
@@ -45,6 +45,7 @@ class Weights:
         self.intercept = intercept
         # the same model is every version from `version` to this one (no label in between)
         self.last_version = version if last_version is None else last_version
+        self._rows: dict[tuple, tuple] = {}  # input names -> their terms by position
 
     def __getstate__(self) -> tuple:
         return (self.model, self.version, self.learned, self.terms, self.intercept,
@@ -53,6 +54,7 @@ class Weights:
     def __setstate__(self, state: tuple) -> None:
         (self.model, self.version, self.learned, self.terms, self.intercept,
          self.last_version) = state
+        self._rows = {}
 
     def to_json(self) -> dict:
         """A plain document (floats round-trip exactly through JSON): for the channel that
@@ -85,6 +87,29 @@ class Weights:
                 z += w * ((value - mean) / sd)
         z += self.intercept
         # River's sigmoid clamps the same way (river.utils.math.sigmoid)
+        if z < -30:
+            return 0.0
+        if z > 30:
+            return 1.0
+        return 1 / (1 + math.exp(-z))
+
+    def predict_row(self, names: tuple[str, ...], row: tuple[float, ...]) -> float:
+        """:meth:`predict_one` of ``dict(zip(names, row))``, the same floats in the same order,
+        with the terms looked up once per list of names.
+
+        >>> w = Weights("m", 1, 10, {"a": (1.0, 2.0, 0.5), "c": (0.0, 1.0, -1.0)}, 0.25)
+        >>> w.predict_row(("a", "b", "c"), (3.0, 9.0, 1.0)) == w.predict_one({"a": 3.0, "b": 9.0, "c": 1.0})
+        True
+        """
+        plan = self._rows.get(names)
+        if plan is None:
+            terms = self.terms
+            plan = self._rows[names] = tuple((i, *terms[n]) for i, n in enumerate(names)
+                                             if n in terms)
+        z = 0.0
+        for i, mean, sd, w in plan:
+            z += w * ((row[i] - mean) / sd)
+        z += self.intercept
         if z < -30:
             return 0.0
         if z > 30:

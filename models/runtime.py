@@ -248,14 +248,14 @@ class ShardModels:
                     else self.session[user]
             elif spec.once_per == "day":
                 once[model] = ts // DAY_MS
-            x = spec.vector_of(values[model], name)
-            score = w.predict_one(x)
+            row = spec.row_of(values[model], name)
+            score = w.predict_row(spec.input_names, row)
             # the version the time needs (one publication may stand for several); before the
             # first publication, the first (the same fresh model)
             version = max(w.version, version_for(ts, self.period_ms, self.grace_ms))
             self.last.setdefault(user, {})[model] = (score, version)
             # the input kept as a tuple in the spec's order: a fraction of a dict's memory
-            self.book.open(user, model, ts, tuple(x.values()), version, score)
+            self.book.open(user, model, ts, row, version, score)
 
     def profile_at(self, user: str, ts: int, p):
         """The profile an event at ``ts`` is seen with: as it was before the first later login

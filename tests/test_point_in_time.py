@@ -46,9 +46,12 @@ timeline = st.lists(st.tuples(st.sampled_from(NAMES), st.integers(0, 40 * DAY //
 
 
 @settings(max_examples=300, deadline=None)
-@given(timeline, st.integers(-20 * 60 * MIN, 60 * MIN), st.integers(1, 2), st.integers(0, 9),
-       st.integers(0, 2 * 60 * MIN))
+@given(timeline,  # as of up to 20 h back, or (the usual case: a score a minute late) minutes
+       st.one_of(st.integers(-20 * 60 * MIN, 60 * MIN), st.integers(-5 * MIN, 2 * MIN)),
+       st.integers(1, 2), st.integers(0, 9),
+       st.one_of(st.integers(0, 2 * 60 * MIN), st.integers(0, 3 * MIN)))
 @example([("order_completed", 10, 5), ("order_completed", 20, 0)], -30, 1, 0, 0)
+@example([("page_view", 2, 0), ("page_view", 61, 0)], 0, 1, 0, 2 * MIN)  # one leaves the hour since
 def test_later_events_and_order_do_not_move_a_point_in_time_value(items, at, parts, seed, later):
     """As of a time up to 20 h before the latest event (a score is computed about a minute
     after its event: the buckets keep a day past the longest window for it)."""
