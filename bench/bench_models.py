@@ -98,14 +98,15 @@ def per_model(steps: Steps, samples: int, seed: int) -> dict:
                   if s.store.models.versions[name]), None) or Learner(name).publish(0, 0)
         event = sorted(spec.predict_on)[0] if "*" not in spec.predict_on else "page_view"
         read = plan.inputs_at(tuple(n for n, _, _ in spec.inputs))
-        xs = []
+        rows, names = [], spec.input_names
         t = time.process_time()
-        for shard, user in users:
+        for shard, user in users:  # as models/runtime.py scores
             p = shard.store.users[user]
-            x = spec.vector_of(read(user, p, p.as_of), event)
-            w.predict_one(x)
-            xs.append(x)
+            row = spec.row_of(read(user, p, p.as_of), event)
+            w.predict_row(names, row)
+            rows.append(row)
         predict = (time.process_time() - t) / len(users)
+        xs = [dict(zip(names, row)) for row in rows]  # the learner's input, as the learner's step builds it
         learner = Learner(name, spec.learning_rate, spec.intercept_lr, spec.l2)
         ys = [rnd.random() < 0.2 for _ in xs]
         t = time.process_time()
