@@ -30,7 +30,8 @@ def new_training(spec: ModelSpec, shards: int, period_ms: int) -> Training:
                       intercept_lr=spec.intercept_lr, l2=spec.l2)
     return Training(spec.name, shards, period_ms, learner=learner,
                     quality=ModelQuality(spec.name), names=spec.input_names,
-                    horizon_ms=spec.horizon_ms if spec.learn_at == "close" else 0)
+                    horizon_ms=spec.horizon_ms if spec.learn_at == "close" else 0,
+                    measured_ms=spec.horizon_ms)
 
 
 class LearnerLogic(StatefulBatchLogic):

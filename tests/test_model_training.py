@@ -55,8 +55,8 @@ def schedule(data, labels_by_shard: dict[int, list[Label]]) -> list[LabelBatch]:
 
 
 def run(batches: list[LabelBatch], in_groups_of: int, restart_at: int | None = None,
-        horizon: int = 0):
-    t = Training("m", SHARDS, P, horizon_ms=horizon)
+        horizon: int = 0, measured: int = 0):
+    t = Training("m", SHARDS, P, horizon_ms=horizon, measured_ms=measured)
     weights, metrics = [], []
     for i in range(0, len(batches), in_groups_of):
         if restart_at is not None and i >= restart_at:
@@ -64,7 +64,7 @@ def run(batches: list[LabelBatch], in_groups_of: int, restart_at: int | None = N
         out = t.on_batch(batches[i:i + in_groups_of])
         weights += out.weights
         metrics += out.metrics
-    return weights, metrics
+    return weights, metrics + t.finish().metrics  # (the input's end: held metrics too)
 
 
 @settings(max_examples=150, deadline=None)
@@ -77,9 +77,11 @@ def test_versions_are_the_same_whatever_the_batches_and_equal_the_canonical_mode
     b = schedule(data, labels_by_shard)
     # learned at the label time, or when the prediction's horizon closes (never before its label)
     horizon = data.draw(st.sampled_from([0, 2 * P]))
-    wa, ma = run(a, data.draw(st.integers(1, 4)), horizon=horizon)
+    # learned at once, measured at once or when the horizon (here 3 h) closes
+    measured = data.draw(st.sampled_from([0, 3 * P])) if not horizon else 0
+    wa, ma = run(a, data.draw(st.integers(1, 4)), horizon=horizon, measured=measured)
     wb, mb = run(b, data.draw(st.integers(1, 4)), restart_at=data.draw(st.integers(0, len(b))),
-                 horizon=horizon)
+                 horizon=horizon, measured=measured)
 
     def learned_at(l: Label) -> int:
         return max(l.made_ms + horizon, l.labelled_ms)
@@ -118,6 +120,12 @@ def test_versions_are_the_same_whatever_the_batches_and_equal_the_canonical_mode
         assert by_version[0][v] == by_version[1][v]
     assert ma == mb
     assert sum(int(row[3]) for row in ma if row[2] == "labels") == len(everything)
+    # the metrics count each label in the minute it is learned, or that its horizon closes
+    at = (lambda l: l.made_ms + measured) if measured else learned_at
+    per_minute: dict[int, int] = {}
+    for l in everything:
+        per_minute[at(l) // 60_000 * 60_000] = per_minute.get(at(l) // 60_000 * 60_000, 0) + 1
+    assert {row[0]: int(row[3]) for row in ma if row[2] == "labels"} == per_minute
 
 
 def test_a_score_uses_the_last_boundary_at_least_the_grace_before_it():
