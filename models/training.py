@@ -106,7 +106,7 @@ class Training:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update({"horizon_ms": 0, "measured_ms": 0, "held": [], "floor_ms": None,
-                              **state})
+                              "latest_ms": None, "cutoff_ms": None, **state})
 
     def __init__(self, model: str, shards: int, period_ms: int, learner: Learner | None = None,
                  quality: ModelQuality | None = None, names: tuple[str, ...] | None = None,
@@ -124,6 +124,8 @@ class Training:
         self.measured_ms = measured_ms if not horizon_ms else 0
         self.held: list[bytes] = []  # a heap of _HELD records
         self.floor_ms: int | None = None  # metrics before this time are closed
+        self.latest_ms: int | None = None  # the latest label time seen
+        self.cutoff_ms: int | None = None  # at the input's end: no metric for later closes
         self.learner = learner or Learner(model)
         self.quality = quality or ModelQuality(model)
         self.marks: dict[int, int] = {}
@@ -149,11 +151,16 @@ class Training:
         out = TrainingOut()
         for b in batches:
             self.pending.extend(b.labels)
+            for l in b.labels:
+                if self.latest_ms is None or l.labelled_ms > self.latest_ms:
+                    self.latest_ms = l.labelled_ms
             if b.mark_ms > self.marks.get(b.shard, -(2**62)):
                 self.marks[b.shard] = b.mark_ms
         complete = self.complete_ms()
         if complete is None:
             return out
+        if complete >= END_MS and self.cutoff_ms is None:
+            self.cutoff_ms = self.latest_ms  # the input's end: see finish()
         period = self.period_ms
         target = complete // period  # every label of versions up to this one has arrived
         if self.covered is None:
@@ -208,8 +215,13 @@ class Training:
 
     def finish(self) -> TrainingOut:
         """The input's end: every label still pending is learned (in the canonical order, as
-        one last period), and the open minute's metrics close."""
+        one last period), and the open minute's metrics close. A prediction whose horizon had
+        not closed by the last label is learned but not measured: its cohort is incomplete
+        (only the labels that resolve early came: the positives of a purchase, the negatives
+        of churn), and measuring it would tilt the last rolling AUC."""
         out = TrainingOut()
+        if self.cutoff_ms is None:
+            self.cutoff_ms = self.latest_ms
         if self.pending:
             last = max(self._at(l) for l in self.pending) // self.period_ms
             start = last if self.covered is None else max(last, self.covered)
@@ -251,6 +263,8 @@ class Training:
 
     def _measure(self, at: int, score: float, y: bool, made: int, labelled: int,
                  out: TrainingOut) -> None:
+        if self.cutoff_ms is not None and at > self.cutoff_ms:
+            return
         if self.floor_ms is not None and at < self.floor_ms:
             at = self.floor_ms  # (a late label: its minute's metrics were written)
         minute = at // MINUTE_MS * MINUTE_MS
