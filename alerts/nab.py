@@ -293,6 +293,33 @@ def nab_score(files: list[FileScoring], profile: str = "standard") -> dict:
     return {"raw": round(best, 4), "threshold": threshold, "score": round(norm, 2)}
 
 
+def nab_total(files: list[FileScoring], threshold: float, profile: str = "standard") -> tuple[float, float, float]:
+    """NAB's raw total of these files at a given threshold (a detection: score >= threshold),
+    with the null (no detection) and perfect totals: (raw, null, perfect). Totals add up over
+    files, so a corpus scored with several thresholds is normalised as one.
+
+    >>> f = file_scoring([0.1, 0.2, 0.9, 0.3] * 50, [(100, 110)])
+    >>> raw, null, perfect = nab_total([f], 0.95)
+    >>> (raw, null, perfect), nab_total([f], 0.85)[0] < raw  # 0.85: every 0.9 row fires
+    ((-1.0, -1.0, 1.0), True)
+    """
+    a_tp, a_fp, a_fn = PROFILES[profile]
+    raw = null = perfect = 0.0
+    for f in files:
+        perfect += a_tp * f.labelled
+        raw += sum(a_fp * c for s, c in f.fp if s >= threshold)
+        for records in f.windows:
+            null -= a_fn
+            hit = [tp for s, tp in records if s >= threshold]
+            # the earliest detection is the first record at or above the threshold
+            raw += a_tp * hit[0] if hit else -a_fn
+    return raw, null, perfect
+
+
+def normalised(raw: float, null: float, perfect: float) -> float:
+    return round(100.0 * (raw - null) / (perfect - null), 2) if perfect > null else 0.0
+
+
 # --- summary figures from the breach flags ------------------------------------------------
 
 def breach_figures(s: Series, breaches: list[bool], spans: list[tuple[int, int]]) -> dict:
