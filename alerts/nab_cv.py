@@ -24,9 +24,12 @@ a gap between the two.
 """
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
 from typing import Callable
 
 from alerts import detectors as d
+from alerts.adaptive import AdaptiveGaussian
 from alerts.nab import (FileScoring, Series, file_scoring, nab_score, nab_total, normalised,
                         run_detector, window_spans)
 
@@ -74,7 +77,78 @@ def cross_validate(candidates: dict[str, Callable[[], d.Detector]], series: list
         totals = [totals[0] + raw, totals[1] + null, totals[2] + perfect]
         ins = nab_total([runs[whole[0]][n] for n in held], whole[1], profile)
         by_category[cat] = {"cv": normalised(raw, null, perfect), "in_sample": normalised(*ins),
-                            "files": len(held)}
+                            "files": len(held), "totals": ((raw, null, perfect), ins)}
     return {"profile": profile, "cv": {"score": normalised(*totals)},
             "in_sample": {"candidate": whole[0], "threshold": whole[1], "score": whole[2]},
             "chosen": chosen, "by_category": by_category}
+
+
+def subset_scores(result: dict, categories) -> dict:
+    """The cross-validated and in-sample scores of some categories only (e.g. the shared NAB
+    series among generated ones), from the totals of a :func:`cross_validate` result."""
+    cv, ins = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    for cat in categories:
+        a, b = result["by_category"][cat]["totals"]
+        cv = [x + y for x, y in zip(cv, a)]
+        ins = [x + y for x, y in zip(ins, b)]
+    return {"cv": normalised(*cv), "in_sample": normalised(*ins)}
+
+
+# The candidates the defaults are chosen among: AdaptiveGaussian's level half-life, cooldown,
+# seasonal baseline on or off, likelihood on or off (its defaults: hl1000_cd200_ms288_lw6).
+GRID: dict[str, Callable[[], d.Detector]] = {
+    f"hl{hl}_cd{cd}_ms{ms}_lw{lw}": (lambda hl=hl, cd=cd, ms=ms, lw=lw: AdaptiveGaussian(
+        half_life=hl, cooldown=cd, max_slots=ms, lik_window=lw))
+    for hl, cd, ms, lw in itertools.product([300, 1000, 3000], [50, 200, 800], [0, 288], [0, 6])}
+DEFAULT = "hl1000_cd200_ms288_lw6"
+
+
+def with_generated(series: list[Series], labels: dict, seeds: int) -> tuple[list[Series], dict]:
+    """The series plus ``seeds`` generated series of every kind (alerts/series_gen.py), each
+    kind a category of its own."""
+    from alerts.series_gen import corpus
+
+    series, labels = list(series), dict(labels)
+    for g in corpus(range(seeds)):
+        series.append(g.series)
+        labels[g.series.name] = list(g.windows)
+    return series, labels
+
+
+def evaluate_cv(data: Path, labels_path: Path, seeds: int = 3,
+                candidates: dict[str, Callable[[], d.Detector]] | None = None) -> dict:
+    """The cross-validation ``surgeflow nab-eval`` prints: over the series under ``data`` and
+    generated ones, the candidates of :data:`GRID`; the scores overall and of the given
+    series' categories alone, in sample and cross-validated, for the grid and for the
+    defaults alone (only the threshold is chosen then)."""
+    from alerts.nab import find_series, read_labels
+
+    labels = read_labels(labels_path)
+    given = find_series(Path(data), labels)
+    series, labels = with_generated(given, labels, seeds)
+    candidates = candidates or GRID
+    runs = {c: scorings(f, series, labels) for c, f in candidates.items()}
+    shared = sorted({category_of(s.name) for s in given})
+    out = {"series": len(series), "given": len(given), "candidates": len(candidates)}
+    for what, pick in (("grid", runs), ("defaults", {DEFAULT: runs[DEFAULT]} if DEFAULT in runs else runs)):
+        r = cross_validate({}, series, labels, runs=pick)
+        out[what] = {"cv": r["cv"]["score"], "in_sample": r["in_sample"]["score"],
+                     "given_only": subset_scores(r, shared),
+                     "by_category": {c: {k: v[k] for k in ("cv", "in_sample", "files")}
+                                     for c, v in r["by_category"].items()},
+                     "chosen": {c: v[0] for c, v in r["chosen"].items()}}
+    return out
+
+
+def format_cv(result: dict) -> str:
+    lines = [f"leave-one-category-out cross-validation: {result['series']} series "
+             f"({result['given']} given, the rest generated), {result['candidates']} candidates"]
+    for what in ("defaults", "grid"):
+        r = result[what]
+        lines.append(f"  {what:<9} cross-validated {r['cv']:>6}  in sample {r['in_sample']:>6}   "
+                     f"given series only: cross-validated {r['given_only']['cv']:>6}  "
+                     f"in sample {r['given_only']['in_sample']:>6}")
+    lines.append(f"  {'category':<28} {'cv':>7} {'in':>7}  chosen without it")
+    for cat, v in result["grid"]["by_category"].items():
+        lines.append(f"  {cat:<28} {v['cv']:>7} {v['in_sample']:>7}  {result['grid']['chosen'][cat]}")
+    return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Detector benchmark: NAB scores of the plain baseline and ours (with the ablation of ours),
 the cost of one value for every detector class, memory per series, and 100,000 series at once.
 
-    python -m bench.bench_nab                                  # everything (~2 min)
+    python -m bench.bench_nab                                  # everything (~3 min)
     python -m bench.bench_nab --skip-nab                       # cost and memory only
     python -m bench.bench_nab --series 20000 --rounds 2        # a smaller many-series run
 
@@ -194,6 +194,8 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-nab", action="store_true")
+    ap.add_argument("--cv-seeds", type=int, default=3,
+                    help="generated series of each kind in the cross-validation (0: none)")
     args = ap.parse_args()
 
     result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
@@ -201,6 +203,10 @@ def main() -> None:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if not args.skip_nab:
         result["nab"] = bench_nab(args)
+        log("leave-one-category-out cross-validation")
+        from alerts.nab_cv import evaluate_cv
+
+        result["cross_validation"] = evaluate_cv(args.data, args.labels, args.cv_seeds)
     rows, ratios = feed(args.values), ratio_feed(args.values)
     log("cost per value")
     result["us_per_value"] = {name: round(cost_us(f, ratios if "Binomial" in name else rows), 2)

@@ -533,8 +533,13 @@ def nab_eval(data: Path = typer.Option(..., "--data", help="NAB data folder (<ca
              labels: Path = typer.Option(..., "--labels", help="NAB labels JSON (combined windows)"),
              out: Path = typer.Option(..., "--out", help="results folder (NAB's layout) and summary.json"),
              detector: list[str] = typer.Option(["windowed_gaussian", "surgeflow"], "--detector", "-d",
-                                                help="detector name; repeat or comma-separate")):
-    """Run detectors over the Numenta Anomaly Benchmark: NAB results files, scores, recall, delays."""
+                                                help="detector name; repeat or comma-separate"),
+             cv: bool = typer.Option(True, "--cv/--no-cv",
+                                     help="also cross-validate the defaults (leave one category out)"),
+             seeds: int = typer.Option(3, "--synthetic-seeds", min=0,
+                                       help="generated series of each kind added to the cross-validation")):
+    """Run detectors over the Numenta Anomaly Benchmark: NAB results files, scores, recall, delays;
+    then the cross-validated score of the defaults, over these series and generated ones."""
     from alerts import nab
 
     names = [n.strip() for item in detector for n in item.split(",") if n.strip()]
@@ -553,6 +558,12 @@ def nab_eval(data: Path = typer.Option(..., "--data", help="NAB data folder (<ca
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     print(nab.format_table(result))
+    if cv:
+        from alerts.nab_cv import evaluate_cv, format_cv
+
+        result["cross_validation"] = evaluate_cv(data, labels, seeds)
+        print(format_cv(result["cross_validation"]))
+        (out / "summary.json").write_text(json.dumps(result, indent=1))
     console.print(f"written: {out}/<detector>/<category>/<detector>_<file>.csv and {out}/summary.json",
                   highlight=False)
 

@@ -59,4 +59,9 @@ def test_a_held_out_category_is_scored_with_what_was_chosen_without_it():
              nab_total([runs["A"]["c/1.csv"]], 0.9)]
     assert r["cv"]["score"] == normalised(*[sum(v) for v in zip(*parts)])
     assert r["cv"]["score"] < r["in_sample"]["score"]
-    assert r["by_category"]["a"] == {"cv": 0.0, "in_sample": normalised(*parts[1]), "files": 1}
+    a = r["by_category"]["a"]
+    assert (a["cv"], a["in_sample"], a["files"]) == (0.0, normalised(*parts[1]), 1)
+    from alerts.nab_cv import subset_scores
+
+    assert subset_scores(r, ["a", "b", "c"])["cv"] == r["cv"]["score"]
+    assert subset_scores(r, ["b"]) == {"cv": normalised(*parts[1]), "in_sample": normalised(*parts[1])}

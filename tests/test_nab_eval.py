@@ -53,7 +53,7 @@ def test_cli_writes_nab_layout_labels_and_scores(tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["nab-eval", "--data", str(data), "--labels", str(labels),
                                    "--out", str(out), "--detector", "windowed_gaussian,surgeflow",
-                                   "--detector", "robust_gaussian"])
+                                   "--detector", "robust_gaussian", "--synthetic-seeds", "0"])
     assert res.exit_code == 0, res.output
     for det in ("windowed_gaussian", "surgeflow", "robust_gaussian"):
         for name, n, windows in (("synthA/one.csv", 600, [(380, 420)]),
@@ -72,6 +72,11 @@ def test_cli_writes_nab_layout_labels_and_scores(tmp_path):
     assert set(summary["detectors"]) == {"windowed_gaussian", "surgeflow", "robust_gaussian"}
     assert "ALL" in res.output and "surgeflow" in res.output
     assert summary["detectors"]["surgeflow"]["per_file"]["synthA/one.csv"]["recall"] == 1.0
+    # the defaults cross-validated, leaving each category out (here: the two given ones)
+    cv = summary["cross_validation"]
+    assert set(cv["grid"]["by_category"]) == {"synthA", "synthB"} and cv["given"] == 2
+    assert "cross-validated" in res.output
+    assert all(isinstance(cv[w][k], float) for w in ("grid", "defaults") for k in ("cv", "in_sample"))
 
 
 def test_cli_rejects_unknown_detector(tmp_path):
