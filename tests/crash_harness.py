@@ -75,8 +75,13 @@ def write_config(tmp: Path, name: str, bootstrap: str, topic: str, redis_url: st
         "clickhouse": {"dsn": f"chdb://{tmp / 'chdb'}", "database": name,
                        "spool_dir": str(tmp / name / "spool")},
         "alerts": {"webhook": {"url": f"{webhook}/{name}" if webhook else None}},
+        # No idleness: a partition read to its end would stop holding the watermark after 60 s
+        # of wall time, so a run slowed by its kills (on a loaded machine) moved "now" further
+        # than the clean run, and windows expired in one and not the other (a user's views_1h
+        # 2 against 5). Event time alone decides here.
         "flow": {"max_clock_skew_s": None, "max_lookback_s": None, "epoch_interval_s": 0.5,
-                 "workers": 2, "recovery_dir": str(tmp / name / "recovery"), **flow},
+                 "workers": 2, "recovery_dir": str(tmp / name / "recovery"),
+                 "idle_timeout_s": None, **flow},
         "metrics": {"port": 0},
     }
     if trigger_rules is not None:  # else the shipped catalogue
