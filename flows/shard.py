@@ -1049,7 +1049,12 @@ class ProfileShard:
                 self.store.models.receive(h.weights)
             return
         if h.ops:
-            self.pending += h.ops
+            if self.erased:  # a person erased here since: dropped now, not held until released
+                # (held, the operation put the id back into the snapshots after the erasure
+                # had compacted the recovery store; _apply would only drop it later)
+                self.pending += [item for item in h.ops if not self._erased_op(item[3])]
+            else:
+                self.pending += h.ops
         self.clocks[h.source] = h.clock
         self.progress[h.source] = h.progress
         if h.final:
@@ -1113,6 +1118,12 @@ class ProfileShard:
                 if seen < offset:
                     frontier[part] = seen
         return frontier
+
+    def _erased_op(self, op) -> bool:
+        """An event or merge of a person erased after its time (:meth:`_apply` drops those)."""
+        if type(op) is Event:
+            return self.erased.covers(op.user, op.ts_ms)
+        return op[0] == "merge" and self.erased.covers(op[1], op[2].last_event)
 
     def _apply(self, op, out: ShardOut, ts: int = 0) -> None:
         store = self.store

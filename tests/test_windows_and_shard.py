@@ -332,3 +332,25 @@ def test_an_erased_users_login_erases_the_device_it_names_late_or_not():
             assert out.events == 0
     finally:
         reset_process_ledger(None, {})
+
+
+def test_a_profile_shard_drops_at_once_what_comes_for_a_person_it_erased():
+    """An ingest shard that had not seen the erasure yet hands over an older event of the
+    person: the profile shard, which has, drops it on receipt rather than holding it until it is
+    released (held, the id went back into the snapshots after the erasure's compaction)."""
+    from flows.shard import Handover, ProfileShard
+    from privacy.erasure import ErasureRequest
+
+    s = ProfileShard(0, ShardConfig(lateness_ms=0, profile_shards=1, ingest_shards=2), PLAN)
+    out = ShardOut(0)
+    erased_at = T0 + 20 * 60_000
+    s.receive(Handover(0, 0, [(0, 1, T0, ev(1, "u", "page_view", T0, identified=True))], T0, {0: 1}), out)
+    s.receive(Handover(0, 0, [(-1, -1, erased_at, ("erase", "u", ErasureRequest("r1", "u", False, "t", erased_at)))],
+                       T0, {0: 1}), out)
+    s.receive(Handover(0, 1, [], T0, {0: 1}), out)
+    s.release(out)
+    assert s.erased.covers("u", T0) and not s.pending
+    late = ev(2, "u", "page_view", T0 + 60_000, identified=True)
+    s.receive(Handover(0, 1, [(0, 0, late.ts_ms, late), (0, 2, T0, ev(3, "v", "page_view", T0))],
+                       T0, {0: 0}), out)
+    assert [item[3].user for item in s.pending] == ["v"]  # u's dropped, v's waits its turn
