@@ -124,6 +124,9 @@ class EntityShard:
                 alerts += self._advance(chunk.wall_ms - self.lookback_ms)
         for request in chunk.erasures or ():
             self.rules.erase({request.subject})
+            # the ingest shards add it to the process's ledger too, but maybe later than this:
+            # a signal of the person still in flight would bring them back into the state
+            PROCESS_LEDGER.add(request.subject, request.requested_at_ms)
         for s in chunk.signals:
             if s.ts_ms < self.watermark or s.event_id in self.seen:
                 continue  # late (dead-lettered by its ingest shard) or a duplicate

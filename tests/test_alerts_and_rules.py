@@ -456,6 +456,28 @@ def test_entity_shards_drop_duplicates_and_late_signals():
     assert [(a.rule, a.value) for a in fired] == [("user_orders_per_day", 100.0)]
 
 
+def test_an_entity_shard_erased_person_stays_out_whatever_the_ingest_shards_did():
+    """The erasure reaches the entity shard before any ingest shard has added the person to the
+    process's ledger; a signal of theirs still in flight must not bring them back."""
+    import pickle
+
+    from flows.entity_alerts import EntityChunk, EntityShard
+    from privacy.erasure import ErasureRequest, reset_process_ledger
+
+    reset_process_ledger(b"k" * 32, {})
+    try:
+        shard = EntityShard(0, [load_rules().rule("user_orders_per_day")], lateness_ms=60_000)
+        order = Signal(3_600_000, "order_completed", "victim-7", "", "", 2, "o1")
+        shard.ingest(EntityChunk(0, [order], {0: 3_600_000}, 1))
+        assert b"victim-7" in pickle.dumps(shard)
+        request = ErasureRequest("r1", "victim-7", False, "t", 3_700_000)
+        shard.ingest(EntityChunk(0, [], {}, 1, 0, [request]))
+        shard.ingest(EntityChunk(0, [order._replace(event_id="o2", ts_ms=3_600_500)], {0: 3_600_500}, 1))
+        assert b"victim-7" not in pickle.dumps(shard)
+    finally:
+        reset_process_ledger(None, {})
+
+
 def test_resumed_rules_take_the_current_catalogue_and_keep_unchanged_state(tmp_path):
     import pickle
 
