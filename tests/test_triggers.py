@@ -186,6 +186,30 @@ def test_quiet_hours_defer_then_release_spread_under_the_rate_limit(tmp_path):
     assert {d["decision"] for d in r.audit} == {"deferred", "sent"}
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 4000),
+                          st.sampled_from(["page_view", "checkout_started"])), max_size=8))
+def test_rate_limit_slots_do_not_depend_on_the_users_own_events(tmp_path_factory, morning):
+    """Six releases at 09:00 share the push rate limit (2 per s). Whatever the users send after
+    09:00, and in whatever order it arrives relative to the watermark, each release takes the
+    slot the watermark's order gives it (due time, user): the same as with no events at all. A
+    stop event after 09:00 does not cancel a release that only waits for its slot."""
+    tmp = tmp_path_factory.mktemp("slots")
+    rules = rules_file(tmp, [absence()], quiet_hours={"start": "21:00", "end": "09:00"},
+                       release_rate_per_s={"push": 2})
+    night = [ev(f"u{i}", "add_to_cart", T0 + 12 * HOUR) for i in range(6)]
+    nine = T0 + DAY - HOUR
+    later = [ev(f"u{u}", name, nine + ms) for u, ms, name in sorted(morning, key=lambda m: m[1])]
+
+    def slots(records):
+        return sorted((a["user_id"], a["event_ts_ms"] - nine)
+                      for a in replay(records, rules, run_on_ms=DAY).actions)
+
+    # the oracle: releases in user order, one every 500 ms from 09:00
+    assert slots(night) == [(f"u{i}", 500 * i) for i in range(6)]
+    assert slots(night + later) == slots(night)
+
+
 def test_a_release_checks_every_guard_again(tmp_path):
     """Deferred by quiet hours; by 09:00 the user has withdrawn consent: nothing is sent."""
     rules = rules_file(tmp_path, [absence()], quiet_hours={"start": "21:00", "end": "09:00"})
