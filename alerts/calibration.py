@@ -87,5 +87,11 @@ class TailCalibration:
         # (below u the exponent is positive: capped, as the probability is capped at 1 anyway)
         return min(1.0, (1.0 - self.q) * math.exp(min((self.u - s) / self.beta, 50.0)))
 
+    def strength_at(self, p: float) -> float:
+        """The strength whose tail probability is ``p`` (inf before the warm-up)."""
+        if self.n < self.warmup or self.beta <= 0.0:
+            return math.inf
+        return self.u + self.beta * math.log((1.0 - self.q) / p)
+
     def warm(self) -> bool:
         return self.n >= self.warmup

@@ -123,7 +123,7 @@ class PlainEngine(TriggerEngine):
         if st is None:
             st = self.users[user] = UserTriggers()
         elif st.heap_due is not None and st.heap_due <= e.ts_ms:
-            self._due(user, st, e.ts_ms, ctx, out, by_watermark=False)
+            self._due(user, st, e.ts_ms, ctx, out)
         if self.retired and st.matches:
             retired = {id(m.rule): m.rule for m in st.matches.values()
                        if getattr(m.rule, "retired", False)}
@@ -148,10 +148,7 @@ class PlainEngine(TriggerEngine):
                             f"{e.name} ended it after step {m.step}")
         keep = []
         for s in st.sends:
-            # released from its guard, it only waits for a rate-limit slot: it goes
-            committed = (s.deferred and s.planned in self.book.interval_ms
-                         and (s.slotted or s.due <= e.ts_ms))
-            if s.rule.name == rule.name and not committed:
+            if s.rule.name == rule.name:
                 self._audit(out, e.ts_ms, user, s.rule, s.action_id, s.step, s.channel,
                             s.message, "exited", f"{e.name} before the pending send")
             else:
@@ -169,28 +166,20 @@ class PlainEngine(TriggerEngine):
                 keep.append(s)
         st.sends = keep
 
-    def _due(self, user, st, now, ctx, out, by_watermark=True):
-        """Only the watermark releases what has a rate-limit slot to take."""
+    def _due(self, user, st, now, ctx, out):
         extra = {"_timer_ms": self.wall_ms} if self.wall_ms else {}
-
-        def waits(s):
-            return (not by_watermark and s.deferred and not s.slotted
-                    and s.planned in self.book.interval_ms)
-
         while True:
-            dues = [m.due for m in st.matches.values() if m.due is not None]
-            dues += [s.due for s in st.sends if not waits(s)]
-            first = min(dues, default=NEVER)
+            first = _first_due(st)
             if first > now:
                 return
             for m in sorted((m for m in st.matches.values() if m.due == first),
                             key=lambda m: (m.rule.name, m.key)):
                 for f in m.rule.on_due(st, m, ctx):
                     self._decide(st, user, [f], f.ts, ctx, out, "", extra)
-            ready = sorted((s for s in st.sends if s.due == first and not waits(s)),
+            ready = sorted((s for s in st.sends if s.due == first),
                            key=lambda s: (s.rule.name, s.action_id))
             if ready:
-                st.sends = [s for s in st.sends if all(s is not r for r in ready)]
+                st.sends = [s for s in st.sends if s.due != first]
                 for s in ready:
                     self._offer(st, user, s, s.due, ctx, out, extra)
 

@@ -190,7 +190,7 @@ class TriggerEngine:
             # The user's own later event shows these timers elapsed (event time) before it:
             # they fire first, whether or not the watermark has passed them yet, so a stop
             # event after the deadline never cancels what was due before it.
-            self._due(user, st, ts, ctx, out, by_watermark=False)
+            self._due(user, st, ts, ctx, out)
         if self.retired and st.matches and not played:
             retired = {id(m.rule): m.rule for m in st.matches.values()
                        if getattr(m.rule, "retired", False)}
@@ -220,12 +220,8 @@ class TriggerEngine:
         if not st.sends or not any(s.rule.name == name for s in st.sends):
             return  # the usual case (a drip's exit on every event): no pending send to end
         keep = []
-        interval = self.book.interval_ms
         for s in st.sends:
-            # A release only waiting for its rate-limit slot (taken, or to be taken once the
-            # watermark passes it) was decided before this event: it goes.
-            if s.rule.name == name and not (s.deferred and s.planned in interval
-                                             and (s.slotted or s.due <= e.ts_ms)):
+            if s.rule.name == name:
                 self._audit(out, e.ts_ms, user, s.rule, s.action_id, s.step, s.channel, s.message,
                             "exited", f"{e.name} before the pending send")
             else:
@@ -251,7 +247,7 @@ class TriggerEngine:
         """Fire what of the user was due before ``ts`` (their event at ``ts`` is next)."""
         st = self.users.get(user)
         if st is not None and st.heap_due is not None and st.heap_due <= ts:
-            self._due(user, st, ts, ctx, out, by_watermark=False)
+            self._due(user, st, ts, ctx, out)
             self._settle(user, st, ts)
 
     def revoke(self, user: str, ts: int, out) -> None:
@@ -322,17 +318,10 @@ class TriggerEngine:
             self._due(user, st, due, ctx_of(user), out)
             self._settle(user, st, due)
 
-    def _due(self, user: str, st: UserTriggers, now: int, ctx, out,
-             by_watermark: bool = True) -> None:
+    def _due(self, user: str, st: UserTriggers, now: int, ctx, out) -> None:
         """Everything of the user due at or before ``now``, earliest first, each at its own
-        due time (a schedule's next step may be due before ``now`` too).
-
-        A release that must first take a rate-limit slot waits for the watermark (unless
-        ``by_watermark``): the slots are shared by the shard's users, so they are taken in the
-        watermark's order (due time, user, rule, action), never in the order the users' own
-        events happen to arrive: a replay or a restart gives every release the same slot."""
-        held = None if by_watermark else self._slot_takers(st)
-        first = _first_due(st, held)
+        due time (a schedule's next step may be due before ``now`` too)."""
+        first = _first_due(st)
         if first > now:
             return  # the timer moved later since it was set (a session went on): nothing yet
         extra = {"_timer_ms": self.wall_ms} if self.wall_ms else {}
@@ -344,25 +333,14 @@ class TriggerEngine:
                 for f in m.rule.on_due(st, m, ctx):
                     self._decide(st, user, [f], f.ts, ctx, out, "", extra)
             if st.sends:
-                ready = [s for s in st.sends if s.due == first and (not held or id(s) not in held)]
+                ready = [s for s in st.sends if s.due == first]
                 if ready:
-                    taken = {id(s) for s in ready}
-                    st.sends = [s for s in st.sends if id(s) not in taken]
+                    st.sends = [s for s in st.sends if s.due != first]
                     if len(ready) > 1:
                         ready.sort(key=_send_order)
                     for s in ready:
                         self._offer(st, user, s, s.due, ctx, out, extra)
-            if not by_watermark:
-                held = self._slot_takers(st)
-            first = _first_due(st, held)
-
-    def _slot_takers(self, st: UserTriggers) -> set[int] | None:
-        """The user's releases still to take a rate-limit slot (ids; None: none)."""
-        interval = self.book.interval_ms
-        if not interval or not st.sends:
-            return None
-        held = {id(s) for s in st.sends if s.deferred and not s.slotted and s.planned in interval}
-        return held or None
+            first = _first_due(st)
 
     def _settle(self, user: str, st: UserTriggers, now: int) -> None:
         """Forget what no longer matters, drop an empty state, schedule the next timer."""
@@ -536,15 +514,14 @@ def _soonest_mark(marks: dict[str, tuple[int, int]]) -> int:
     return soonest
 
 
-def _first_due(st: UserTriggers, held: set[int] | None = None) -> int:
-    """The earliest due time of the user's matches and pending sends (NEVER: none), the
-    sends ``held`` (ids) left out."""
+def _first_due(st: UserTriggers) -> int:
+    """The earliest due time of the user's matches and pending sends (NEVER: none)."""
     due = NEVER
     for m in st.matches.values():
         if m.due is not None and m.due < due:
             due = m.due
     for s in st.sends:
-        if s.due < due and (held is None or id(s) not in held):
+        if s.due < due:
             due = s.due
     return due
 

@@ -1,0 +1,318 @@
+"""Detectors for what a z-score on one value misses (issue 17): a level that moved and stays, a
+collector that died (a flat line), counts near zero. Each keeps the River-style protocol of
+:mod:`alerts.detectors` and constant memory, and scores how rare its strength is for the series
+itself (:class:`~alerts.calibration.TailCalibration`), so their scores compare with each other
+and with :class:`~alerts.adaptive.AdaptiveGaussian`'s: :class:`alerts.ensemble.Ensemble`
+combines them.
+
+* :class:`LevelShift`: two-sided CUSUM of the standardised residuals from a reference level. A
+  shift of 1-2 sigmas that a single value never shows adds up; once it is confirmed (``h``) the
+  reference moves to the new level, so one shift is one alarm, and the next shift is judged
+  against the new level.
+* :class:`FlatLine`: how long the value has not moved at all, against the series' own runs of
+  repeated values (a metric that is often flat at night needs a longer run).
+* :class:`PoissonCounts`: counts judged against a Poisson rate per slot of the day (learned
+  online): a burst is the upper tail of the count, a dead stretch the probability of seeing
+  nothing for that long where something was expected.
+"""
+from __future__ import annotations
+
+import math
+from array import array
+
+from alerts.calibration import TailCalibration, p_score
+from alerts.detectors import Detector, Score
+
+DAY_MS = 86_400_000
+_LN10 = math.log(10.0)
+CLIP_P = 1e-3  # the tail learns a strength at most as rare as this (a long anomaly is one)
+
+
+class _Calibrated(Detector):
+    """A strength per value, calibrated on the series' own strengths; one alarm per episode.
+
+    Subclasses give ``_judge(x, t) -> (mu, sigma, z, warm, s)`` (s: the strength, >= 0) and
+    ``_learn(x, t)``. A value scores only when its score is a decade (1/30) above the best one
+    of the episode so far (an episode ends when the strength falls back to 0): a change that
+    lasts raises one alarm, and a worse one raises another.
+    """
+
+    __slots__ = ("tail", "episode")
+
+    def __init__(self, k, direction, warmup, min_sigma, min_change, tail_q, tail_half_life,
+                 tail_warmup):
+        super().__init__(k, direction, warmup, min_sigma, min_change)
+        # None: the strength is already in decades of probability (-log10 p)
+        self.tail = TailCalibration(tail_q, tail_half_life, tail_warmup) if tail_q else None
+        self.episode = 0.0  # the best score of the current episode
+
+    def _judge(self, x: float, t: int | None):
+        raise NotImplementedError
+
+    def _learn(self, x: float, t: int | None) -> None:
+        raise NotImplementedError
+
+    def score_one(self, x: float, t: int | None = None, n: float | None = None) -> Score:
+        x = float(x)
+        mu, sigma, z, warm, s = self._judge(x, t)
+        if not warm or s <= 0.0:
+            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm)
+        score = self._score(s)
+        if score <= self.episode + 1.0 / 30.0:
+            score = 0.0  # no rarer than what this episode already reported
+        breach = score > 0.0 and s > self.k and abs(x - mu) >= self.min_change * abs(mu)
+        return Score(x, mu, sigma, self.k, z, breach,
+                     ("up" if z > 0 else "down") if breach else "", score, warm)
+
+    def learn_one(self, x: float, t: int | None = None, n: float | None = None) -> None:
+        x = float(x)
+        mu, sigma, z, warm, s = self._judge(x, t)
+        if warm:
+            if s <= 0.0:
+                self.episode = 0.0
+            else:
+                score = self._score(s)
+                if score > self.episode + 1.0 / 30.0:
+                    self.episode = score
+            if self.tail is not None:  # an alarm's own strengths do not widen the tail
+                self.tail.learn_one(min(s, self.tail.strength_at(CLIP_P)))
+        self._learn(x, t)
+
+    def _score(self, s: float) -> float:
+        if self.tail is None:
+            return p_score(10.0 ** -s) if s < 300 else 1.0
+        return p_score(self.tail.p_value(s))
+
+
+class LevelShift(_Calibrated):
+    """Two-sided CUSUM of standardised residuals from a reference level (module docstring).
+
+    ``half_life``: the reference's memory (values) while no shift is confirmed; ``drift``: the
+    allowance per value in sigmas (shifts smaller than about twice it are ignored); ``h``: the
+    sum, in sigmas, that confirms a shift (the reference then restarts at the new level).
+    ``mu`` and ``sigma`` are the reference's, ``z`` the value's residual in sigmas; the
+    strength is the larger sum.
+
+    >>> import random
+    >>> rng = random.Random(3)
+    >>> d = LevelShift()
+    >>> for i in range(1500):
+    ...     d.learn_one(50 + rng.gauss(0, 1))
+    >>> scores = []
+    >>> for i in range(30):  # a shift of 2 sigmas: no single value is remarkable
+    ...     x = 52 + rng.gauss(0, 1)
+    ...     scores.append(d.score_one(x).score)
+    ...     d.learn_one(x)
+    >>> max(scores) > 0.1, round(d.mu_ref)
+    (True, 52)
+    """
+
+    __slots__ = ("half_life", "drift", "h", "_a", "n", "mu_ref", "var_ref", "up", "down",
+                 "fast", "since")
+
+    def __init__(self, k: float = 8.0, half_life: float = 1000.0, drift: float = 0.5,
+                 h: float = 12.0, warmup: int = 50, min_sigma: float = 0.0,
+                 direction: str = "both", min_change: float = 0.0, tail_q: float = 0.95,
+                 tail_half_life: float = 8000.0, tail_warmup: int = 200):
+        super().__init__(k, direction, warmup, min_sigma, min_change, tail_q, tail_half_life,
+                         tail_warmup)
+        if half_life <= 0 or drift < 0 or h <= 0:
+            raise ValueError("half_life > 0, drift >= 0, h > 0")
+        self.half_life, self.drift, self.h = float(half_life), float(drift), float(h)
+        self._a = 1.0 - 0.5 ** (1.0 / self.half_life)
+        self.n = 0
+        self.mu_ref = self.var_ref = 0.0
+        self.up = self.down = 0.0  # the two sums, in sigmas
+        self.fast = 0.0  # mean of the values since the sums last started
+        self.since = 0
+
+    def params(self) -> tuple[str, ...]:
+        return ("half_life", "drift", "h", *super().params())
+
+    def _sums(self, x: float) -> tuple[float, float, float, float]:
+        sigma = max(math.sqrt(self.var_ref), self.min_sigma)
+        if sigma <= 0.0:
+            z = 0.0 if x == self.mu_ref else math.copysign(1e6, x - self.mu_ref)
+        else:
+            z = (x - self.mu_ref) / sigma
+        return (sigma, z, max(0.0, self.up + z - self.drift),
+                max(0.0, self.down - z - self.drift))
+
+    def _judge(self, x, t):
+        warm = self.n >= max(self.warmup, 2)
+        sigma, z, up, down = self._sums(x)
+        s = up if self.direction == "up" else down if self.direction == "down" else max(up, down)
+        return self.mu_ref, sigma, z, warm, s
+
+    def _learn(self, x, t) -> None:
+        self.n += 1
+        if self.n == 1:
+            self.mu_ref = x
+            return
+        sigma, z, up, down = self._sums(x)
+        if self.n > self.warmup:
+            self.since = self.since + 1 if (up or down) else 0
+            self.fast = x if self.since <= 1 else self.fast + (x - self.fast) / self.since
+            self.up, self.down = up, down
+            if max(up, down) >= self.h:  # confirmed: the reference restarts at the new level
+                self.mu_ref, self.up, self.down, self.since = self.fast, 0.0, 0.0, 0
+                return
+            if up or down:
+                return  # a shift may be under way: the reference waits
+        a = max(self._a, 1.0 / self.n)
+        d = x - self.mu_ref
+        self.mu_ref += a * d
+        self.var_ref = (1.0 - a) * (self.var_ref + a * d * d)
+
+
+class FlatLine(_Calibrated):
+    """The number of values in a row that did not move at all (module docstring).
+
+    ``mu`` is the value the series is stuck at, ``sigma`` its usual move from one value to the
+    next (EW mean absolute difference), ``z`` the run's length in values. The series repeats its
+    previous value with a probability ``rho`` (learned, EW); a run of r repeats then has
+    probability ``rho ** r``, and the strength is ``-r log10 rho`` (decades of probability): a
+    continuous metric is flagged after a few repeats, a count that is often 0 at night only
+    after a long dead stretch.
+
+    >>> import random
+    >>> rng = random.Random(2)
+    >>> d = FlatLine()
+    >>> for i in range(2000):
+    ...     d.learn_one(round(10 + rng.gauss(0, 1), 2))
+    >>> scores = []
+    >>> for i in range(20):  # the collector died: the last value, over and over
+    ...     scores.append(d.score_one(10.0).score)
+    ...     d.learn_one(10.0)
+    >>> scores[0] == 0.0, max(scores) > 0.2, sum(s > 0 for s in scores) <= 10
+    (True, True, True)
+    """
+
+    __slots__ = ("half_life", "_a", "n", "prev", "run", "move", "repeats", "geometric", "min_run")
+
+    def __init__(self, k: float = 4.0, half_life: float = 1000.0, warmup: int = 50,
+                 tail_q: float = 0.95, tail_half_life: float = 8000.0, tail_warmup: int = 200,
+                 geometric: bool = False, min_run: int = 1):
+        super().__init__(k, "both", warmup, 0.0, 0.0, tail_q, tail_half_life, tail_warmup)
+        if half_life <= 0:
+            raise ValueError("half_life > 0")
+        self.half_life = float(half_life)
+        self._a = 1.0 - 0.5 ** (1.0 / self.half_life)
+        self.n = 0
+        self.prev: float | None = None
+        self.run = 0  # values in a row equal to prev, prev's first included
+        self.move = 0.0
+        self.repeats = 0.0  # EW share of values equal to the one before
+        self.geometric, self.min_run = geometric, min_run
+
+    def params(self) -> tuple[str, ...]:
+        return ("half_life", "k", "warmup")
+
+    def _judge(self, x, t):
+        warm = self.n >= max(self.warmup, 2)
+        run = self.run + 1 if x == self.prev else 1
+        rho = min(max(self.repeats, 1.0 / (self.n + 2)), 0.999)
+        r = max(0, run - self.min_run)
+        s = r * -math.log10(rho) if self.geometric else float(r)
+        return (self.prev if self.prev is not None else x), self.move, float(run - 1), warm, s
+
+    def _learn(self, x, t) -> None:
+        self.n += 1
+        if self.prev is not None:
+            a = max(self._a, 1.0 / self.n)
+            self.move += a * (abs(x - self.prev) - self.move)
+            self.repeats += a * ((1.0 if x == self.prev else 0.0) - self.repeats)
+        self.run = self.run + 1 if x == self.prev else 1
+        self.prev = x
+
+
+class PoissonCounts(_Calibrated):
+    """Counts against a Poisson rate per slot of the day (module docstring). For a series that
+    is not a count (negative or fractional values, or a rate above ``max_rate``), it stays
+    silent: the Gaussian view fits those.
+
+    The strength is in decades of probability: ``-log10 P(X >= x)`` for a high count,
+    ``-log10 P(nothing in the whole dead stretch)`` = expected count over the stretch / ln 10
+    for a run of zeros. ``mu`` is the slot's rate, ``sigma`` its square root.
+
+    >>> d = PoissonCounts()
+    >>> for i in range(288 * 6):  # six days of 5-minute counts, about 4 per slot
+    ...     d.learn_one([3, 5, 4, 4][i % 4], t=i * 300_000)
+    >>> t = 288 * 6 * 300_000
+    >>> d.score_one(4, t=t).score, d.score_one(40, t=t).score > 0.2
+    (0.0, True)
+    """
+
+    __slots__ = ("slots", "half_life_days", "max_rate", "n", "t_first", "step", "_a",
+                 "rates", "counts", "zeros", "is_count")
+
+    def __init__(self, k: float = 6.0, slots: int = 24, half_life_days: float = 7.0,
+                 max_rate: float = 50.0, warmup: int = 288, tail_q: float = 0.95,
+                 tail_half_life: float = 8000.0, tail_warmup: int = 200):
+        super().__init__(k, "both", warmup, 0.0, 0.0, tail_q, tail_half_life, tail_warmup)
+        if slots < 1 or half_life_days <= 0 or max_rate <= 0:
+            raise ValueError("slots >= 1, half_life_days > 0, max_rate > 0")
+        self.slots, self.half_life_days, self.max_rate = int(slots), float(half_life_days), float(max_rate)
+        self.n = 0
+        self.t_first: int | None = None
+        self.step = 0
+        self._a = 0.0
+        self.rates = array("d", bytes(8 * self.slots))
+        self.counts = array("H", bytes(2 * self.slots))
+        self.zeros = 0.0  # expected count over the current run of zeros
+        self.is_count = True
+
+    def params(self) -> tuple[str, ...]:
+        return ("k", "slots", "half_life_days", "max_rate", "warmup")
+
+    def _slot(self, t: int | None) -> int:
+        return 0 if t is None else (t % DAY_MS) * self.slots // DAY_MS
+
+    def _judge(self, x, t):
+        i = self._slot(t)
+        lam = self.rates[i]
+        warm = self.is_count and self.n >= self.warmup and self.counts[i] >= 3
+        if not warm or lam > self.max_rate:
+            return lam, math.sqrt(max(lam, 0.0)), 0.0, False, 0.0
+        lam = max(lam, 0.01)
+        z = (x - lam) / math.sqrt(lam)
+        if x == 0.0:
+            s = (self.zeros + lam) / _LN10  # nothing for the whole stretch
+        elif x > lam:
+            s = -_log10_upper(x, lam)
+        else:
+            s = 0.0
+        return lam, math.sqrt(lam), z, True, s
+
+    def _learn(self, x, t) -> None:
+        self.n += 1
+        if x < 0 or x != int(x) or (x > 10 * self.max_rate):
+            self.is_count = False
+        if t is not None and self.t_first is None:
+            self.t_first = t
+        elif t is not None and not self.step:
+            self.step = max(1, t - self.t_first)
+            per_slot_day = DAY_MS / self.step / self.slots
+            self._a = 1.0 - 0.5 ** (1.0 / max(1.0, self.half_life_days * per_slot_day))
+        i = self._slot(t)
+        c = self.counts[i]
+        self.zeros = self.zeros + self.rates[i] if x == 0.0 else 0.0
+        if c < 65_535:
+            self.counts[i] = c + 1
+        self.rates[i] += max(self._a, 1.0 / (c + 1)) * (x - self.rates[i])
+
+
+def _log10_upper(x: float, lam: float) -> float:
+    """log10 P(X >= x) for X ~ Poisson(lam), x > lam (a Chernoff bound past 200 terms)."""
+    k = int(x)
+    term = math.exp(-lam + k * math.log(lam) - math.lgamma(k + 1))
+    total, j = term, k
+    while j < k + 200:
+        j += 1
+        term *= lam / j
+        total += term
+        if term < total * 1e-12:
+            break
+    if total > 0.0:
+        return max(math.log10(total), -300.0)
+    return (-lam + x * math.log(lam) - math.lgamma(x + 1)) / _LN10

@@ -1,0 +1,71 @@
+"""Several detectors on one series, one calibrated score (issue 17).
+
+Each member scores how rare its own strength is for the series (``-log10(p) / 30``, see
+:mod:`alerts.calibration`), so their scores are on one scale. The ensemble takes the rarest,
+corrected for having looked ``m`` times (Bonferroni: ``p = m * min p_i``), so the combined
+score is still a tail probability: adding a member does not add false alarms by itself, and a
+member that is noisy on a series (a CUSUM on a cyclic series) is muted by its own calibration.
+The alert keeps the words of the member that spoke: its baseline (mu, sigma), k and z.
+
+>>> import random
+>>> from alerts.adaptive import AdaptiveGaussian
+>>> from alerts.changes import FlatLine
+>>> rng = random.Random(4)
+>>> e = Ensemble({"gaussian": AdaptiveGaussian, "flat": FlatLine})
+>>> for i in range(2000):
+...     e.learn_one(round(100 + rng.gauss(0, 3), 1), t=i * 300_000)
+>>> who, spike = e.judge(160, t=2000 * 300_000)
+>>> spike.breach, who, spike.score > 0.2
+(True, 'gaussian', True)
+>>> for i in range(2000, 2012):  # the collector died: the same value again and again
+...     who, s = e.judge(100.0, t=i * 300_000)
+...     e.learn_one(100.0, t=i * 300_000)
+...     if s.score > 0.15:
+...         break
+>>> who, i - 2000 < 12
+('flat', True)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from alerts.detectors import Detector, Score
+
+_DECADES = 30.0
+
+
+class Ensemble(Detector):
+    """Members by name (factories); ``score_one`` returns the rarest member's judgement with the
+    combined score; ``judge`` also names that member (for the alert text)."""
+
+    __slots__ = ("members", "_penalty")
+
+    def __init__(self, members: dict[str, Callable[[], Detector]], k: float = 8.0):
+        super().__init__(k, "both", 0, 0.0, 0.0)
+        if not members:
+            raise ValueError("an ensemble needs members")
+        self.members = {name: make() for name, make in members.items()}
+        self._penalty = math.log10(len(self.members)) / _DECADES
+
+    def params(self) -> tuple[str, ...]:
+        return ("members",)
+
+    def score_one(self, x: float, t: int | None = None, n: float | None = None) -> Score:
+        return self.judge(x, t, n)[1]
+
+    def judge(self, x: float, t: int | None = None, n: float | None = None) -> tuple[str, Score]:
+        """(the member that spoke, the combined judgement); changes nothing."""
+        best, best_name = None, ""
+        for name, det in self.members.items():
+            s = det.score_one(x, t, n)
+            if best is None or s.score > best.score or (s.breach and not best.breach
+                                                        and s.score == best.score):
+                best, best_name = s, name
+        score = max(0.0, best.score - self._penalty) if best.score > 0 else 0.0
+        return best_name, Score(best.value, best.mu, best.sigma, best.k, best.z, best.breach,
+                                best.direction, score, best.warm)
+
+    def learn_one(self, x: float, t: int | None = None, n: float | None = None) -> None:
+        for det in self.members.values():
+            det.learn_one(x, t, n)
