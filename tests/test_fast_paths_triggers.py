@@ -232,16 +232,6 @@ class PlainEngine(TriggerEngine):
             return
         if s.deferred:
             s.channel = s.planned
-        if s.deferred and not s.slotted:
-            s.slotted = True
-            interval = self.book.interval_ms.get(s.channel)
-            if interval:  # releases spread under the channel's rate limit
-                slot = max(float(now), self.slots.get(s.channel, -1e18) + interval)
-                self.slots[s.channel] = slot
-                if int(slot) > now:
-                    s.due = int(slot)
-                    st.sends.append(s)
-                    return
         tz = ctx.zone()
         q = guards.quiet_hours
         if q is not None and s.channel in q.channels:
@@ -280,15 +270,21 @@ class PlainEngine(TriggerEngine):
             st.history.sort(key=lambda h: h[0])
         if len(st.history) > MAX_HISTORY:
             del st.history[:-MAX_HISTORY]
-        out.actions.append({
+        action = {
             "action_id": s.action_id, "rule": rule.name, "rule_version": rule.version,
             "user_id": user, "channel": s.channel, "message": s.message,
             "campaign": s.campaign or "", "session_id": ctx.session_id(now), "step": s.step,
             "trigger": s.trigger, "tags": list(tags),
-            "properties": s.props or {}, "event_ts_ms": now, **extra})
-        self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message, "sent",
-                    note or "all guards passed")
-        STATS.add_labeled("trigger_actions", rule.name)
+            "properties": s.props or {}, "event_ts_ms": now, **extra}
+        if s.deferred and self.book.interval_ms.get(s.channel):
+            # rate-limited release: the engine's watermark gives it its slot
+            heapq.heappush(self.to_slot, (now, user, rule.name, s.action_id, action,
+                                          note or "all guards passed"))
+        else:
+            out.actions.append(action)
+            self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message, "sent",
+                        note or "all guards passed")
+            STATS.add_labeled("trigger_actions", rule.name)
         fb = rule.action.fallback
         if fb is not None and s.step < FALLBACK_STEP:
             f = Send(rule, s.trigger, s.step + FALLBACK_STEP, fb.channel, fb.message or s.message,
@@ -403,7 +399,8 @@ def _state(engine: TriggerEngine):
         {u: ({k: (m.rule.name, m.rule.version, m.key, m.due, m.start, m.trigger, m.step, m.data)
               for k, m in s.matches.items()},
              [send(x) for x in s.sends], s.history, s.marks, s.heap_due)
-         for u, s in engine.users.items()}, engine.timers, engine.slots))
+         for u, s in engine.users.items()}, engine.timers, engine.slots, engine.to_slot,
+        engine.slotted))
 
 
 def _run(docs: list[dict], users: list[dict], steps: list, plain: bool):

@@ -71,8 +71,8 @@ class Send:
         self.action_id, self.campaign = action_id, campaign
         self.due = 0
         self.reason = ""
-        self.deferred = False  # released from a guard: take a rate-limit slot first
-        self.slotted = False
+        self.deferred = False  # released from a guard: a rate limit gives it a slot
+        self.slotted = False  # (unused: kept for snapshots of an earlier release)
         self.unless: frozenset = frozenset()
         self.awaits = ""  # the action id whose open cancels this fallback
 
@@ -134,6 +134,13 @@ class TriggerEngine:
         self.users: dict[str, UserTriggers] = {}
         self.timers: list[tuple[int, str]] = []
         self.slots: dict[str, float] = {}  # channel -> last release slot (rate limit)
+        # Releases decided (every guard passed at their release time, in their user's own
+        # order) waiting for a rate-limit slot, and those with a slot waiting for it (heaps).
+        # The slots are shared by the shard's users, so they are given only as the watermark
+        # passes: in the order (release time, user, rule, action), never in the order the
+        # users' events happen to arrive, so a restart or a replay gives the same slots.
+        self.to_slot: list[tuple] = []  # (due, user, rule, action_id, action, note)
+        self.slotted: list[tuple] = []  # (slot, user, rule, action_id, action, note)
         self.watermark = -NEVER
         self.book: CompiledBook | None = None
         self.wall_ms = 0  # wall time of the current batch: latency figures only
@@ -146,7 +153,7 @@ class TriggerEngine:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update({"deferred": frozenset(), **state})
+        self.__dict__.update({"deferred": frozenset(), "to_slot": [], "slotted": [], **state})
 
     # -- the rule file -----------------------------------------------------------------------
     def use(self, book: CompiledBook) -> None:
@@ -278,6 +285,11 @@ class TriggerEngine:
         if any(u == user for _, u in self.timers):
             self.timers = [t for t in self.timers if t[1] != user]
             heapq.heapify(self.timers)
+        for name in ("to_slot", "slotted"):  # releases waiting for a slot name the user too
+            queue = getattr(self, name)
+            if any(r[1] == user for r in queue):
+                setattr(self, name, [r for r in queue if r[1] != user])
+                heapq.heapify(getattr(self, name))
 
     def take(self, user: str) -> UserTriggers | None:
         """The user's state leaves this shard (a visitor's profile merges into a user's)."""
@@ -304,19 +316,64 @@ class TriggerEngine:
 
     # -- time ------------------------------------------------------------------------------------
     def advance(self, watermark: int, ctx_of, out) -> None:
-        """The watermark moved: fire every timer due at or before it, in due order."""
+        """The watermark moved: fire every timer due at or before it, and give the releases
+        decided by then their rate-limit slots, all in time order (at one instant: the timers
+        first, so every release of that instant is decided before the slots are given)."""
         if watermark <= self.watermark:
             return
         self.watermark = watermark
-        timers = self.timers
-        while timers and timers[0][0] <= watermark:
-            due, user = heapq.heappop(timers)
-            st = self.users.get(user)
-            if st is None or st.heap_due != due:
-                continue  # superseded by an earlier reschedule, or the user is gone
-            st.heap_due = None
-            self._due(user, st, due, ctx_of(user), out)
-            self._settle(user, st, due)
+        while True:  # (self.timers is read each time: a reschedule may rebuild it)
+            timers, to_slot, slotted = self.timers, self.to_slot, self.slotted
+            t_timer = timers[0][0] if timers else NEVER
+            t_slot = to_slot[0][0] if to_slot else NEVER
+            t_send = slotted[0][0] if slotted else NEVER
+            if min(t_timer, t_slot, t_send) > watermark:
+                return
+            if t_timer <= t_slot and t_timer <= t_send:
+                due, user = heapq.heappop(timers)
+                st = self.users.get(user)
+                if st is None or st.heap_due != due:
+                    continue  # superseded by an earlier reschedule, or the user is gone
+                st.heap_due = None
+                self._due(user, st, due, ctx_of(user), out)
+                self._settle(user, st, due)
+            elif t_slot <= t_send:
+                self._take_slot(*heapq.heappop(to_slot))
+            else:
+                self._send_at_slot(out, *heapq.heappop(slotted))
+
+    def _take_slot(self, due: int, user: str, rule: str, action_id: str, action: dict,
+                   note: str) -> None:
+        """A release decided at ``due`` takes the channel's next slot; its send counts for the
+        caps at that slot, and a channel fallback waits from it."""
+        channel = action["channel"]
+        slot = max(float(due), self.slots.get(channel, -1e18) + self.book.interval_ms.get(channel, 0.0))
+        self.slots[channel] = slot
+        at = int(slot)
+        heapq.heappush(self.slotted, (at, user, rule, action_id, action, note))
+        st = self.users.get(user)
+        if st is None or at == due:
+            return
+        for i, (ts, ch, message, tags) in enumerate(st.history):
+            if ts == due and ch == channel and message == action["message"]:
+                st.history[i] = (at, ch, message, tags)
+                st.history.sort(key=lambda h: h[0])
+                break
+        for f in st.sends:
+            if f.awaits == action_id:
+                f.due += at - due
+        self._settle(user, st, due)
+
+    def _send_at_slot(self, out, slot: int, user: str, rule: str, action_id: str, action: dict,
+                      note: str) -> None:
+        action["event_ts_ms"] = slot
+        out.actions.append(action)
+        out.audit.append({"time_ms": slot, "rule": rule, "rule_version": action["rule_version"],
+                          "user_id": user, "action_id": action_id, "step": action["step"],
+                          "channel": action["channel"], "message": action["message"],
+                          "decision": "sent", "reason": note, "mode": "live"})
+        STATS.add_labeled("trigger_decisions", "sent")
+        STATS.add_labeled("trigger_actions", rule)
 
     def _due(self, user: str, st: UserTriggers, now: int, ctx, out) -> None:
         """Everything of the user due at or before ``now``, earliest first, each at its own
@@ -402,16 +459,6 @@ class TriggerEngine:
             return
         if s.deferred:
             s.channel = s.planned
-        if s.deferred and not s.slotted:
-            s.slotted = True
-            interval = self.book.interval_ms.get(s.channel)
-            if interval:  # releases spread under the channel's rate limit
-                slot = max(float(now), self.slots.get(s.channel, -1e18) + interval)
-                self.slots[s.channel] = slot
-                if int(slot) > now:
-                    s.due = int(slot)
-                    st.sends.append(s)
-                    return
         tz = None  # the user's time zone: read only when a guard needs it
         q = guards.quiet_hours
         if q is not None and s.channel in q.channels:
@@ -455,14 +502,20 @@ class TriggerEngine:
             st.history.sort(key=lambda h: h[0])
         if len(st.history) > MAX_HISTORY:
             del st.history[:-MAX_HISTORY]
-        out.actions.append({
+        action = {
             "action_id": s.action_id, "rule": rule.name, "rule_version": rule.version,
             "user_id": user, "channel": s.channel, "message": s.message,
             "campaign": s.campaign or "", "session_id": ctx.session_id(now), "step": s.step, "trigger": s.trigger, "tags": list(tags),
-            "properties": s.props or {}, "event_ts_ms": now, **extra})
-        self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message, "sent",
-                    note or "all guards passed")
-        STATS.add_labeled("trigger_actions", rule.name)
+            "properties": s.props or {}, "event_ts_ms": now, **extra}
+        if s.deferred and s.channel in self.book.interval_ms:
+            # a release under the channel's rate limit: decided now, sent at its slot
+            heapq.heappush(self.to_slot, (now, user, rule.name, s.action_id, action,
+                                          note or "all guards passed"))
+        else:
+            out.actions.append(action)
+            self._audit(out, now, user, rule, s.action_id, s.step, s.channel, s.message, "sent",
+                        note or "all guards passed")
+            STATS.add_labeled("trigger_actions", rule.name)
         fb = rule.action.fallback
         if fb is not None and s.step < FALLBACK_STEP:
             f = Send(rule, s.trigger, s.step + FALLBACK_STEP, fb.channel, fb.message or s.message,
@@ -479,7 +532,7 @@ class TriggerEngine:
             self._audit(out, now, user, s.rule, s.action_id, s.step, s.channel, s.message,
                         "capped", f"{MAX_PENDING_SENDS} sends already wait for this user")
             return
-        s.due, s.reason, s.deferred, s.slotted = until, reason, True, False
+        s.due, s.reason, s.deferred = until, reason, True
         st.sends.append(s)
         self._audit(out, now, user, s.rule, s.action_id, s.step, s.channel, s.message,
                     "deferred", f"{reason}: {detail}")
