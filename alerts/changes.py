@@ -32,9 +32,9 @@ class _Calibrated(Detector):
     """A strength per value, calibrated on the series' own strengths; one alarm per episode.
 
     Subclasses give ``_judge(x, t) -> (mu, sigma, z, warm, s)`` (s: the strength, >= 0) and
-    ``_learn(x, t)``. A value scores only when its score is a decade (1/30) above the best one
-    of the episode so far (an episode ends when the strength falls back to 0): a change that
-    lasts raises one alarm, and a worse one raises another.
+    ``_learn(x, t)``. A value scores only when its score is a decade of probability above the
+    best one of the episode so far (an episode ends when the strength falls back to 0): a
+    change that lasts scores while it grows rarer, then not again until it is over.
     """
 
     __slots__ = ("tail", "episode")
@@ -58,8 +58,8 @@ class _Calibrated(Detector):
         if not warm or s <= 0.0:
             return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm)
         score = self._score(s)
-        if score <= self.episode + 1.0 / 30.0:
-            score = 0.0  # no rarer than what this episode already reported
+        if score <= self._bar():
+            score = 0.0  # not much rarer than what this episode already reported
         breach = score > 0.0 and s > self.k and abs(x - mu) >= self.min_change * abs(mu)
         return Score(x, mu, sigma, self.k, z, breach,
                      ("up" if z > 0 else "down") if breach else "", score, warm)
@@ -72,11 +72,15 @@ class _Calibrated(Detector):
                 self.episode = 0.0
             else:
                 score = self._score(s)
-                if score > self.episode + 1.0 / 30.0:
+                if score > self._bar():
                     self.episode = score
             if self.tail is not None:  # an alarm's own strengths do not widen the tail
                 self.tail.learn_one(min(s, self.tail.strength_at(CLIP_P)))
         self._learn(x, t)
+
+    def _bar(self) -> float:
+        """A new alarm of the episode must be rarer by a decade of probability (1/30)."""
+        return self.episode + 1.0 / 30.0
 
     def _score(self, s: float) -> float:
         if self.tail is None:
@@ -184,8 +188,8 @@ class FlatLine(_Calibrated):
     >>> for i in range(20):  # the collector died: the last value, over and over
     ...     scores.append(d.score_one(10.0).score)
     ...     d.learn_one(10.0)
-    >>> scores[0] == 0.0, max(scores) > 0.2, sum(s > 0 for s in scores) <= 10
-    (True, True, True)
+    >>> scores[0], max(scores) > 0.9, sum(s > 0 for s in scores), scores[-1]  # then quiet
+    (0.0, True, 14, 0.0)
     """
 
     __slots__ = ("half_life", "_a", "n", "prev", "run", "move", "repeats", "geometric", "min_run")

@@ -64,11 +64,13 @@ def test_a_second_level_shift_is_judged_against_the_new_level():
     assert all(any(v >= THRESHOLD for v in s[a:a + 6]) for a in g.anomalies)
 
 
-def test_a_long_flat_line_is_one_alarm_not_one_per_value():
+def test_a_long_flat_line_scores_while_it_grows_rarer_then_stays_quiet():
     g = generate("flatline", 1)
     s = scores(FlatLine(), g)
     a = g.anomalies[0]
-    assert 1 <= sum(v >= THRESHOLD for v in s[a:a + 100]) <= 12
+    assert g.series.x[a:a + 100] == [g.series.x[a]] * 100  # flat for at least 100 values
+    assert 1 <= sum(v > 0 for v in s[a:a + 30]) <= 15
+    assert max(s[a + 30:a + 100]) == 0.0
 
 
 def test_poisson_counts_stay_silent_on_a_series_that_is_not_counts():
