@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 
 from alerts import detectors as d
 from alerts.adaptive import AdaptiveGaussian
+from alerts.ensemble import AdaptiveEnsemble
 
 # Profile -> (A_TP, A_FP, A_FN), NAB's published cost matrices.
 PROFILES = {"standard": (1.0, 0.11, 1.0), "reward_low_FP_rate": (1.0, 0.22, 1.0),
@@ -49,7 +50,8 @@ DETECTORS: dict[str, Callable[[], d.Detector]] = {
     "ew_gaussian": lambda: d.EWGaussian(k=4.0, half_life=100, warmup=20),
     "robust_gaussian": lambda: d.RobustGaussian(k=4.0, window=200, warmup=20),
     "seasonal_gaussian": lambda: d.SeasonalGaussian(k=4.0, slots=24, half_life=4, warmup=3),
-    "surgeflow": lambda: AdaptiveGaussian(),
+    "adaptive_gaussian": lambda: AdaptiveGaussian(),
+    "surgeflow": lambda: AdaptiveEnsemble(),  # the Gaussian and a level-shift CUSUM (issue 17)
 }
 
 

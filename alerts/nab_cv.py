@@ -30,6 +30,7 @@ from typing import Callable
 
 from alerts import detectors as d
 from alerts.adaptive import AdaptiveGaussian
+from alerts.ensemble import AdaptiveEnsemble
 from alerts.nab import (FileScoring, Series, file_scoring, nab_score, nab_total, normalised,
                         run_detector, window_spans)
 
@@ -94,13 +95,14 @@ def subset_scores(result: dict, categories) -> dict:
     return {"cv": normalised(*cv), "in_sample": normalised(*ins)}
 
 
-# The candidates the defaults are chosen among: AdaptiveGaussian's level half-life, cooldown,
-# seasonal baseline on or off, likelihood on or off (its defaults: hl1000_cd200_ms288_lw6).
-GRID: dict[str, Callable[[], d.Detector]] = {
+# The candidates the defaults are chosen among: the default composite (AdaptiveGaussian and a
+# level-shift CUSUM), and AdaptiveGaussian alone with its level half-life, cooldown, seasonal
+# baseline on or off, likelihood on or off (its defaults: hl1000_cd200_ms288_lw6).
+GRID: dict[str, Callable[[], d.Detector]] = {"surgeflow": AdaptiveEnsemble, **{
     f"hl{hl}_cd{cd}_ms{ms}_lw{lw}": (lambda hl=hl, cd=cd, ms=ms, lw=lw: AdaptiveGaussian(
         half_life=hl, cooldown=cd, max_slots=ms, lik_window=lw))
-    for hl, cd, ms, lw in itertools.product([300, 1000, 3000], [50, 200, 800], [0, 288], [0, 6])}
-DEFAULT = "hl1000_cd200_ms288_lw6"
+    for hl, cd, ms, lw in itertools.product([300, 1000, 3000], [50, 200, 800], [0, 288], [0, 6])}}
+DEFAULT = "surgeflow"
 
 
 def with_generated(series: list[Series], labels: dict, seeds: int) -> tuple[list[Series], dict]:
