@@ -75,6 +75,20 @@ class MinuteCloser:
         done = self.done_through
         return [(m, v) for m, v in by_minute.items() if done is None or m > done]
 
+    def scrub(self, covers) -> int:
+        """Drop from the minutes still waiting for a shard the users ``covers(user, minute_ms)``
+        says were erased since (a part sent before its shard saw the erasure); returns how many."""
+        dropped = 0
+        for minute, by_shard in self.pending.items():
+            at = minute * 60_000
+            for rows in by_shard.values():
+                for row in rows.values():
+                    gone = [u for u in row[4] if covers(u, at)]
+                    if gone:
+                        dropped += len(gone)
+                        row[4] = type(row[4])(u for u in row[4] if u not in gone)
+        return dropped
+
     def add(self, part: MinutePart) -> list[CompleteMinute]:
         # Minutes already released are skipped: a replayed part of them changes nothing.
         for minute, rows in self._open(part.minutes):
@@ -184,6 +198,19 @@ class BlockGrouper:
         self.hold_after_ms = hold_after_ms
         self.held: list[CompleteMinute] = []
         self.held_rows = 0
+
+    def scrub(self, covers) -> int:
+        """Drop from the held minutes the users ``covers(user, minute_ms)`` says were erased
+        since; returns how many."""
+        dropped = 0
+        for m in self.held:
+            at = m.minute_ms
+            for i, row in enumerate(m.rows):
+                kept = [u for u in row[-1] if not covers(u, at)]
+                if len(kept) != len(row[-1]):
+                    dropped += len(row[-1]) - len(kept)
+                    m.rows[i] = (*row[:-1], kept)
+        return dropped
 
     def add(self, minutes: list[CompleteMinute], now_ms: int) -> list[MinuteBlock]:
         out: list[MinuteBlock] = []

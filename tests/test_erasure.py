@@ -91,6 +91,27 @@ def settings_for(tmp_path: Path, kafka, topic, erasure_topic, redis_url, chdb_ds
         privacy__erasure__resweep_s=3.0, privacy__erasure__inbox=str(tmp_path / "inbox"))
 
 
+def where_in_snapshots(recovery: Path | None, subject: str) -> list[tuple]:
+    """(file, table, row's text columns, bytes around the id) of every snapshot row naming
+    the subject: which step's state kept it, when the product's verify finds it there."""
+    import sqlite3
+
+    raw, out = subject.encode(), []
+    for f in sorted(Path(recovery).glob("*.sqlite3")) if recovery else []:
+        db = sqlite3.connect(f)
+        try:
+            for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'"):
+                for row in db.execute(f"SELECT * FROM {table}"):
+                    for value in row:
+                        if isinstance(value, bytes) and raw in value:
+                            i = value.index(raw)
+                            out.append((f.name, table, [v for v in row if isinstance(v, (str, int))],
+                                        value[max(0, i - 120):i + 60]))
+        finally:
+            db.close()
+    return out
+
+
 def search_redis(client, prefix: str, ids: set[str]) -> list[str]:
     found = []
     for key in client.scan_iter(match=f"{prefix}:*", count=5000):
@@ -207,7 +228,8 @@ def test_erasing_100_users_under_a_running_flow(kafka, redis_url, chdb_dsn, chdb
     assert removed["state.user_profiles"] > 50 and removed["clickhouse.events_raw"] > 100
     # the product's own check agrees (and the snapshots are searched too: the id is in no state)
     left = verify(settings, victims[0], redis_url=redis_url, clickhouse_client=chdb_client)
-    assert not [k for k, v in left.items() if isinstance(v, int) and v], left
+    assert not [k for k, v in left.items() if isinstance(v, int) and v], \
+        (left, where_in_snapshots(settings.flow.recovery_dir, victims[0]))
 
     # a restart from the snapshot, reading the topic to its end: nobody comes back
     restart = settings_for(tmp_path, kafka, topic, erasure_topic, redis_url, chdb_dsn, ch_database,

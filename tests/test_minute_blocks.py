@@ -161,3 +161,31 @@ def test_sending_again_grouped_otherwise_changes_nothing(chdb_dsn, chdb_client, 
     assert contents(chdb_client, db) == contents(chdb_client, reference)
     send(chdb_dsn, db, grouped(ms, again_width, [], max_rows=10_000))  # and the whole again
     assert contents(chdb_client, db) == contents(chdb_client, reference)
+
+
+def test_the_minute_steps_snapshot_leaves_out_people_erased_since():
+    """Minutes held by the minute step (waiting for a shard, or for their block) name their
+    users; a snapshot after an erasure must not (the erasure compacts the recovery store)."""
+    import pickle
+
+    from flows.minutes import MinutePart
+    from flows.pipeline import MinuteLogic
+    from privacy.erasure import PROCESS_LEDGER, reset_process_ledger
+
+    logic = MinuteLogic(2, None, BlockGrouper(block_minutes=60, hold_after_ms=0))
+    row = lambda users: {("web", "", "", "page_view"): [2, 0.0, 0.0, 0, set(users)]}  # noqa: E731
+    # shard 0 closed two minutes; shard 1 only the first: the second waits for it
+    out, _ = logic.on_batch([MinutePart(0, T0 + 1, {T0: row({"victim", "u2"}),
+                                                    T0 + 1: row({"victim", "u3"})}),
+                             MinutePart(1, T0, {T0: row({"u4"})})])
+    assert [m.minute for m in out[0].minutes] == [T0] and out[0].blocks == []  # T0's block waits
+    assert b"victim" in pickle.dumps(logic.snapshot())  # held: T0 in the grouper, T0+1 waiting
+    reset_process_ledger(b"key", {})
+    try:
+        PROCESS_LEDGER.add("victim", (T0 + 5) * 60_000)  # erased after both minutes
+        state = pickle.dumps(logic.snapshot())
+        assert b"victim" not in state and b"u2" in state and b"u3" in state
+        held = logic.grouper.held[0].rows[0][-1]
+        assert held == ["u2", "u4"]
+    finally:
+        reset_process_ledger(None, {})
