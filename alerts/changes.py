@@ -118,13 +118,13 @@ class LevelShift(_Calibrated):
     (True, True)
     """
 
-    __slots__ = ("half_life", "drift", "h", "n", "base", "offset", "_fade", "up", "down",
-                 "fast", "since")
+    __slots__ = ("half_life", "drift", "h", "n", "base", "owns_base", "offset", "_fade", "up",
+                 "down", "fast", "since")
 
     def __init__(self, k: float = 8.0, half_life: float = 1000.0, drift: float = 0.5,
                  h: float = 12.0, warmup: int = 50, min_sigma: float = 0.0,
                  direction: str = "both", min_change: float = 0.0, tail_q: float = 0.95,
-                 tail_half_life: float = 8000.0, tail_warmup: int = 200):
+                 tail_half_life: float = 8000.0, tail_warmup: int = 200, base=None):
         super().__init__(k, direction, warmup, min_sigma, min_change, tail_q, tail_half_life,
                          tail_warmup)
         if half_life <= 0 or drift < 0 or h <= 0:
@@ -132,8 +132,12 @@ class LevelShift(_Calibrated):
         from alerts.adaptive import AdaptiveGaussian  # (it imports this module's neighbours)
 
         self.half_life, self.drift, self.h = float(half_life), float(drift), float(h)
-        # the baseline only: no likelihood, no cooldown, no calibration of its own
-        self.base = AdaptiveGaussian(half_life=half_life, lik_window=0, cooldown=0, tail_q=0)
+        # The baseline: its own (no likelihood, no cooldown, no calibration), or ``base``, an
+        # AdaptiveGaussian learned by its owner after this detector learned each value (the
+        # ensemble shares it: one time-of-day shape per series, not two).
+        self.owns_base = base is None
+        self.base = AdaptiveGaussian(half_life=half_life, lik_window=0, cooldown=0, tail_q=0) \
+            if base is None else base
         self.n = 0
         self.offset = 0.0  # the confirmed shift not yet taken up by the baseline
         self._fade = 0.5 ** (1.0 / self.half_life)
@@ -172,7 +176,8 @@ class LevelShift(_Calibrated):
                 self.up = self.down = 0.0
                 self.since = 0
         self.offset *= self._fade
-        self.base.learn_one(x, t)
+        if self.owns_base:
+            self.base.learn_one(x, t)
 
 
 class FlatLine(_Calibrated):

@@ -73,8 +73,9 @@ class Ensemble(Detector):
 
 class AdaptiveEnsemble(Ensemble):
     """The default composite (``surgeflow nab-eval``'s ``surgeflow``): :class:`AdaptiveGaussian`
-    beside a :class:`~alerts.changes.LevelShift` on the same baseline. Keyword arguments go to
-    the Gaussian; the shift detector shares its half-life, warm-up, direction and floors.
+    beside a :class:`~alerts.changes.LevelShift` on the same baseline (one object: the
+    Gaussian's). Keyword arguments go to the Gaussian; the shift detector shares its half-life,
+    warm-up, direction and floors.
 
     Chosen by the leave-one-category-out cross-validation of issue 17 over the 22 shared NAB
     series and the generated kinds: 64.9 over all categories (``AdaptiveGaussian`` alone
@@ -94,5 +95,13 @@ class AdaptiveEnsemble(Ensemble):
 
         shared = {k: params[k] for k in ("half_life", "warmup", "min_sigma", "direction",
                                          "min_change") if k in params}
-        super().__init__({"gaussian": lambda: AdaptiveGaussian(**params),
-                          "shift": lambda: LevelShift(**shared)}, k=params.get("k", 8.0))
+        gaussian = AdaptiveGaussian(**params)
+        super().__init__({"gaussian": lambda: gaussian,
+                          "shift": lambda: LevelShift(base=gaussian, **shared)},
+                         k=params.get("k", 8.0))
+
+    def learn_one(self, x: float, t: int | None = None, n: float | None = None) -> None:
+        # the shift detector reads the shared baseline as it was before this value: it learns
+        # first, then the Gaussian (which learns the baseline)
+        self.members["shift"].learn_one(x, t, n)
+        self.members["gaussian"].learn_one(x, t, n)

@@ -113,3 +113,22 @@ def test_scores_in_0_1_scoring_changes_nothing_and_pickles(name, xs, probe):
     assert first == second and pickle.dumps(det) == before
     assert 0.0 <= first.score <= 1.0
     assert pickle.loads(before).score_one(probe, t=t) == first
+
+
+def test_the_default_shares_one_baseline_and_scores_as_two_would():
+    """AdaptiveEnsemble's shift detector reads the Gaussian's baseline (one time-of-day shape
+    per series, not two): the scores are those of an ensemble whose members each keep their
+    own, and a pickle keeps the sharing."""
+    from alerts.ensemble import AdaptiveEnsemble
+
+    for kind in ("level_shift", "daily_cycle"):
+        g = generate(kind, 1)
+        shared = AdaptiveEnsemble()
+        separate = Ensemble({"gaussian": AdaptiveGaussian, "shift": LevelShift})
+        for t, x in zip(g.series.t, g.series.x):
+            assert shared.score_one(x, t) == separate.score_one(x, t)
+            shared.learn_one(x, t)
+            separate.learn_one(x, t)
+    copy = pickle.loads(pickle.dumps(shared))
+    assert copy.members["shift"].base is copy.members["gaussian"]
+    assert shared.members["shift"].base is shared.members["gaussian"]
