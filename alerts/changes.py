@@ -185,10 +185,9 @@ class FlatLine(_Calibrated):
 
     ``mu`` is the value the series is stuck at, ``sigma`` its usual move from one value to the
     next (EW mean absolute difference), ``z`` the run's length in values. The strength is the
-    number of repeats beyond ``min_run``, calibrated on the series' own runs (a count that is
-    often 0 at night needs a long dead stretch). ``geometric=True`` instead weighs each repeat
-    by ``-log10 rho``, rho the series' share of repeated values (tried: worse by the
-    cross-validation, as runs cluster at night).
+    number of repeats, calibrated on the series' own runs (a count that is often 0 at night
+    needs a long dead stretch). (Weighing each repeat by the series' share of repeated values
+    instead was tried: worse by the cross-validation, as runs cluster at night.)
 
     >>> import random
     >>> rng = random.Random(2)
@@ -203,11 +202,10 @@ class FlatLine(_Calibrated):
     (0.0, True, 14, 0.0)
     """
 
-    __slots__ = ("half_life", "_a", "n", "prev", "run", "move", "repeats", "geometric", "min_run")
+    __slots__ = ("half_life", "_a", "n", "prev", "run", "move")
 
     def __init__(self, k: float = 4.0, half_life: float = 1000.0, warmup: int = 50,
-                 tail_q: float = 0.95, tail_half_life: float = 8000.0, tail_warmup: int = 200,
-                 geometric: bool = False, min_run: int = 1):
+                 tail_q: float = 0.95, tail_half_life: float = 8000.0, tail_warmup: int = 200):
         super().__init__(k, "both", warmup, 0.0, 0.0, tail_q, tail_half_life, tail_warmup)
         if half_life <= 0:
             raise ValueError("half_life > 0")
@@ -217,8 +215,6 @@ class FlatLine(_Calibrated):
         self.prev: float | None = None
         self.run = 0  # values in a row equal to prev, prev's first included
         self.move = 0.0
-        self.repeats = 0.0  # EW share of values equal to the one before
-        self.geometric, self.min_run = geometric, min_run
 
     def params(self) -> tuple[str, ...]:
         return ("half_life", "k", "warmup")
@@ -226,17 +222,14 @@ class FlatLine(_Calibrated):
     def _judge(self, x, t):
         warm = self.n >= max(self.warmup, 2)
         run = self.run + 1 if x == self.prev else 1
-        rho = min(max(self.repeats, 1.0 / (self.n + 2)), 0.999)
-        r = max(0, run - self.min_run)
-        s = r * -math.log10(rho) if self.geometric else float(r)
-        return (self.prev if self.prev is not None else x), self.move, float(run - 1), warm, s
+        s = float(run - 1)  # values that repeated the one before
+        return (self.prev if self.prev is not None else x), self.move, s, warm, s
 
     def _learn(self, x, t) -> None:
         self.n += 1
         if self.prev is not None:
             a = max(self._a, 1.0 / self.n)
             self.move += a * (abs(x - self.prev) - self.move)
-            self.repeats += a * ((1.0 if x == self.prev else 0.0) - self.repeats)
         self.run = self.run + 1 if x == self.prev else 1
         self.prev = x
 

@@ -83,10 +83,10 @@ class MinuteCloser:
             at = minute * 60_000
             for rows in by_shard.values():
                 for row in rows.values():
-                    gone = [u for u in row[4] if covers(u, at)]
-                    if gone:
-                        dropped += len(gone)
-                        row[4] = type(row[4])(u for u in row[4] if u not in gone)
+                    kept = [u for u in row[4] if not covers(u, at)]
+                    if len(kept) != len(row[4]):
+                        dropped += len(row[4]) - len(kept)
+                        row[4] = type(row[4])(kept)
         return dropped
 
     def add(self, part: MinutePart) -> list[CompleteMinute]:

@@ -368,11 +368,8 @@ class TriggerEngine:
                       note: str) -> None:
         action["event_ts_ms"] = slot
         out.actions.append(action)
-        out.audit.append({"time_ms": slot, "rule": rule, "rule_version": action["rule_version"],
-                          "user_id": user, "action_id": action_id, "step": action["step"],
-                          "channel": action["channel"], "message": action["message"],
-                          "decision": "sent", "reason": note, "mode": "live"})
-        STATS.add_labeled("trigger_decisions", "sent")
+        self._audit_row(out, slot, user, rule, action["rule_version"], "live", action_id,
+                        action["step"], action["channel"], action["message"], "sent", note)
         STATS.add_labeled("trigger_actions", rule)
 
     def _due(self, user: str, st: UserTriggers, now: int, ctx, out) -> None:
@@ -539,10 +536,16 @@ class TriggerEngine:
 
     def _audit(self, out, ts: int, user: str, rule: Rule, action_id: str, step: int,
                channel: str, message: str, decision: str, reason: str) -> None:
-        out.audit.append({"time_ms": ts, "rule": rule.name, "rule_version": rule.version,
+        self._audit_row(out, ts, user, rule.name, rule.version, "shadow" if rule.shadow else "live",
+                        action_id, step, channel, message, decision, reason)
+
+    @staticmethod
+    def _audit_row(out, ts: int, user: str, rule: str, version, mode: str, action_id: str,
+                   step: int, channel: str, message: str, decision: str, reason: str) -> None:
+        out.audit.append({"time_ms": ts, "rule": rule, "rule_version": version,
                           "user_id": user, "action_id": action_id, "step": step,
                           "channel": channel, "message": message, "decision": decision,
-                          "reason": reason, "mode": "shadow" if rule.shadow else "live"})
+                          "reason": reason, "mode": mode})
         STATS.add_labeled("trigger_decisions", decision)
 
     # -- figures ---------------------------------------------------------------------------------
