@@ -14,6 +14,7 @@ DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
 MAX_WEEK_SLOTS = 336  # half an hour
 MAX_CYCLE_SLOTS = 96
+_WORDS = {"level": "level", "day": "time of day", "week": "time of week"}
 
 
 class AdaptiveGaussian(Detector):
@@ -220,6 +221,16 @@ class AdaptiveGaussian(Detector):
         period found from the data)."""
         return self._choose(t)[0]
 
+    def baseline_words(self, t: int | None = None) -> str:
+        """The baseline in use at t, as an alert says it: ``level``, ``time of day``, ``time of
+        week`` or ``cycle of 7.25 h``."""
+        return self._words(self._choose(t)[0])
+
+    def _words(self, name: str) -> str:
+        if name == "cycle":
+            return f"cycle of {self.cycle.period / 3_600_000:.3g} h"
+        return _WORDS[name]
+
     def _choose(self, t: int | None) -> tuple[str, float, float]:
         """(name, mu, sigma): the baseline whose residuals are tightest, if clearly tighter
         than the level's deviations (below ``select_ratio`` of them)."""
@@ -241,9 +252,11 @@ class AdaptiveGaussian(Detector):
 
     # -- the judgement ---------------------------------------------------------------------
 
-    def _strength(self, x: float, t: int | None) -> tuple[float, float, float, bool, float, float]:
-        """(mu, sigma, z, warm, side, s): side = z in the watched direction, s = alarm strength."""
-        mu, sigma, warm = self.baseline(t)
+    def _strength(self, x: float, t: int | None):
+        """(mu, sigma, z, warm, side, s, baseline): side = z in the watched direction, s = the
+        alarm strength, baseline = the name of the one in use."""
+        name, mu, sigma = self._choose(t)
+        warm = self.count >= max(self.warmup, 2)
         sigma = max(sigma, self.min_sigma)
         if sigma > 0:
             z = (x - mu) / sigma
@@ -254,7 +267,7 @@ class AdaptiveGaussian(Detector):
         if self.lik_window and self.lik_n >= self.lik_warmup and self.lik_var > 0:
             zl = (self._recent_mean(side) - self.lik_mean) / math.sqrt(self.lik_var)
             s = max(s, zl)
-        return mu, sigma, z, warm, side, s
+        return mu, sigma, z, warm, side, s, name
 
     def _recent_mean(self, side: float) -> float:
         """Mean of the last ``lik_window`` capped |z|, this value's included."""
@@ -265,9 +278,9 @@ class AdaptiveGaussian(Detector):
 
     def score_one(self, x: float, t: int | None = None, n: float | None = None) -> Score:
         x = float(x)
-        mu, sigma, z, warm, side, s = self._strength(x, t)
+        mu, sigma, z, warm, side, s, name = self._strength(x, t)
         if not warm or s <= 0:
-            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm)
+            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm, self._words(name))
         fresh = s > self.bar  # not covered by a recent, stronger alarm
         breach = fresh and s > self.k and abs(x - mu) >= self.min_change * abs(mu)
         if not fresh:
@@ -277,11 +290,11 @@ class AdaptiveGaussian(Detector):
         else:
             score = s / (s + self.k) if s != math.inf else 1.0
         return Score(x, mu, sigma, self.k, z, breach, ("up" if z > 0 else "down") if breach else "",
-                     score, warm)
+                     score, warm, self._words(name))
 
     def learn_one(self, x: float, t: int | None = None, n: float | None = None) -> None:
         x = float(x)
-        mu, sigma, z, warm, side, s = self._strength(x, t)
+        mu, sigma, z, warm, side, s, _ = self._strength(x, t)
         if warm and self.lik_window:  # the likelihood's history: only judged values
             m = self._recent_mean(side)
             self.recent[self.at] = min(max(side, 0.0), self.lik_cap)

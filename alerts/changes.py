@@ -52,17 +52,20 @@ class _Calibrated(Detector):
     def _learn(self, x: float, t: int | None) -> None:
         raise NotImplementedError
 
+    def _words(self, t: int | None) -> str:
+        return self.BASELINE
+
     def score_one(self, x: float, t: int | None = None, n: float | None = None) -> Score:
         x = float(x)
         mu, sigma, z, warm, s = self._judge(x, t)
         if not warm or s <= 0.0:
-            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm)
+            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm, self._words(t))
         score = self._score(s)
         if score <= self._bar():
             score = 0.0  # not much rarer than what this episode already reported
         breach = score > 0.0 and s > self.k and abs(x - mu) >= self.min_change * abs(mu)
         return Score(x, mu, sigma, self.k, z, breach,
-                     ("up" if z > 0 else "down") if breach else "", score, warm)
+                     ("up" if z > 0 else "down") if breach else "", score, warm, self._words(t))
 
     def learn_one(self, x: float, t: int | None = None, n: float | None = None) -> None:
         x = float(x)
@@ -97,8 +100,10 @@ class LevelShift(_Calibrated):
     mean residual since the sums started, so the reference is the new level at once and the
     next shift is judged against it; the offset then fades at the baseline's half-life as the
     baseline itself moves there. ``drift``: the allowance per value, in sigmas (shifts below
-    about twice it are ignored). ``mu`` and ``sigma`` are the reference's, ``z`` the residual
-    in sigmas; the strength is the larger sum.
+    about twice it are ignored). ``mu`` and ``sigma`` are the reference's; the strength and
+    ``z`` are the larger sum, in sigmas (``z`` signed: negative for a shift down), so an alert
+    reads as for a single value (``z`` beyond ``k``), and its baseline says "shift from" the
+    shape in use.
 
     Chosen by the cross-validation of issue 17 (``surgeflow nab-eval``): beside
     ``AdaptiveGaussian`` it lifts the shared series from 67.4 to 72.1 cross-validated (drift 0.5,
@@ -158,10 +163,14 @@ class LevelShift(_Calibrated):
     def _judge(self, x, t):
         r, sigma, mu, warm = self._residual(x, t)
         warm = warm and self.n >= max(self.warmup, 2)
-        z = r / sigma
-        up, down = self._sums(z)
+        up, down = self._sums(r / sigma)
         s = up if self.direction == "up" else down if self.direction == "down" else max(up, down)
+        # z is the sum that breaches, signed: the alert reads "z sigmas beyond k" as for a value
+        z = up if self.direction == "up" or (self.direction == "both" and up >= down) else -down
         return mu, sigma, z, warm, s
+
+    def _words(self, t: int | None) -> str:
+        return "shift from " + self.base.baseline_words(t)
 
     def _learn(self, x, t) -> None:
         r, sigma, _, warm = self._residual(x, t)
@@ -202,6 +211,7 @@ class FlatLine(_Calibrated):
     (0.0, True, 14, 0.0)
     """
 
+    BASELINE = "repeats of one value"
     __slots__ = ("half_life", "_a", "n", "prev", "run", "move")
 
     def __init__(self, k: float = 4.0, half_life: float = 1000.0, warmup: int = 50,
@@ -251,6 +261,7 @@ class PoissonCounts(_Calibrated):
     (0.0, True)
     """
 
+    BASELINE = "count rate by time of day"
     __slots__ = ("slots", "half_life_days", "max_rate", "n", "t_first", "step", "_a",
                  "rates", "counts", "zeros", "is_count")
 

@@ -64,12 +64,14 @@ class Score:
     direction: str  # "up" or "down" when breaching, else ""
     score: float
     warm: bool
+    baseline: str = ""  # which baseline judged it, in words: "level", "time of day", ...
 
 
 class Detector:
     """Shared parameters and the judgement; subclasses give the baseline (mu, sigma, warm)."""
 
     __slots__ = ("k", "direction", "warmup", "min_sigma", "min_change")
+    BASELINE = "level"  # the alert's words for what the value was judged against
 
     def __init__(self, k: float, direction: str, warmup: int, min_sigma: float, min_change: float):
         if direction not in DIRECTIONS:
@@ -97,11 +99,11 @@ class Detector:
         z = (x - mu) / sigma if sigma > 0 else (0.0 if x == mu else math.copysign(math.inf, x - mu))
         side = z if self.direction == "up" else -z if self.direction == "down" else abs(z)
         if not warm or side <= 0:
-            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm)
+            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm, self.BASELINE)
         score = math.erf(side / _SQRT2) if side != math.inf else 1.0
         breach = side > self.k and abs(x - mu) >= self.min_change * abs(mu)
         return Score(x, mu, sigma, self.k, z, breach, ("up" if z > 0 else "down") if breach else "",
-                     score, warm)
+                     score, warm, self.BASELINE)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{p}={getattr(self, p)!r}" for p in self.params())
@@ -125,6 +127,7 @@ class WindowedGaussian(Detector):
     False
     """
 
+    BASELINE = "window"
     __slots__ = ("window", "values", "at", "count", "total", "squares")
 
     def __init__(self, k: float = 3.0, window: int = 60, warmup: int = 10, min_sigma: float = 0.0,
@@ -230,6 +233,7 @@ class RobustGaussian(Detector):
     False
     """
 
+    BASELINE = "window median"
     __slots__ = ("window", "ring", "at", "ordered", "count")
 
     def __init__(self, k: float = 3.0, window: int = 60, warmup: int = 10, min_sigma: float = 0.0,
@@ -286,6 +290,7 @@ class SeasonalGaussian(Detector):
     True
     """
 
+    BASELINE = "time of day"
     __slots__ = ("period_ms", "slots", "half_life", "alpha", "means", "vars", "counts", "overall",
                  "prior", "pooled", "pooled_n")
 
@@ -365,6 +370,7 @@ class BinomialRatio(Detector):
     'down'
     """
 
+    BASELINE = "rate"
     __slots__ = ("half_life", "alpha", "min_trials", "hits", "trials", "excess", "count")
 
     def __init__(self, k: float = 3.0, half_life: float = 24.0, warmup: int = 6,

@@ -64,7 +64,7 @@ class Ensemble(Detector):
                 best, best_name = s, name
         score = max(0.0, best.score - self._penalty) if best.score > 0 else 0.0
         return best_name, Score(best.value, best.mu, best.sigma, best.k, best.z, best.breach,
-                                best.direction, score, best.warm)
+                                best.direction, score, best.warm, best.baseline)
 
     def learn_one(self, x: float, t: int | None = None, n: float | None = None) -> None:
         for det in self.members.values():

@@ -43,6 +43,7 @@ class Verdict:
     score: float = 0.0
     n: float | None = None  # sample size behind a ratio
     detail: str = ""  # e.g. the IP whose event crossed the threshold
+    baseline: str = ""  # what the value was judged against, in words (SPEC section 7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,9 @@ class Alert:
     score: float = 0.0
     n: float | None = None
     detail: str = ""
+    # the baseline that judged the value: "time of day", "cycle of 7.25 h", "shift from level",
+    # "static threshold"; with mu, sigma, k and z it says what was crossed
+    baseline: str = ""
 
     def to_dict(self) -> dict:
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -156,4 +160,5 @@ class Lifecycle:
         # the direction of the breach that fired: an update or the resolve keeps it
         return Alert(f"{self.rule}|{series}|{first_ms}", self.rule, series, status, seq, now_ms,
                      v.value, v.mu, v.sigma, v.k, v.z, self.window, self.severity, first_ms,
-                     self.response, self.area, "up" if up else "down", v.score, v.n, v.detail)
+                     self.response, self.area, "up" if up else "down", v.score, v.n, v.detail,
+                     v.baseline)

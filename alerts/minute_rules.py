@@ -131,7 +131,8 @@ class MinuteRules:
         if n is not None and n <= 0:  # a ratio without samples: nothing to judge or learn
             return Verdict(value, math.nan, math.nan, det.k, math.nan, False, 0.0, n), None
         s = det.score_one(value, t=t, n=n)
-        return Verdict(value, s.mu, s.sigma, s.k, s.z, s.breach, s.score, n), det
+        return Verdict(value, s.mu, s.sigma, s.k, s.z, s.breach, s.score, n,
+                       baseline=s.baseline), det
 
 
 def _offset_min(timezone: str, minute: int) -> int:

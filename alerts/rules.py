@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from alerts import detectors
 from alerts.adaptive import AdaptiveGaussian
+from alerts.ensemble import AdaptiveEnsemble
 from alerts.lifecycle import Lifecycle, Verdict
 from alerts.metrics import ENTITY_METRICS, MINUTE_METRICS, RATIOS
 
@@ -47,6 +48,9 @@ DETECTORS: dict[str, type] = {
     "seasonal_gaussian": detectors.SeasonalGaussian,
     "binomial_ratio": detectors.BinomialRatio,
     "adaptive_gaussian": AdaptiveGaussian,  # the NAB-tuned combination (alerts/adaptive.py)
+    # the default of issue 17: AdaptiveGaussian beside a CUSUM for lasting shifts, the rarer
+    # speaks (alerts/ensemble.py); the alert's baseline says which ("shift from time of day")
+    "adaptive_ensemble": AdaptiveEnsemble,
 }
 
 
@@ -68,7 +72,7 @@ class _Strict(BaseModel):
 
 class DetectorSpec(_Strict):
     kind: Literal["windowed_gaussian", "ew_gaussian", "robust_gaussian", "seasonal_gaussian",
-                  "binomial_ratio", "adaptive_gaussian"]
+                  "binomial_ratio", "adaptive_gaussian", "adaptive_ensemble"]
     params: dict[str, Any] = {}
 
     @model_validator(mode="after")
@@ -115,7 +119,8 @@ class ThresholdSpec(_Strict):
             breach = enough and value < limit
             score = limit / (value + limit) if limit > 0 and value >= 0 else float(breach)
         return Verdict(value, limit, math.nan, math.nan, math.nan, breach,
-                       min(max(score, 0.0), 1.0) if enough else 0.0, n)
+                       min(max(score, 0.0), 1.0) if enough else 0.0, n,
+                       baseline="static threshold")
 
 
 class RuleSpec(_Strict):

@@ -229,7 +229,8 @@ def alert_rows(batch):
                a["value"] if a["value"] is not None else nan,
                *(a[f] if a[f] is not None else nan for f in ("mu", "sigma", "k", "z")),
                a["window"], a["severity"], _utc(a["first_seen_ms"]), a["response"], a["area"],
-               a["direction"], a["score"] or 0.0, a["n"], a["detail"])
+               a["direction"], a["score"] or 0.0, a["n"], a["detail"],
+               a.get("baseline", ""))  # spooled by a version before the column: ""
 
 
 def action_rows(batch):
@@ -269,7 +270,7 @@ TABLES = {
                          "country", "properties"], rows=raw_rows),
     "alerts": Table(["alert_id", "rule", "series", "status", "seq", "minute", "value", "mu", "sigma",
                      "k", "z", "window", "severity", "first_seen", "response", "area", "direction",
-                     "score", "n", "detail"], rows=alert_rows),
+                     "score", "n", "detail", "baseline"], rows=alert_rows),
     "actions": Table(["action_id", "rule", "user_id", "channel", "campaign", "session_id",
                       "event_time", "message", "rule_version", "step", "trigger", "tags",
                       "properties"], rows=action_rows),

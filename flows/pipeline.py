@@ -305,9 +305,9 @@ class AlertLogic(op.StatefulBatchLogic):
 def log_alerts(batch: list[dict]) -> list[dict]:
     """The log sink (every alert message, whichever rule family raised it), and the counter."""
     for a in batch:
-        log.warning("alert %s %s %s severity %s value=%s mu=%s z=%s %s", a["status"], a["rule"],
-                    a["series"], a["severity"], _num(a["value"]), _num(a["mu"]), _num(a["z"]),
-                    a["detail"])
+        log.warning("alert %s %s %s severity %s value=%s mu=%s z=%s k=%s (%s) %s", a["status"],
+                    a["rule"], a["series"], a["severity"], _num(a["value"]), _num(a["mu"]),
+                    _num(a["z"]), _num(a["k"]), a.get("baseline", ""), a["detail"])
     STATS.add("alerts_fired", sum(a["status"] == "firing" for a in batch))
     return batch
 

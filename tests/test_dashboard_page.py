@@ -39,7 +39,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 MINUTE_COLUMNS = ["ts", "channel", "campaign", "creative", "event_name", "events", "revenue", "cost",
                   "orders", "users"]
 ALERT_COLUMNS = ["alert_id", "rule", "series", "status", "minute", "value", "mu", "sigma", "k", "z",
-                 "window", "severity", "first_seen", "response"]
+                 "window", "severity", "first_seen", "response", "baseline"]
 ACTION_COLUMNS = ["action_id", "rule", "user_id", "channel", "campaign", "session_id", "event_time"]
 VIEWERS, CARTERS, CHECKERS = [f"u{n}" for n in range(1, 7)], ["u1", "u2", "u3", "u4"], ["u1", "u2", "u3"]
 SPIKE = "events_per_minute|web|1714557480000"
@@ -73,11 +73,11 @@ PER_MINUTE = {
 }
 ALERTS = [
     (SPIKE, "events_per_minute", "web", "firing", SEEDED[9], 250.0, 40.0, 12.5, 3.0, 16.8, "30m", "II",
-     SEEDED[8], "check ingest and campaign traffic sources"),
+     SEEDED[8], "check ingest and campaign traffic sources", "time of day"),
     ("events_per_minute|push|1714557720000", "events_per_minute", "push", "firing", SEEDED[2], 30.0, 5.0,
-     0.0, 3.0, math.inf, "30m", "II", SEEDED[2], "check ingest"),
+     0.0, 3.0, math.inf, "30m", "II", SEEDED[2], "check ingest", "level"),
     ("events_per_minute|push|1714557720000", "events_per_minute", "push", "resolved", SEEDED[4], 5.0, 5.0,
-     0.0, 3.0, math.nan, "30m", "II", SEEDED[2], "check ingest"),
+     0.0, 3.0, math.nan, "30m", "II", SEEDED[2], "check ingest", "level"),
 ]
 ACTIONS = [(f"act-{n}", "session_page_views", f"u{n}", "push", "winback", f"s{n}",
             SEEDED[5 + n] + dt.timedelta(seconds=12)) for n in (1, 2, 3)]
@@ -214,7 +214,7 @@ def test_overview_json_on_seeded_minutes(api):
     spike = alerts[SPIKE]
     assert (spike["status"], spike["series"], spike["value"], spike["mu"], spike["sigma"], spike["z"]) == (
         "firing", "web", 250.0, 40.0, 12.5, 16.8)
-    assert spike["first_seen"] == iso(SEEDED[8])
+    assert spike["first_seen"] == iso(SEEDED[8]) and spike["baseline"] == "time of day"
     resolved = alerts["events_per_minute|push|1714557720000"]
     assert resolved["status"] == "resolved" and resolved["z"] is None  # NaN -> null
 
@@ -410,7 +410,7 @@ def check_page(driver, page_url: str, server, ch, db: str) -> None:
     assert "firing" in _attr(driver, spike, "class").split()
     cells = [c.text for c in _all(driver, f"{spike} td")]
     assert cells == ["events_per_minute", "web", "II", "firing", "250.00", "40.00", "12.50", "16.80",
-                     "05/01, 10:08"]
+                     "time of day", "05/01, 10:08"]
     resolved = '#alert-table tr[data-status="resolved"]'
     assert "firing" not in (_attr(driver, resolved, "class") or "")
     assert _text(driver, f'{resolved} td[data-col="z"]') == "–"  # NaN on the wire is null

@@ -102,7 +102,7 @@ def test_migrate_command_applies_then_reports_up_to_date_or_a_clear_error(chdb_d
 
     env = {"SURGEFLOW__CLICKHOUSE__DSN": chdb_dsn, "SURGEFLOW__CLICKHOUSE__DATABASE": ch_database}
     first = CliRunner().invoke(app, ["migrate"], env=env)
-    assert first.exit_code == 0 and "applied migrations [1, 2, 3, 4, 5]" in first.output
+    assert first.exit_code == 0 and "applied migrations [1, 2, 3, 4, 5, 6]" in first.output
     again = CliRunner().invoke(app, ["migrate"], env=env)
     assert again.exit_code == 0 and "up to date" in again.output
     old = ch_database + "_old"

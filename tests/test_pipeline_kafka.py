@@ -211,6 +211,14 @@ def test_kafka_to_redis_clickhouse_actions_alerts(kafka, stream, redis_url, chdb
     assert firing and all(spike_start <= a["first_seen_ms"] < spike_end for a in firing)
     assert {"mu", "sigma", "k", "z", "window", "severity", "response"} <= set(firing[0])
     assert chdb_client.command(f"SELECT count() FROM {ch_database}.alerts FINAL") == len(alerts)
+    # each message says which baseline it crossed, on the topic and in ClickHouse alike
+    assert firing[0]["baseline"] in ("level", "time of day", "shift from level",
+                                     "shift from time of day"), firing[0]["baseline"]
+    stored = dict(chdb_client.query(f"SELECT alert_id, baseline FROM {ch_database}.alerts FINAL "
+                                    "WHERE status = 'firing'").result_rows)
+    assert all(stored[a["alert_id"]] == a["baseline"] for a in alerts if a["status"] == "firing")
+    assert all(a["baseline"] == "static threshold" for a in alerts if a["mu"] is not None
+               and a["sigma"] is None)
 
 
 def test_same_results_with_one_and_two_workers(kafka, stream, redis_url, chdb_dsn, chdb_client):

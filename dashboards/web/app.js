@@ -69,6 +69,7 @@
       col_mu: "μ",
       col_sigma: "σ",
       col_z: "z",
+      col_baseline: "基线",
       col_first_seen: "首次出现",
       status_firing: "告警中",
       status_resolved: "已恢复",
@@ -158,6 +159,7 @@
       col_mu: "μ",
       col_sigma: "σ",
       col_z: "z",
+      col_baseline: "Baseline",
       col_first_seen: "First seen",
       status_firing: "firing",
       status_resolved: "resolved",
@@ -622,7 +624,8 @@
     const alerts = d.alerts || [];
     $("#alerts-sub").textContent = t("alertsSub");
     const columns = [["rule", "text"], ["series", "text"], ["severity", "text"], ["status", "text"],
-      ["value", "num"], ["mu", "num"], ["sigma", "num"], ["z", "num"], ["first_seen", "text"]];
+      ["value", "num"], ["mu", "num"], ["sigma", "num"], ["z", "num"], ["baseline", "text"],
+      ["first_seen", "text"]];
     const rows = alerts.map((a) => ({
       attrs: { "data-alert": a.alert_id, "data-status": a.status, class: a.status === "firing" ? "firing" : null,
         title: a.response || null },
@@ -630,7 +633,7 @@
         cell(t("status_" + a.status) === "status_" + a.status ? a.status : t("status_" + a.status), null,
           { class: "alert-status alert-" + a.status }),
         cell(fmtMoney(a.value), a.value), cell(fmtMoney(a.mu), a.mu), cell(fmtMoney(a.sigma), a.sigma),
-        cell(fmtMoney(a.z), a.z), cell(fmtTime(a.first_seen, true))],
+        cell(fmtMoney(a.z), a.z), cell(a.baseline || ""), cell(fmtTime(a.first_seen, true))],
     }));
     $("#alert-table").replaceChildren(table(columns, rows, null, "noAlerts"));
   }

@@ -5,7 +5,7 @@ SELECT alert_id, rule, series, argMax(status, (minute, seq)) AS status, max(minu
        argMax(mu, (minute, seq)) AS mu, argMax(sigma, (minute, seq)) AS sigma,
        argMax(k, (minute, seq)) AS k, argMax(z, (minute, seq)) AS z,
        any(severity) AS severity, any(response) AS response, any(area) AS area,
-       argMax(detail, (minute, seq)) AS detail
+       argMax(detail, (minute, seq)) AS detail, argMax(baseline, (minute, seq)) AS baseline
 FROM {db:Identifier}.alerts FINAL
 GROUP BY alert_id, rule, series
 ORDER BY first_seen DESC, alert_id
