@@ -246,8 +246,11 @@ class FlatLine(_Calibrated):
 
 class PoissonCounts(_Calibrated):
     """Counts against a Poisson rate per slot of the day (module docstring). For a series that
-    is not a count (negative or fractional values, or a rate above ``max_rate``), it stays
-    silent: the Gaussian view fits those.
+    is not a count (negative or fractional values, or a rate above ``max_rate``) or not a
+    Poisson one (the EW mean of ``(x - rate)^2 / rate``, 1 for Poisson counts, above
+    ``max_dispersion``: bursty counts such as tweets), it stays silent: the Gaussian view fits
+    those. ``max_rate`` 20 and ``max_dispersion`` 1.3 were chosen by the cross-validation of
+    issue 17 as a member of :class:`~alerts.ensemble.AdaptiveEnsemble`.
 
     The strength is in decades of probability: ``-log10 P(X >= x)`` for a high count,
     ``-log10 P(nothing in the whole dead stretch)`` = expected count over the stretch / ln 10
@@ -263,12 +266,13 @@ class PoissonCounts(_Calibrated):
 
     BASELINE = "count rate by time of day"
     __slots__ = ("slots", "half_life_days", "max_rate", "n", "t_first", "step", "_a",
-                 "rates", "counts", "zeros", "is_count")
+                 "rates", "counts", "zeros", "is_count", "max_dispersion", "dispersion")
 
     def __init__(self, k: float = 6.0, slots: int = 24, half_life_days: float = 7.0,
-                 max_rate: float = 50.0, warmup: int = 288, tail_q: float = 0.95,
-                 tail_half_life: float = 8000.0, tail_warmup: int = 200):
-        super().__init__(k, "both", warmup, 0.0, 0.0, tail_q, tail_half_life, tail_warmup)
+                 max_rate: float = 20.0, warmup: int = 288, tail_q: float = 0.95,
+                 tail_half_life: float = 8000.0, tail_warmup: int = 200,
+                 max_dispersion: float = 1.3, min_change: float = 0.0):
+        super().__init__(k, "both", warmup, 0.0, min_change, tail_q, tail_half_life, tail_warmup)
         if slots < 1 or half_life_days <= 0 or max_rate <= 0:
             raise ValueError("slots >= 1, half_life_days > 0, max_rate > 0")
         self.slots, self.half_life_days, self.max_rate = int(slots), float(half_life_days), float(max_rate)
@@ -280,9 +284,11 @@ class PoissonCounts(_Calibrated):
         self.counts = array("H", bytes(2 * self.slots))
         self.zeros = 0.0  # expected count over the current run of zeros
         self.is_count = True
+        self.max_dispersion = float(max_dispersion)
+        self.dispersion = 1.0  # EW mean of (x - rate)^2 / rate: 1 for Poisson counts
 
     def params(self) -> tuple[str, ...]:
-        return ("k", "slots", "half_life_days", "max_rate", "warmup")
+        return ("k", "slots", "half_life_days", "max_rate", "max_dispersion", "warmup")
 
     def _slot(self, t: int | None) -> int:
         return 0 if t is None else (t % DAY_MS) * self.slots // DAY_MS
@@ -290,7 +296,8 @@ class PoissonCounts(_Calibrated):
     def _judge(self, x, t):
         i = self._slot(t)
         lam = self.rates[i]
-        warm = self.is_count and self.n >= self.warmup and self.counts[i] >= 3
+        warm = (self.is_count and self.n >= self.warmup and self.counts[i] >= 3
+                and self.dispersion <= self.max_dispersion)
         if not warm or lam > self.max_rate:
             return lam, math.sqrt(max(lam, 0.0)), 0.0, False, 0.0
         lam = max(lam, 0.01)
@@ -315,6 +322,9 @@ class PoissonCounts(_Calibrated):
             self._a = 1.0 - 0.5 ** (1.0 / max(1.0, self.half_life_days * per_slot_day))
         i = self._slot(t)
         c = self.counts[i]
+        if c >= 3:  # overdispersed counts (bursty: tweets, bots) are not judged as Poisson
+            lam = max(self.rates[i], 0.5)
+            self.dispersion += self._a * ((x - lam) ** 2 / lam - self.dispersion)
         self.zeros = self.zeros + self.rates[i] if x == 0.0 else 0.0
         if c < 65_535:
             self.counts[i] = c + 1

@@ -29,6 +29,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from alerts import detectors as d, nab  # noqa: E402
 from alerts.adaptive import AdaptiveGaussian  # noqa: E402
+from alerts.ensemble import AdaptiveEnsemble  # noqa: E402
 
 NAB_DIR = Path("/work/shared/data/nab")
 MINUTE = 60_000
@@ -52,11 +53,17 @@ FLOW = {
     "BinomialRatio(half_life=24)": lambda: d.BinomialRatio(half_life=24),
     "AdaptiveGaussian(half_life=30, max_slots=24, cooldown=30)":
         lambda: AdaptiveGaussian(half_life=30, max_slots=24, cooldown=30, lik_warmup=60),
+    "AdaptiveGaussian(half_life=30, max_slots=24, cooldown=30, no week, no cycle)":
+        lambda: AdaptiveGaussian(half_life=30, max_slots=24, cooldown=30, lik_warmup=60,
+                                 week_half_life=0, period_window=0),
+    "AdaptiveEnsemble(half_life=30, max_slots=24, cooldown=30)":
+        lambda: AdaptiveEnsemble(half_life=30, max_slots=24, cooldown=30, lik_warmup=60),
 }
 # The configurations the NAB run uses (cost only).
 NAB_SIZED = {
     "NabWindowedGaussian(window=6400)": lambda: nab.NabWindowedGaussian(),
     "AdaptiveGaussian() (NAB defaults)": lambda: AdaptiveGaussian(),
+    "AdaptiveEnsemble() (the default, surgeflow nab-eval)": lambda: AdaptiveEnsemble(),
 }
 
 
@@ -216,6 +223,10 @@ def main() -> None:
     result["bytes_per_series"] = {
         name: bytes_per_series(f, ratio_feed(120) if "Binomial" in name else warm)
         for name, f in FLOW.items()}
+    # the NAB-sized ones on a 5-minute series, after a week (its week and cycle shapes built)
+    week = [(x, i * 5 * MINUTE, n) for i, (x, _, n) in enumerate(feed(2016, seed=4))]
+    result["bytes_per_series_nab_sized"] = {name: bytes_per_series(f, week, count=100)
+                                            for name, f in NAB_SIZED.items()}
     log(f"{args.series:,} series")
     result["many_series"] = many_series(args.series, args.rounds)
 
