@@ -187,6 +187,13 @@ class AdaptiveGaussian(Detector):
         # the score: how rare the strength is for this series (0: s / (s + k), uncalibrated)
         self.tail = TailCalibration(tail_q, tail_half_life, tail_warmup) if tail_q else None
 
+    def __setstate__(self, state) -> None:
+        slots = state[1] if isinstance(state, tuple) else state  # __slots__: (None, {...})
+        if "slot_means" in slots:
+            slots = _from_day_only(slots)
+        for name, value in slots.items():
+            setattr(self, name, value)
+
     def params(self) -> tuple[str, ...]:
         return ("half_life", "max_slots", "season_half_life", "select_ratio", "lik_window",
                 "lik_cap", "lik_half_life", "lik_warmup", "cooldown", "tail_q", "tail_half_life",
@@ -371,3 +378,24 @@ class AdaptiveGaussian(Detector):
         self.cycle = Profile(period, int(min(MAX_CYCLE_SLOTS, max(4, round(rows)))), self.cycle_half_life,
                              rows, anchor=float(t), typecode="f")
         self.cycle_fit = Fit()
+
+
+def _from_day_only(old: dict) -> dict:
+    """The state of a detector pickled before the week and the cycle (issue 17), as now: its
+    day shape and fits are kept as they were (it scores as it did); it learns no week and no
+    cycle (a rule whose detector changes starts afresh with both)."""
+    new = {k: v for k, v in old.items() if k not in (
+        "slots", "_a_slot", "slot_means", "slot_counts", "r_mean", "r_var", "r_count",
+        "err_season")}
+    day = None
+    if old["slots"]:
+        day = Profile.__new__(Profile)
+        day.period, day.anchor, day.warm = DAY_MS, 0.0, 2
+        day.means, day.counts, day._a = old["slot_means"], old["slot_counts"], old["_a_slot"]
+    fit = Fit()
+    fit.mean, fit.var, fit.err, fit.n = old["r_mean"], old["r_var"], old["err_season"], old["r_count"]
+    step = DAY_MS // old["slots"] if old["slots"] else 0
+    new.update(step=step, day=day, day_fit=fit, week_half_life=0.0, week=None, week_fit=Fit(),
+               week_ratio=0.3, period_window=0, cycle_half_life=4.0, finder=None, cycle=None,
+               cycle_fit=Fit())
+    return new

@@ -27,7 +27,7 @@ watermark): a replay of history produces the same alerts as the live run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,9 @@ class Verdict:
     n: float | None = None  # sample size behind a ratio
     detail: str = ""  # e.g. the IP whose event crossed the threshold
     baseline: str = ""  # what the value was judged against, in words (SPEC section 7)
+
+    def __setstate__(self, state) -> None:
+        _set_with_defaults(self, state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,9 @@ class Alert:
     # "static threshold"; with mu, sigma, k and z it says what was crossed
     baseline: str = ""
 
+    def __setstate__(self, state) -> None:
+        _set_with_defaults(self, state)
+
     def to_dict(self) -> dict:
         d = {f: getattr(self, f) for f in self.__dataclass_fields__}
         for f in ("mu", "sigma", "k", "z", "value", "score"):
@@ -84,6 +90,13 @@ class Alert:
     def key(self) -> str:
         """The receiver's dedupe key of this message."""
         return f"{self.alert_id}:{self.status}:{self.seq}"
+
+
+def _set_with_defaults(obj, state: list) -> None:
+    """Unpickles a frozen dataclass; a field added since the pickle was written (a flow
+    snapshot of an earlier version) takes its default."""
+    for i, f in enumerate(fields(obj)):
+        object.__setattr__(obj, f.name, state[i] if i < len(state) else f.default)
 
 
 @dataclass(slots=True)

@@ -226,6 +226,19 @@ def test_alert_dict_has_every_field_and_no_nan():
     assert a["sigma"] is None and a["z"] is None and a["mu"] == 100.0 and a["detail"] == "1.2.3.4"
 
 
+def test_an_alert_pickled_before_the_baseline_field_restores():
+    """A flow snapshot of the version before alerts named their baseline (tests/data: a
+    Lifecycle pickled at commit ffc30e4 with an alert firing on series "s") restores; its
+    messages take an empty baseline, new verdicts bring theirs."""
+    import pickle
+
+    life = pickle.loads((Path(__file__).parent / "data" / "lifecycle_ffc30e4.pickle").read_bytes())
+    restored = life.open["s"].alert
+    assert restored.baseline == "" and restored.z == 9.0 and restored.to_dict()["baseline"] == ""
+    out = life.step("s", 2 * MIN, MIN, Verdict(1.0, 1.0, 1.0, 3.0, 0.0, False, baseline="level"))
+    assert [(a.alert_id, a.status, a.seq, a.baseline) for a in out] == [("r|s|0", "resolved", 1, "level")]
+
+
 # -- minute series and rules -------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)

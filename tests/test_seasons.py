@@ -164,3 +164,24 @@ def test_with_shapes_scores_in_0_1_scoring_changes_nothing_and_pickles(xs, probe
     assert first == second and pickle.dumps(det) == before
     assert 0.0 <= first.score <= 1.0
     assert pickle.loads(before).score_one(probe, t=t) == first
+
+
+def test_a_detector_pickled_before_the_week_and_the_cycle_restores_and_scores_as_it_did():
+    """A flow snapshot written by the version before issue 17's shapes (tests/data: an
+    AdaptiveGaussian pickled at commit ffc30e4 after 3 days of 5-minute values) restores; it
+    scores as a detector without the week and the cycle fed the same values (the same
+    arithmetic as that version), and goes on learning."""
+    from pathlib import Path
+
+    old = pickle.loads((Path(__file__).parent / "data" / "adaptive_gaussian_ffc30e4.pickle").read_bytes())
+    same = AdaptiveGaussian(week_half_life=0, period_window=0)
+    for i in range(864):
+        same.learn_one(100 + 20 * math.sin(2 * math.pi * i / 288) + (i * 7919 % 13) / 4, t=i * FIVE_MIN)
+    assert old.shape_in_use(864 * FIVE_MIN) == same.shape_in_use(864 * FIVE_MIN) == "day"
+    for i in range(864, 900):
+        x = 100 + 20 * math.sin(2 * math.pi * i / 288) + (40 if i == 880 else 0)
+        assert old.score_one(x, t=i * FIVE_MIN) == same.score_one(x, t=i * FIVE_MIN)
+        old.learn_one(x, t=i * FIVE_MIN)
+        same.learn_one(x, t=i * FIVE_MIN)
+    assert old.score_one(1000, t=900 * FIVE_MIN).breach  # above the cool-down of the +40 at 880
+    assert pickle.loads(pickle.dumps(old)).score_one(130, t=900 * FIVE_MIN) == old.score_one(130, t=900 * FIVE_MIN)
