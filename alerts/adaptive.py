@@ -231,9 +231,10 @@ class AdaptiveGaussian(Detector):
     def baseline_words(self, t: int | None = None) -> str:
         """The baseline in use at t, as an alert says it: ``level``, ``time of day``, ``time of
         week`` or ``cycle of 7.25 h``."""
-        return self._words(self._choose(t)[0])
+        return self.words(self._choose(t)[0])
 
-    def _words(self, name: str) -> str:
+    def words(self, name: str) -> str:
+        """A baseline's name (``shape_in_use``) as an alert says it."""
         if name == "cycle":
             return f"cycle of {self.cycle.period / 3_600_000:.3g} h"
         return _WORDS[name]
@@ -242,20 +243,27 @@ class AdaptiveGaussian(Detector):
         """(name, mu, sigma): the baseline whose residuals are tightest, if clearly tighter
         than the level's deviations (below ``select_ratio`` of them)."""
         best, mu, sigma = "level", self.mean, math.sqrt(self.var)
-        d, w, c = self._shapes(t)
+        if t is None:
+            return best, mu, sigma
         bar = self.select_ratio * self.err_level
-        for name, m, fit, ratio in (("day", d, self.day_fit, 1.0),
-                                    ("week", w, self.week_fit, self.week_ratio),
-                                    ("cycle", c, self.cycle_fit, 1.0)):
-            if m is not None and fit.n >= self.warmup and fit.err < ratio * bar:
+        for name, shape, fit, ratio in (("day", self.day, self.day_fit, 1.0),
+                                        ("week", self.week, self.week_fit, self.week_ratio),
+                                        ("cycle", self.cycle, self.cycle_fit, 1.0)):
+            if shape is None or fit.n < self.warmup or fit.err >= ratio * bar:
+                continue  # (the fit first: a slot's mean only for a contender)
+            m = shape.mean_at(t)
+            if m is not None:
                 best, mu, sigma = name, m + fit.mean, math.sqrt(fit.var)
                 bar = self.select_ratio * fit.err  # a later, richer shape must be clearly better
         return best, mu, sigma
 
     def baseline(self, t: int | None = None, n: float | None = None) -> tuple[float, float, bool]:
-        warm = self.count >= max(self.warmup, 2)
-        _, mu, sigma = self._choose(t)
-        return mu, sigma, warm
+        return self.baseline_named(t)[1:]
+
+    def baseline_named(self, t: int | None = None) -> tuple[str, float, float, bool]:
+        """(name, mu, sigma, warm) of the baseline in use at t."""
+        name, mu, sigma = self._choose(t)
+        return name, mu, sigma, self.count >= max(self.warmup, 2)
 
     # -- the judgement ---------------------------------------------------------------------
 
@@ -287,7 +295,7 @@ class AdaptiveGaussian(Detector):
         x = float(x)
         mu, sigma, z, warm, side, s, name = self._strength(x, t)
         if not warm or s <= 0:
-            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm, self._words(name))
+            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm, self.words(name))
         fresh = s > self.bar  # not covered by a recent, stronger alarm
         breach = fresh and s > self.k and abs(x - mu) >= self.min_change * abs(mu)
         if not fresh:
@@ -297,7 +305,7 @@ class AdaptiveGaussian(Detector):
         else:
             score = s / (s + self.k) if s != math.inf else 1.0
         return Score(x, mu, sigma, self.k, z, breach, ("up" if z > 0 else "down") if breach else "",
-                     score, warm, self._words(name))
+                     score, warm, self.words(name))
 
     def learn_one(self, x: float, t: int | None = None, n: float | None = None) -> None:
         x = float(x)

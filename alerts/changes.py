@@ -31,8 +31,9 @@ CLIP_P = 1e-3  # the tail learns a strength at most as rare as this (a long anom
 class _Calibrated(Detector):
     """A strength per value, calibrated on the series' own strengths; one alarm per episode.
 
-    Subclasses give ``_judge(x, t) -> (mu, sigma, z, warm, s)`` (s: the strength, >= 0) and
-    ``_learn(x, t)``. A value scores only when its score is a decade of probability above the
+    Subclasses give ``_judge(x, t) -> (mu, sigma, z, warm, s, baseline)`` (s: the strength,
+    >= 0; baseline: the words an alert says) and ``_learn(x, t, judged)`` (judged: what
+    ``_judge`` said about x, before learning it). A value scores only when its score is a decade of probability above the
     best one of the episode so far (an episode ends when the strength falls back to 0): a
     change that lasts scores while it grows rarer, then not again until it is over.
     """
@@ -49,27 +50,25 @@ class _Calibrated(Detector):
     def _judge(self, x: float, t: int | None):
         raise NotImplementedError
 
-    def _learn(self, x: float, t: int | None) -> None:
+    def _learn(self, x: float, t: int | None, judged: tuple) -> None:
         raise NotImplementedError
-
-    def _words(self, t: int | None) -> str:
-        return self.BASELINE
 
     def score_one(self, x: float, t: int | None = None, n: float | None = None) -> Score:
         x = float(x)
-        mu, sigma, z, warm, s = self._judge(x, t)
+        mu, sigma, z, warm, s, words = self._judge(x, t)
         if not warm or s <= 0.0:
-            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm, self._words(t))
+            return Score(x, mu, sigma, self.k, z, False, "", 0.0, warm, words)
         score = self._score(s)
         if score <= self._bar():
             score = 0.0  # not much rarer than what this episode already reported
         breach = score > 0.0 and s > self.k and abs(x - mu) >= self.min_change * abs(mu)
         return Score(x, mu, sigma, self.k, z, breach,
-                     ("up" if z > 0 else "down") if breach else "", score, warm, self._words(t))
+                     ("up" if z > 0 else "down") if breach else "", score, warm, words)
 
     def learn_one(self, x: float, t: int | None = None, n: float | None = None) -> None:
         x = float(x)
-        mu, sigma, z, warm, s = self._judge(x, t)
+        judged = self._judge(x, t)
+        mu, sigma, z, warm, s, _ = judged
         if warm:
             if s <= 0.0:
                 self.episode = 0.0
@@ -79,7 +78,7 @@ class _Calibrated(Detector):
                     self.episode = score
             if self.tail is not None:  # an alarm's own strengths do not widen the tail
                 self.tail.learn_one(min(s, self.tail.strength_at(CLIP_P)))
-        self._learn(x, t)
+        self._learn(x, t, judged)
 
     def _bar(self) -> float:
         """A new alarm of the episode must be rarer by a decade of probability (1/30)."""
@@ -153,27 +152,24 @@ class LevelShift(_Calibrated):
     def params(self) -> tuple[str, ...]:
         return ("half_life", "drift", "h", *super().params())
 
-    def _residual(self, x: float, t: int | None) -> tuple[float, float, float, bool]:
-        mu, sigma, warm = self.base.baseline(t)
-        return x - mu - self.offset, max(sigma, self.min_sigma, 1e-12), mu + self.offset, warm
-
     def _sums(self, z: float) -> tuple[float, float]:
         return max(0.0, self.up + z - self.drift), max(0.0, self.down - z - self.drift)
 
     def _judge(self, x, t):
-        r, sigma, mu, warm = self._residual(x, t)
+        name, mu, sigma, warm = self.base.baseline_named(t)
+        mu += self.offset
+        sigma = max(sigma, self.min_sigma, 1e-12)
         warm = warm and self.n >= max(self.warmup, 2)
-        up, down = self._sums(r / sigma)
+        up, down = self._sums((x - mu) / sigma)
         s = up if self.direction == "up" else down if self.direction == "down" else max(up, down)
         # z is the sum that breaches, signed: the alert reads "z sigmas beyond k" as for a value
         z = up if self.direction == "up" or (self.direction == "both" and up >= down) else -down
-        return mu, sigma, z, warm, s
+        return mu, sigma, z, warm, s, "shift from " + self.base.words(name)
 
-    def _words(self, t: int | None) -> str:
-        return "shift from " + self.base.baseline_words(t)
-
-    def _learn(self, x, t) -> None:
-        r, sigma, _, warm = self._residual(x, t)
+    def _learn(self, x, t, judged) -> None:
+        mu, sigma = judged[0], judged[1]
+        r = x - mu
+        warm = self.base.count >= max(self.base.warmup, 2)  # the baseline's, as judged
         self.n += 1
         if warm and self.n > self.warmup:
             up, down = self._sums(r / sigma)
@@ -233,9 +229,9 @@ class FlatLine(_Calibrated):
         warm = self.n >= max(self.warmup, 2)
         run = self.run + 1 if x == self.prev else 1
         s = float(run - 1)  # values that repeated the one before
-        return (self.prev if self.prev is not None else x), self.move, s, warm, s
+        return (self.prev if self.prev is not None else x), self.move, s, warm, s, self.BASELINE
 
-    def _learn(self, x, t) -> None:
+    def _learn(self, x, t, judged) -> None:
         self.n += 1
         if self.prev is not None:
             a = max(self._a, 1.0 / self.n)
@@ -299,7 +295,7 @@ class PoissonCounts(_Calibrated):
         warm = (self.is_count and self.n >= self.warmup and self.counts[i] >= 3
                 and self.dispersion <= self.max_dispersion)
         if not warm or lam > self.max_rate:
-            return lam, math.sqrt(max(lam, 0.0)), 0.0, False, 0.0
+            return lam, math.sqrt(max(lam, 0.0)), 0.0, False, 0.0, self.BASELINE
         lam = max(lam, 0.01)
         z = (x - lam) / math.sqrt(lam)
         if x == 0.0:
@@ -308,9 +304,9 @@ class PoissonCounts(_Calibrated):
             s = -_log10_upper(x, lam)
         else:
             s = 0.0
-        return lam, math.sqrt(lam), z, True, s
+        return lam, math.sqrt(lam), z, True, s, self.BASELINE
 
-    def _learn(self, x, t) -> None:
+    def _learn(self, x, t, judged) -> None:
         self.n += 1
         if x < 0 or x != int(x) or (x > 10 * self.max_rate):
             self.is_count = False
