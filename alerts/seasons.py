@@ -99,7 +99,7 @@ class PeriodFinder:
     floats). A cycle counts when its autocorrelation reaches ``min_acf`` after falling by at
     least ``min_drop`` from the values before it (so a slowly wandering series has none), at
     a lag of ``min_lag`` to a third of the window (three cycles seen). The period is refined
-    to a fraction of a value from the peaks at its multiples.
+    to a fraction of a value from the peaks at 2, 4, 8... times it.
 
     >>> import random
     >>> rng, f = random.Random(1), PeriodFinder(window=600)
@@ -163,21 +163,23 @@ class PeriodFinder:
                 break
         if not best or best >= w - 1:
             return 0.0, 0.0
-        period = _vertex(acf, best)
-        m = int(w / 2 // period)  # the furthest multiple within half the window refines it
-        if m > 1:
+        period = _vertex(acf, best, best)
+        m = 2  # the peaks at 2, 4, 8... periods (within half the window) refine it in turn
+        while m * period <= w / 2:
             c, spread = m * period, max(2.0, 0.1 * period)
             lo, hi = max(1, int(c - spread)), min(w - 2, int(c + spread) + 1)
             k = lo + int(np.argmax(acf[lo:hi + 1]))
-            if acf[k] >= self.min_acf:
-                period = _vertex(acf, k) / m
+            if acf[k] < self.min_acf or acf[k] < acf[k - 1] or acf[k] < acf[k + 1]:
+                break  # no clear peak there: keep what the nearer ones said
+            period = _vertex(acf, k, period) / m
+            m *= 2
         return float(period), float(acf[best])
 
 
-def _vertex(a, k: int) -> float:
-    """The lag of the top of the parabola fitted to ``a`` around its peak at ``k`` (over a
-    fifth of the lag each side: a broad peak's top, not the noise's)."""
-    h = max(1, int(0.2 * k))
+def _vertex(a, k: int, period: float) -> float:
+    """The lag of the top of the parabola fitted to ``a`` around its peak at ``k``, over a
+    fifth of the period each side (a broad peak's top, not the noise's; not the next trough)."""
+    h = max(1, int(0.2 * period))
     lo, hi = max(0, k - h), min(len(a) - 1, k + h)
     lags = np.arange(lo, hi + 1, dtype=np.float64)
     c2, c1, _ = np.polyfit(lags - k, a[lo:hi + 1], 2)
