@@ -99,8 +99,8 @@ class AdaptiveGaussian(Detector):
     denser spikes that no single value shows). Recall and false alarms per 1,000 rows are at
     ``k`` = 8 (NAB picks its own threshold on ``score``; 8 sigmas is about where it lands).
 
-    The week and the cycle (issue 17): cross-validated over all categories, 64.9 -> 70.4
-    (odd cycles 35 -> 92, weekly 9 -> 19, level shifts 77 -> 90); the shared series 72.1 ->
+    The week and the cycle (issue 17), in AdaptiveEnsemble, cross-validated: all categories
+    64.9 -> 70.4 (odd cycles 35 -> 92, weekly 9 -> 19, level shifts 77 -> 90); the shared series 72.1 ->
     75.0 (artificial 65 -> 74, tweets 72 -> 74). ``period_window`` 512 was chosen among 384
     to 864 (69.0-69.3 elsewhere: 512 is a peak, not a plateau; chosen too when the choice is
     nested in each fold), ``week_ratio`` 0.3 among 0.15-0.5 (68.0-68.9 on the plateau
@@ -132,7 +132,8 @@ class AdaptiveGaussian(Detector):
     __slots__ = ("half_life", "max_slots", "season_half_life", "select_ratio", "lik_window",
                  "lik_cap", "lik_half_life", "lik_warmup", "cooldown",
                  "_a_level", "_a_lik", "_decay", "count", "mean", "var",
-                 "t_first", "step", "day", "day_fit", "week_half_life", "week", "week_fit", "week_ratio",
+                 "t_first", "step", "day", "day_fit", "week_half_life", "week", "week_fit",
+                 "week_ratio",
                  "period_window", "cycle_half_life", "finder", "cycle", "cycle_fit", "err_level",
                  "recent", "at", "lik_n", "lik_mean", "lik_var", "bar", "tail")
 
@@ -383,7 +384,8 @@ class AdaptiveGaussian(Detector):
             return
         if abs(period / DAY_MS - round(period / DAY_MS)) < 0.05 and round(period / DAY_MS):
             return  # the day's shape already knows it
-        self.cycle = Profile(period, int(min(MAX_CYCLE_SLOTS, max(4, round(rows)))), self.cycle_half_life,
+        slots = int(min(MAX_CYCLE_SLOTS, max(4, round(rows))))
+        self.cycle = Profile(period, slots, self.cycle_half_life,
                              rows, anchor=float(t), typecode="f")
         self.cycle_fit = Fit()
 
@@ -401,7 +403,8 @@ def _from_day_only(old: dict) -> dict:
         day.period, day.anchor, day.warm = DAY_MS, 0.0, 2
         day.means, day.counts, day._a = old["slot_means"], old["slot_counts"], old["_a_slot"]
     fit = Fit()
-    fit.mean, fit.var, fit.err, fit.n = old["r_mean"], old["r_var"], old["err_season"], old["r_count"]
+    fit.mean, fit.var = old["r_mean"], old["r_var"]
+    fit.err, fit.n = old["err_season"], old["r_count"]
     step = DAY_MS // old["slots"] if old["slots"] else 0
     new.update(step=step, day=day, day_fit=fit, week_half_life=0.0, week=None, week_fit=Fit(),
                week_ratio=0.3, period_window=0, cycle_half_life=4.0, finder=None, cycle=None,

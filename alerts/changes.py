@@ -33,9 +33,10 @@ class _Calibrated(Detector):
 
     Subclasses give ``_judge(x, t) -> (mu, sigma, z, warm, s, baseline)`` (s: the strength,
     >= 0; baseline: the words an alert says) and ``_learn(x, t, judged)`` (judged: what
-    ``_judge`` said about x, before learning it). A value scores only when its score is a decade of probability above the
-    best one of the episode so far (an episode ends when the strength falls back to 0): a
-    change that lasts scores while it grows rarer, then not again until it is over.
+    ``_judge`` said about x, before learning it). A value scores only when its score is a
+    decade of probability above the best one of the episode so far (an episode ends when the
+    strength falls back to 0): a change that lasts scores while it grows rarer, then not again
+    until it is over.
     """
 
     __slots__ = ("tail", "episode")
@@ -192,7 +193,9 @@ class FlatLine(_Calibrated):
     next (EW mean absolute difference), ``z`` the run's length in values. The strength is the
     number of repeats, calibrated on the series' own runs (a count that is often 0 at night
     needs a long dead stretch). (Weighing each repeat by the series' share of repeated values
-    instead was tried: worse by the cross-validation, as runs cluster at night.)
+    instead was tried: worse by the cross-validation, as runs cluster at night.) A series that
+    often repeats itself (an EW share of repeats above ``max_share``, 1 %: prices on a grid,
+    counts that are often 0) is not judged at all: its runs say nothing of a dead collector.
 
     >>> import random
     >>> rng = random.Random(2)
@@ -208,13 +211,16 @@ class FlatLine(_Calibrated):
     """
 
     BASELINE = "repeats of one value"
-    __slots__ = ("half_life", "_a", "n", "prev", "run", "move")
+    __slots__ = ("half_life", "_a", "n", "prev", "run", "move", "max_share", "share")
 
     def __init__(self, k: float = 4.0, half_life: float = 1000.0, warmup: int = 50,
-                 tail_q: float = 0.95, tail_half_life: float = 8000.0, tail_warmup: int = 200):
+                 tail_q: float = 0.95, tail_half_life: float = 8000.0, tail_warmup: int = 200,
+                 max_share: float = 0.01):
         super().__init__(k, "both", warmup, 0.0, 0.0, tail_q, tail_half_life, tail_warmup)
-        if half_life <= 0:
-            raise ValueError("half_life > 0")
+        if half_life <= 0 or not 0 < max_share <= 1:
+            raise ValueError("half_life > 0, 0 < max_share <= 1")
+        self.max_share = float(max_share)
+        self.share = 0.0  # EW share of values equal to the one before
         self.half_life = float(half_life)
         self._a = 1.0 - 0.5 ** (1.0 / self.half_life)
         self.n = 0
@@ -223,18 +229,21 @@ class FlatLine(_Calibrated):
         self.move = 0.0
 
     def params(self) -> tuple[str, ...]:
-        return ("half_life", "k", "warmup")
+        return ("half_life", "k", "warmup", "max_share")
 
     def _judge(self, x, t):
-        warm = self.n >= max(self.warmup, 2)
+        # a series that often repeats itself (prices on a grid, counts at night) is not judged
+        warm = self.n >= max(self.warmup, 2) and self.share <= self.max_share
         run = self.run + 1 if x == self.prev else 1
         s = float(run - 1)  # values that repeated the one before
         return (self.prev if self.prev is not None else x), self.move, s, warm, s, self.BASELINE
 
     def _learn(self, x, t, judged) -> None:
         self.n += 1
+        a = max(self._a, 1.0 / self.n)
+        # the first repeats of a run count, not a long run's: that is the anomaly, not a habit
+        self.share += a * ((1.0 if x == self.prev and self.run < 4 else 0.0) - self.share)
         if self.prev is not None:
-            a = max(self._a, 1.0 / self.n)
             self.move += a * (abs(x - self.prev) - self.move)
         self.run = self.run + 1 if x == self.prev else 1
         self.prev = x
