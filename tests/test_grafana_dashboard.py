@@ -357,13 +357,13 @@ ROWS = [
     (T0 - DAY, "web", "", "", "page_viewed", 999, 0.0, 0.0, 0, ["u7"]),  # the day before: out of range
 ]
 ALERT_COLUMNS = ["alert_id", "rule", "series", "status", "minute", "value", "mu", "sigma", "k", "z", "window",
-                 "severity", "first_seen", "response"]
+                 "severity", "first_seen", "response", "baseline"]
 RULE = "events_per_minute"
 
 
-def _alert(series, status, minute, value, mu, sigma, z, first_seen):
+def _alert(series, status, minute, value, mu, sigma, z, first_seen, baseline="time of day"):
     return (f"{RULE}|{series}|{int(first_seen.timestamp() * 1000)}", RULE, series, status, minute, value, mu,
-            sigma, 3.0, z, "30m", "II", first_seen, "check ingest")
+            sigma, 3.0, z, "30m", "II", first_seen, "check ingest", baseline)
 
 
 H9 = dt.datetime(2025, 3, 10, 9, 0, tzinfo=UTC)
@@ -372,7 +372,8 @@ ALERTS = [
     _alert("channel=web", "resolved", H9 + 50 * MIN, 110.0, 100.0, 20.0, 0.5, H9),  # ... into it
     _alert("all", "firing", T0 + MIN, 2200.0, 1000.0, 100.0, 12.0, T0 + MIN),
     _alert("all", "resolved", T0 + 3 * MIN, 1100.0, 1000.0, 100.0, 1.0, T0 + MIN),
-    _alert("channel=ad", "firing", T0 + 2 * MIN, 9.0, 1000.0, 50.0, -19.8, T0 + 2 * MIN),  # still firing
+    _alert("channel=ad", "firing", T0 + 2 * MIN, 9.0, 1000.0, 50.0, -19.8, T0 + 2 * MIN,
+           "shift from level"),  # still firing
     _alert("all", "firing", T0 - DAY, 10.0, 1.0, 1.0, 9.0, T0 - DAY),  # over long before the range
     _alert("all", "resolved", T0 - DAY + 5 * MIN, 1.0, 1.0, 1.0, 0.0, T0 - DAY),
     _alert("channel=email", "firing", T0 + 90 * MIN, 50.0, 2.0, 1.0, 48.0, T0 + 90 * MIN),  # after the range
@@ -563,12 +564,14 @@ def test_campaign_kpis(warehouse):
 def test_alerts_table_latest_first(warehouse):
     rows = warehouse.panel(("table",), r"FROM alerts FINAL")
     got = [(r["series"], r["status"], epoch(r["first_seen"]), r["resolved_at"] and epoch(r["resolved_at"]),
-            r["rule"], r["severity"], r["value"], r["mu"], r["sigma"], r["z"]) for r in rows]
+            r["rule"], r["severity"], r["value"], r["mu"], r["sigma"], r["z"], r["baseline"]) for r in rows]
     ts = lambda t: int(t.timestamp())
+    day = "time of day"
     assert got == [  # each alert once (written twice), the ones overlapping the range, latest first
-        ("channel=ad", "firing", ts(T0 + 2 * MIN), None, RULE, "II", 9.0, 1000.0, 50.0, -19.8),
-        ("all", "resolved", ts(T0 + MIN), ts(T0 + 3 * MIN), RULE, "II", 2200.0, 1000.0, 100.0, 12.0),
-        ("channel=web", "resolved", ts(H9), ts(H9 + 50 * MIN), RULE, "II", 500.0, 100.0, 20.0, 20.0),
+        ("channel=ad", "firing", ts(T0 + 2 * MIN), None, RULE, "II", 9.0, 1000.0, 50.0, -19.8,
+         "shift from level"),
+        ("all", "resolved", ts(T0 + MIN), ts(T0 + 3 * MIN), RULE, "II", 2200.0, 1000.0, 100.0, 12.0, day),
+        ("channel=web", "resolved", ts(H9), ts(H9 + 50 * MIN), RULE, "II", 500.0, 100.0, 20.0, 20.0, day),
     ]
 
 
