@@ -100,8 +100,8 @@ class AdaptiveGaussian(Detector):
     ``k`` = 8 (NAB picks its own threshold on ``score``; 8 sigmas is about where it lands).
 
     The week and the cycle (issue 17), in AdaptiveEnsemble, cross-validated: all categories
-    64.9 -> 70.4 (odd cycles 35 -> 92, weekly 9 -> 19, level shifts 77 -> 90); the shared series 72.1 ->
-    75.0 (artificial 65 -> 74, tweets 72 -> 74). ``period_window`` 512 was chosen among 384
+    64.9 -> 70.4 (odd cycles 35 -> 92, weekly 9 -> 19, level shifts 77 -> 90); the shared
+    series 72.1 -> 75.0 (artificial 65 -> 74, tweets 72 -> 74). ``period_window`` 512 was chosen among 384
     to 864 (69.0-69.3 elsewhere: 512 is a peak, not a plateau; chosen too when the choice is
     nested in each fold), ``week_ratio`` 0.3 among 0.15-0.5 (68.0-68.9 on the plateau
     0.25-0.4). The weekly kind stays hard: 14 days of history leave the week one earlier week
@@ -271,8 +271,7 @@ class AdaptiveGaussian(Detector):
     def _strength(self, x: float, t: int | None):
         """(mu, sigma, z, warm, side, s, baseline): side = z in the watched direction, s = the
         alarm strength, baseline = the name of the one in use."""
-        name, mu, sigma = self._choose(t)
-        warm = self.count >= max(self.warmup, 2)
+        name, mu, sigma, warm = self.baseline_named(t)
         sigma = max(sigma, self.min_sigma)
         if sigma > 0:
             z = (x - mu) / sigma
@@ -351,7 +350,7 @@ class AdaptiveGaussian(Detector):
         if d is not None:  # residual statistics and the choice of baseline
             self.day_fit.learn_one(x - d, a)
             self.err_level += max(a, 1.0 / self.day_fit.n) * ((x - self.mean) ** 2 - self.err_level)
-        elif self.day is None and (w is not None or c is not None):
+        elif self.day is None and c is not None:  # (no day, no week: the cycle's own errors)
             self.err_level += a * ((x - self.mean) ** 2 - self.err_level)
         if w is not None:
             self.week_fit.learn_one(x - w, a)

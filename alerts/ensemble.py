@@ -112,8 +112,7 @@ class AdaptiveEnsemble(Ensemble):
         if params.get("direction", "both") == "both":  # counts judge bursts and dead stretches
             members["counts"] = lambda: PoissonCounts(min_change=params.get("min_change", 0.0))
             members["flat"] = FlatLine
-        super().__init__(members,
-                         k=params.get("k", 8.0))
+        super().__init__(members, k=params.get("k", 8.0))
 
     def learn_one(self, x: float, t: int | None = None, n: float | None = None) -> None:
         # the shift detector reads the shared baseline as it was before this value: it learns

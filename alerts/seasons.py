@@ -2,9 +2,9 @@
 of a period (:class:`Profile`) and the period itself, found from the data
 (:class:`PeriodFinder`). Constant memory per series.
 
-A day is known in advance; a week is a day's residuals per day of the week; any other cycle
-(a shift pattern of 8 hours, a batch job every 5) is found by the autocorrelation of the
-series' recent values.
+A day and a week are known in advance (a shape each, over the day's and the week's slots);
+any other cycle (a shift pattern of 8 hours, a batch job every 5) is found by the
+autocorrelation of the series' recent values.
 """
 from __future__ import annotations
 
